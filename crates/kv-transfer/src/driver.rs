@@ -1,0 +1,123 @@
+//! One thread per UCX/NIXL agent owns the library's objects (they are not thread
+//! safe in the mode we use them) and progresses them. Callers talk to it through a
+//! channel: synchronous calls for set-up (register, connect, prepare), oneshot
+//! replies for writes. The thread polls hard while a write is in flight or a
+//! notification is awaited, and sleeps on its channel otherwise.
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::BackendKind;
+use crate::error::{Result, TransferError};
+use crate::notify::NotifyHub;
+
+/// How long an idle driver sleeps between progress calls.
+const IDLE_POLL: Duration = Duration::from_micros(500);
+
+pub(crate) trait Work: 'static {
+    type Cmd: Send + 'static;
+    /// Handles one command.
+    fn command(&mut self, cmd: Self::Cmd);
+    /// Progresses the library and completes what finished; returns whether anything
+    /// is still in flight.
+    fn progress(&mut self) -> bool;
+    /// Releases everything, in an order the library accepts.
+    fn finish(&mut self);
+}
+
+pub(crate) struct Driver<C> {
+    backend: BackendKind,
+    tx: Mutex<Option<mpsc::Sender<C>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<C: Send + 'static> Driver<C> {
+    /// Starts the thread; `make` builds the library state on it (so non-Send handles
+    /// never cross threads) and its error is returned here.
+    pub(crate) fn spawn<W, F>(backend: BackendKind, make: F, hub: Arc<NotifyHub>) -> Result<Self>
+    where
+        W: Work<Cmd = C>,
+        F: FnOnce() -> Result<W> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<C>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("kv-{backend}"))
+            .spawn(move || {
+                let mut work = match make() {
+                    Ok(w) => {
+                        let _ = ready_tx.send(Ok(()));
+                        w
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                run(&mut work, &rx, &hub);
+                work.finish();
+            })
+            .map_err(|e| TransferError::Unavailable { backend, detail: format!("cannot start driver thread: {e}") })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Driver { backend, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(TransferError::Unavailable { backend, detail: "driver thread died during start".into() }),
+        }
+    }
+
+    pub(crate) fn send(&self, cmd: C) -> Result<()> {
+        let guard = self.tx.lock().unwrap();
+        guard.as_ref().ok_or(TransferError::Closed)?.send(cmd).map_err(|_| TransferError::Closed)
+    }
+
+    /// Sends a command that answers through the given reply channel, and waits for
+    /// the answer (set-up calls only: these are quick on the driver thread).
+    pub(crate) fn call<R: Send + 'static>(&self, deadline: Duration, make: impl FnOnce(mpsc::SyncSender<R>) -> C) -> Result<R> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(make(tx))?;
+        rx.recv_timeout(deadline).map_err(|e| match e {
+            RecvTimeoutError::Timeout => TransferError::Timeout { what: "data-plane driver call", after: deadline },
+            RecvTimeoutError::Disconnected => TransferError::Closed,
+        })
+    }
+
+    /// Stops the thread after it released everything.
+    pub(crate) fn shutdown(&self) {
+        drop(self.tx.lock().unwrap().take());
+        if let Some(t) = self.thread.lock().unwrap().take()
+            && t.join().is_err()
+        {
+            tracing::error!(backend = %self.backend, "data-plane driver thread panicked");
+        }
+    }
+}
+
+fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub) {
+    let mut spins = 0u32;
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => work.command(cmd),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        let busy = work.progress() || hub.has_waiters();
+        if busy {
+            spins = spins.wrapping_add(1);
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            }
+            continue;
+        }
+        match rx.recv_timeout(IDLE_POLL) {
+            Ok(cmd) => work.command(cmd),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! pdserve's KV-cache data plane.
+//!
+//! One [`Agent`] per process moves bytes from its registered memory into a peer's
+//! registered memory with one-sided writes, then notifies the peer with a tag:
+//!
+//! 1. both sides [`Agent::register`] their memory once (host or GPU);
+//! 2. each exports [`Agent::local_metadata`] (opaque bytes the daemons carry over gRPC);
+//! 3. the initiator [`Agent::connect`]s to the target's metadata;
+//! 4. the initiator [`Agent::write`]s a list of [`Segment`]s with a tag (or
+//!    [`Agent::prepare`]s once and [`Agent::post`]s many times); the target
+//!    [`Agent::wait_notification`]s for the tag, after which the bytes are there.
+//!
+//! Backends: `nixl` (NVIDIA NIXL, through nixl-sys, loaded at run time), `ucx` (UCX
+//! directly, through our `ucx-sys`), `tcp` (tokio sockets: the baseline). Every wait has
+//! a deadline; bad input is refused before anything is posted.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod bench;
+mod config;
+mod driver;
+mod error;
+mod memory;
+mod metadata;
+mod nixl;
+mod notify;
+mod tcp;
+mod ucx;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::TransferConfig;
+pub use error::{Result, TransferError};
+pub use memory::{HostBuffer, MemKind, Memory};
+pub use metadata::{METADATA_VERSION, Metadata, RegionInfo};
+pub use nixl::{exit_now, load_library as load_nixl_library};
+
+/// Which library moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Nixl,
+    Ucx,
+    #[default]
+    Tcp,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 3] = [BackendKind::Nixl, BackendKind::Ucx, BackendKind::Tcp];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Nixl => "nixl",
+            BackendKind::Ucx => "ucx",
+            BackendKind::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "nixl" => Ok(BackendKind::Nixl),
+            "ucx" => Ok(BackendKind::Ucx),
+            "tcp" => Ok(BackendKind::Tcp),
+            other => Err(format!("unknown backend {other:?} (expected nixl, ucx or tcp)")),
+        }
+    }
+}
+
+/// A local registered region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RegionId(pub u32);
+
+/// A connected peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerId(u64);
+
+/// One contiguous piece of a write: `len` bytes from a local region to a remote one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub local: RegionId,
+    pub local_offset: u64,
+    /// The region id as the peer's metadata lists it.
+    pub remote: u32,
+    pub remote_offset: u64,
+    pub len: u64,
+}
+
+/// A segment resolved to addresses, after validation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resolved {
+    pub local: u32,
+    pub local_offset: u64,
+    pub local_addr: u64,
+    pub local_kind: MemKind,
+    pub remote: u32,
+    pub remote_offset: u64,
+    pub remote_addr: u64,
+    pub remote_kind: MemKind,
+    pub len: u64,
+}
+
+/// The local regions, shared with the backends (the TCP target writes into them).
+#[derive(Default)]
+pub(crate) struct RegionTable {
+    map: Mutex<HashMap<u32, Memory>>,
+}
+
+impl RegionTable {
+    pub(crate) fn get(&self, id: u32) -> Option<Memory> {
+        self.map.lock().unwrap().get(&id).cloned()
+    }
+    fn contains(&self, id: u32) -> bool {
+        self.map.lock().unwrap().contains_key(&id)
+    }
+}
+
+pub(crate) enum Backend {
+    Tcp(tcp::Tcp),
+    Ucx(ucx::Ucx),
+    Nixl(nixl::Nixl),
+}
+
+/// The backend's handle on a connected peer.
+pub(crate) enum BackendPeer {
+    Tcp(Arc<tcp::TcpPeer>),
+    Ucx(u64),
+    Nixl(String),
+}
+
+struct Peer {
+    name: String,
+    regions: HashMap<u32, RegionInfo>,
+    conn: BackendPeer,
+}
+
+struct Inner {
+    name: String,
+    kind: BackendKind,
+    deadline: Duration,
+    regions: Arc<RegionTable>,
+    /// Backend key material per region, for the metadata.
+    keys: Mutex<HashMap<u32, Vec<u8>>>,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    notify: Arc<notify::NotifyHub>,
+    next_region: AtomicU32,
+    next_peer: AtomicU64,
+    backend: Backend,
+}
+
+/// The data-plane agent of one process. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+/// A registered region; deregistered when dropped (before its memory can be freed,
+/// since it holds the memory's owner).
+pub struct Registration {
+    agent: std::sync::Weak<Inner>,
+    id: RegionId,
+    len: u64,
+}
+
+impl Registration {
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(inner) = self.agent.upgrade() {
+            inner.deregister(self.id.0);
+        }
+    }
+}
+
+/// A write validated and resolved once, to be posted any number of times (one post
+/// at a time).
+pub struct PreparedWrite {
+    agent: std::sync::Weak<Inner>,
+    peer: u64,
+    peer_name: String,
+    segs: Vec<Resolved>,
+    bytes: u64,
+    backend: PreparedBackend,
+    busy: tokio::sync::Mutex<()>,
+}
+
+pub(crate) enum PreparedBackend {
+    Tcp(Arc<tcp::TcpPeer>),
+    /// An id held by the driver thread (UCX/NIXL), released on drop.
+    Driver(u64),
+}
+
+impl PreparedWrite {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    pub fn segments(&self) -> usize {
+        self.segs.len()
+    }
+    pub fn peer(&self) -> &str {
+        &self.peer_name
+    }
+}
+
+impl Drop for PreparedWrite {
+    fn drop(&mut self) {
+        if let (PreparedBackend::Driver(id), Some(inner)) = (&self.backend, self.agent.upgrade()) {
+            match &inner.backend {
+                Backend::Ucx(u) => u.release(*id),
+                Backend::Nixl(n) => n.release(*id),
+                Backend::Tcp(_) => {}
+            }
+        }
+    }
+}
+
+/// Appends a short random suffix so that agent names are unique among peers.
+fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{prefix}-{}-{:06x}", std::process::id(), nanos & 0xff_ffff)
+}
+
+impl Agent {
+    /// Starts an agent with the configured backend. A missing or broken library is an
+    /// error here, never later.
+    pub async fn start(cfg: &TransferConfig) -> Result<Agent> {
+        let name = unique_name(&cfg.name);
+        let regions = Arc::new(RegionTable::default());
+        let notify = Arc::new(notify::NotifyHub::default());
+        let backend = match cfg.backend {
+            BackendKind::Tcp => Backend::Tcp(tcp::Tcp::start(cfg, regions.clone(), notify.clone()).await?),
+            BackendKind::Ucx => Backend::Ucx(ucx::Ucx::start(cfg, notify.clone())?),
+            BackendKind::Nixl => Backend::Nixl(nixl::Nixl::start(cfg, &name, notify.clone())?),
+        };
+        tracing::info!(agent = %name, backend = %cfg.backend, "data-plane agent started");
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                name,
+                kind: cfg.backend,
+                deadline: cfg.deadline(),
+                regions,
+                keys: Mutex::default(),
+                peers: Mutex::default(),
+                notify,
+                next_region: AtomicU32::new(1),
+                next_peer: AtomicU64::new(1),
+                backend,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.inner.kind
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.inner.deadline
+    }
+
+    /// A one-line description of the backend's library (version, location).
+    pub fn backend_info(&self) -> String {
+        match &self.inner.backend {
+            Backend::Tcp(t) => t.info(),
+            Backend::Ucx(u) => u.info(),
+            Backend::Nixl(n) => n.info(),
+        }
+    }
+
+    /// Number of regions registered now (leak checks).
+    pub fn registered_regions(&self) -> usize {
+        self.inner.regions.map.lock().unwrap().len()
+    }
+
+    /// Registers memory once; the handle deregisters it when dropped. Blocks briefly
+    /// (the backend's driver thread does the registration): call it at start-up.
+    pub fn register(&self, mem: Memory) -> Result<Registration> {
+        if mem.len == 0 {
+            return Err(TransferError::Invalid("cannot register an empty region".into()));
+        }
+        #[cfg(not(feature = "cuda"))]
+        if matches!(mem.kind, MemKind::Vram { .. }) {
+            return Err(TransferError::Invalid("GPU memory needs a build with the `cuda` feature".into()));
+        }
+        let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
+        let key = match &self.inner.backend {
+            Backend::Tcp(t) => t.register(&mem)?,
+            Backend::Ucx(u) => u.register(id, &mem)?,
+            Backend::Nixl(n) => n.register(id, &mem)?,
+        };
+        let len = mem.len as u64;
+        self.inner.keys.lock().unwrap().insert(id, key);
+        self.inner.regions.map.lock().unwrap().insert(id, mem);
+        Ok(Registration { agent: Arc::downgrade(&self.inner), id: RegionId(id), len })
+    }
+
+    /// This agent's metadata, for a peer's [`Agent::connect`]. Export it again after
+    /// registering more regions: peers only know the regions listed when they connected.
+    pub fn local_metadata(&self) -> Result<Vec<u8>> {
+        let regions = {
+            let map = self.inner.regions.map.lock().unwrap();
+            let keys = self.inner.keys.lock().unwrap();
+            let mut v: Vec<RegionInfo> = map
+                .iter()
+                .map(|(id, m)| RegionInfo {
+                    id: *id,
+                    addr: m.addr as u64,
+                    len: m.len as u64,
+                    kind: m.kind,
+                    key: keys.get(id).cloned().unwrap_or_default(),
+                })
+                .collect();
+            v.sort_by_key(|r| r.id);
+            v
+        };
+        let conn = match &self.inner.backend {
+            Backend::Tcp(t) => t.conn_info(),
+            Backend::Ucx(u) => u.conn_info(),
+            Backend::Nixl(n) => n.conn_info()?,
+        };
+        Ok(Metadata::new(self.inner.kind, self.inner.name.clone(), regions, conn).encode())
+    }
+
+    /// Loads a peer's metadata; the returned id addresses it in writes.
+    pub fn connect(&self, metadata: &[u8]) -> Result<PeerId> {
+        let md = Metadata::decode(metadata, self.inner.kind)?;
+        let conn = match &self.inner.backend {
+            Backend::Tcp(t) => BackendPeer::Tcp(t.connect(&md)?),
+            Backend::Ucx(u) => BackendPeer::Ucx(u.connect(&md)?),
+            Backend::Nixl(n) => BackendPeer::Nixl(n.connect(&md)?),
+        };
+        let id = self.inner.next_peer.fetch_add(1, Ordering::Relaxed);
+        let peer = Peer { name: md.agent.clone(), regions: md.regions.into_iter().map(|r| (r.id, r)).collect(), conn };
+        self.inner.peers.lock().unwrap().insert(id, Arc::new(peer));
+        tracing::debug!(agent = %self.inner.name, peer = %md.agent, "connected to peer");
+        Ok(PeerId(id))
+    }
+
+    /// Forgets a peer; prepared writes to it fail from now on.
+    pub fn disconnect(&self, peer: PeerId) {
+        let removed = self.inner.peers.lock().unwrap().remove(&peer.0);
+        if let Some(p) = removed {
+            match (&self.inner.backend, &p.conn) {
+                (Backend::Ucx(u), BackendPeer::Ucx(ep)) => u.disconnect(*ep),
+                (Backend::Nixl(n), BackendPeer::Nixl(name)) => n.disconnect(name),
+                _ => {}
+            }
+        }
+    }
+
+    /// The peer's agent name.
+    pub fn peer_name(&self, peer: PeerId) -> Result<String> {
+        Ok(self.inner.peer(peer.0)?.name.clone())
+    }
+
+    /// Validates and resolves a write once.
+    pub fn prepare(&self, peer: PeerId, segments: &[Segment]) -> Result<PreparedWrite> {
+        let p = self.inner.peer(peer.0)?;
+        let segs = self.inner.resolve(&p, segments)?;
+        let bytes = segs.iter().map(|s| s.len).sum();
+        let backend = match (&self.inner.backend, &p.conn) {
+            (Backend::Tcp(_), BackendPeer::Tcp(tp)) => PreparedBackend::Tcp(tp.clone()),
+            (Backend::Ucx(u), BackendPeer::Ucx(ep)) => PreparedBackend::Driver(u.prepare(*ep, &segs)?),
+            (Backend::Nixl(n), BackendPeer::Nixl(name)) => PreparedBackend::Driver(n.prepare(name, &segs)?),
+            _ => unreachable!("peer connected through another backend"),
+        };
+        Ok(PreparedWrite {
+            agent: Arc::downgrade(&self.inner),
+            peer: peer.0,
+            peer_name: p.name.clone(),
+            segs,
+            bytes,
+            backend,
+            busy: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Posts a prepared write and waits (up to the deadline) for its local completion:
+    /// when this returns Ok the bytes are in the peer's memory and the peer has been
+    /// (or is being) notified with `tag`.
+    pub async fn post(&self, w: &PreparedWrite, tag: u64) -> Result<()> {
+        let _one_at_a_time = w.busy.lock().await;
+        // The peer or a local region may have gone since `prepare`.
+        self.inner.peer(w.peer)?;
+        for s in &w.segs {
+            if !self.inner.regions.contains(s.local) {
+                return Err(TransferError::UnknownLocalRegion(s.local));
+            }
+        }
+        let deadline = self.inner.deadline;
+        let fut = async {
+            match (&self.inner.backend, &w.backend) {
+                (Backend::Tcp(t), PreparedBackend::Tcp(peer)) => t.write(peer, &w.segs, tag, deadline).await,
+                (Backend::Ucx(u), PreparedBackend::Driver(id)) => u.post(*id, tag, deadline).await,
+                (Backend::Nixl(n), PreparedBackend::Driver(id)) => n.post(*id, tag, deadline).await,
+                _ => unreachable!("prepared by another backend"),
+            }
+        };
+        // The backends enforce the deadline themselves; this margin is the last guard.
+        match tokio::time::timeout(deadline + Duration::from_secs(1), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(TransferError::Timeout { what: "write completion", after: deadline }),
+        }
+    }
+
+    /// Prepares and posts in one go.
+    pub async fn write(&self, peer: PeerId, segments: &[Segment], tag: u64) -> Result<()> {
+        let w = self.prepare(peer, segments)?;
+        self.post(&w, tag).await
+    }
+
+    /// Waits until a peer's write with notification `tag` has landed here.
+    pub async fn wait_notification(&self, tag: u64, deadline: Duration) -> Result<()> {
+        self.inner.notify.wait(tag, deadline).await
+    }
+
+    /// Stops the backend (closing endpoints and connections, releasing registrations).
+    pub fn shutdown(&self) {
+        match &self.inner.backend {
+            Backend::Tcp(t) => t.shutdown(),
+            Backend::Ucx(u) => u.shutdown(),
+            Backend::Nixl(n) => n.shutdown(),
+        }
+    }
+}
+
+impl Inner {
+    fn peer(&self, id: u64) -> Result<Arc<Peer>> {
+        self.peers.lock().unwrap().get(&id).cloned().ok_or_else(|| TransferError::UnknownPeer(format!("#{id}")))
+    }
+
+    fn deregister(&self, id: u32) {
+        match &self.backend {
+            Backend::Tcp(_) => {}
+            Backend::Ucx(u) => u.deregister(id),
+            Backend::Nixl(n) => n.deregister(id),
+        }
+        self.keys.lock().unwrap().remove(&id);
+        self.regions.map.lock().unwrap().remove(&id);
+    }
+
+    fn resolve(&self, peer: &Peer, segments: &[Segment]) -> Result<Vec<Resolved>> {
+        if segments.is_empty() {
+            return Err(TransferError::Invalid("a write needs at least one segment".into()));
+        }
+        let map = self.regions.map.lock().unwrap();
+        let mut out = Vec::with_capacity(segments.len());
+        for (i, s) in segments.iter().enumerate() {
+            if s.len == 0 {
+                return Err(TransferError::Invalid(format!("segment {i} has length 0")));
+            }
+            let local = map.get(&s.local.0).ok_or(TransferError::UnknownLocalRegion(s.local.0))?;
+            let remote = peer
+                .regions
+                .get(&s.remote)
+                .ok_or_else(|| TransferError::UnknownRemoteRegion { peer: peer.name.clone(), region: s.remote })?;
+            let fits = |off: u64, region_len: u64| off.checked_add(s.len).is_some_and(|end| end <= region_len);
+            if !fits(s.local_offset, local.len as u64) {
+                return Err(TransferError::Invalid(format!(
+                    "segment {i}: local offset {} + length {} runs past region {} of {} bytes",
+                    s.local_offset, s.len, s.local.0, local.len
+                )));
+            }
+            if !fits(s.remote_offset, remote.len) {
+                return Err(TransferError::Invalid(format!(
+                    "segment {i}: remote offset {} + length {} runs past peer region {} of {} bytes",
+                    s.remote_offset, s.len, s.remote, remote.len
+                )));
+            }
+            out.push(Resolved {
+                local: s.local.0,
+                local_offset: s.local_offset,
+                local_addr: local.addr as u64 + s.local_offset,
+                local_kind: local.kind,
+                remote: s.remote,
+                remote_offset: s.remote_offset,
+                remote_addr: remote.addr + s.remote_offset,
+                remote_kind: remote.kind,
+                len: s.len,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        match &self.backend {
+            Backend::Tcp(t) => t.shutdown(),
+            Backend::Ucx(u) => u.shutdown(),
+            Backend::Nixl(n) => n.shutdown(),
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The UCX backend: UCP directly, through our run-time loaded `ucx-sys`.
+//!
+//! A write is `ucp_put_nbx` per segment (local buffers pre-mapped, so no per-call
+//! registration), `ucp_worker_fence` so the puts land before what follows, one
+//! active message carrying the tag (the target's notification), then
+//! `ucp_ep_flush_nbx`, whose completion is the write's completion. All UCP objects
+//! live on the driver thread (`UCS_THREAD_MODE_SINGLE`).
+use std::collections::HashMap;
+use std::ffi::{CStr, c_void};
+use std::path::PathBuf;
+use std::ptr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI8, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use ucx_sys as sys;
+
+use crate::driver::{Driver, Work};
+use crate::error::{Result, TransferError};
+use crate::metadata::Metadata;
+use crate::notify::NotifyHub;
+use crate::{BackendKind, MemKind, Memory, Resolved, TransferConfig};
+
+/// The active-message id that carries write notifications.
+const NOTIFY_AM_ID: u32 = 0x7064;
+const SETUP_DEADLINE: Duration = Duration::from_secs(10);
+
+fn backend_err(op: &'static str, detail: impl Into<String>) -> TransferError {
+    TransferError::Backend { backend: BackendKind::Ucx, op, detail: detail.into() }
+}
+
+fn mem_type(kind: MemKind) -> sys::ucs_memory_type_t {
+    match kind {
+        MemKind::Dram => sys::UCS_MEMORY_TYPE_HOST,
+        MemKind::Vram { .. } => sys::UCS_MEMORY_TYPE_CUDA,
+    }
+}
+
+enum Cmd {
+    Register { id: u32, addr: usize, len: usize, kind: MemKind, reply: SyncSender<Result<Vec<u8>>> },
+    Deregister { id: u32 },
+    Connect { addr: Vec<u8>, rkeys: Vec<(u32, Vec<u8>)>, reply: SyncSender<Result<u64>> },
+    Disconnect { ep: u64 },
+    Prepare { ep: u64, segs: Vec<Resolved>, reply: SyncSender<Result<u64>> },
+    Release { id: u64 },
+    Post { id: u64, tag: u64, deadline: Instant, reply: oneshot::Sender<Result<()>> },
+}
+
+pub(crate) struct Ucx {
+    driver: Driver<Cmd>,
+    worker_addr: Vec<u8>,
+    info: String,
+}
+
+impl Ucx {
+    pub(crate) fn start(cfg: &TransferConfig, notify: Arc<NotifyHub>) -> Result<Ucx> {
+        let dirs = crate::config::lib_dir(cfg.ucx_lib_dir.as_ref(), "PDSERVE_UCX_LIB_DIR", "/usr/lib/pdserve/ucx", Some(sys::DEFAULT_LIBDIR));
+        let peer_errors = cfg.ucx_peer_error_handling;
+        let (info_tx, info_rx) = std::sync::mpsc::sync_channel(1);
+        let hub = notify.clone();
+        let driver = Driver::spawn(
+            BackendKind::Ucx,
+            move || {
+                let w = UcxWork::new(&dirs, peer_errors, hub)?;
+                let _ = info_tx.send((w.worker_addr.clone(), w.describe()));
+                Ok(w)
+            },
+            notify,
+        )?;
+        let (worker_addr, info) = info_rx.recv().map_err(|_| TransferError::Closed)?;
+        Ok(Ucx { driver, worker_addr, info })
+    }
+
+    pub(crate) fn info(&self) -> String {
+        self.info.clone()
+    }
+
+    pub(crate) fn register(&self, id: u32, mem: &Memory) -> Result<Vec<u8>> {
+        let (addr, len, kind) = (mem.addr(), mem.len(), mem.kind());
+        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Register { id, addr, len, kind, reply })?
+    }
+
+    pub(crate) fn deregister(&self, id: u32) {
+        let _ = self.driver.send(Cmd::Deregister { id });
+    }
+
+    pub(crate) fn conn_info(&self) -> Vec<u8> {
+        self.worker_addr.clone()
+    }
+
+    pub(crate) fn connect(&self, md: &Metadata) -> Result<u64> {
+        if md.conn.is_empty() {
+            return Err(TransferError::BadMetadata("no UCX worker address".into()));
+        }
+        let rkeys = md.regions.iter().map(|r| (r.id, r.key.clone())).collect();
+        let addr = md.conn.clone();
+        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Connect { addr, rkeys, reply })?
+    }
+
+    pub(crate) fn disconnect(&self, ep: u64) {
+        let _ = self.driver.send(Cmd::Disconnect { ep });
+    }
+
+    pub(crate) fn prepare(&self, ep: u64, segs: &[Resolved]) -> Result<u64> {
+        let segs = segs.to_vec();
+        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Prepare { ep, segs, reply })?
+    }
+
+    pub(crate) fn release(&self, id: u64) {
+        let _ = self.driver.send(Cmd::Release { id });
+    }
+
+    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.driver.send(Cmd::Post { id, tag, deadline: Instant::now() + deadline, reply: tx })?;
+        rx.await.map_err(|_| TransferError::Closed)?
+    }
+
+    pub(crate) fn shutdown(&self) {
+        self.driver.shutdown();
+    }
+}
+
+struct Region {
+    memh: sys::ucp_mem_h,
+    kind: MemKind,
+}
+
+struct Endpoint {
+    ep: sys::ucp_ep_h,
+    rkeys: HashMap<u32, sys::ucp_rkey_h>,
+    /// Written by UCX's error callback (UCS_OK until the peer fails).
+    status: Box<AtomicI8>,
+}
+
+struct Put {
+    local: *const c_void,
+    remote: u64,
+    len: usize,
+    rkey: sys::ucp_rkey_h,
+    memh: sys::ucp_mem_h,
+    mem_type: sys::ucs_memory_type_t,
+}
+
+struct Prepared {
+    ep: u64,
+    regions: Vec<u32>,
+    puts: Vec<Put>,
+}
+
+struct Pending {
+    ep: u64,
+    req: *mut c_void,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+struct UcxWork {
+    lib: sys::Ucp,
+    context: sys::ucp_context_h,
+    worker: sys::ucp_worker_h,
+    worker_addr: Vec<u8>,
+    peer_errors: bool,
+    regions: HashMap<u32, Region>,
+    eps: HashMap<u64, Endpoint>,
+    prepared: HashMap<u64, Prepared>,
+    pending: Vec<Pending>,
+    next_id: u64,
+    /// Owned here so the active-message callback's argument outlives the worker.
+    hub: Arc<NotifyHub>,
+    libdir: PathBuf,
+}
+
+unsafe extern "C" fn on_notify_am(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    _data: *mut c_void,
+    _length: usize,
+    _param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    if header_length == 8 {
+        // SAFETY: UCX passes the header it received (8 bytes, checked) and the `arg`
+        // we registered: a pointer to the hub that UcxWork keeps alive.
+        let (tag, hub) = unsafe { (ptr::read_unaligned(header as *const u64), &*(arg as *const NotifyHub)) };
+        hub.deliver(tag);
+    }
+    sys::UCS_OK
+}
+
+unsafe extern "C" fn on_ep_error(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    // SAFETY: `arg` is the endpoint's boxed status, freed only after the endpoint closed.
+    unsafe { (*(arg as *const AtomicI8)).store(status, Ordering::Release) };
+}
+
+fn is_err_ptr(p: *mut c_void) -> bool {
+    (p as usize) >= (sys::UCS_ERR_LAST as isize as usize)
+}
+
+impl UcxWork {
+    fn new(dirs: &[PathBuf], peer_errors: bool, hub: Arc<NotifyHub>) -> Result<UcxWork> {
+        let mut errors = Vec::new();
+        let mut loaded = None;
+        for d in dirs {
+            match sys::Ucp::load(Some(d)) {
+                Ok(l) => {
+                    loaded = Some((l, d.clone()));
+                    break;
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let Some((lib, libdir)) = loaded else {
+            return Err(TransferError::Unavailable {
+                backend: BackendKind::Ucx,
+                detail: format!("{} (set PDSERVE_UCX_LIB_DIR or ucx_lib_dir, or run scripts/setup.sh)", errors.join("; ")),
+            });
+        };
+        let mut w = UcxWork {
+            lib,
+            context: ptr::null_mut(),
+            worker: ptr::null_mut(),
+            worker_addr: Vec::new(),
+            peer_errors,
+            regions: HashMap::new(),
+            eps: HashMap::new(),
+            prepared: HashMap::new(),
+            pending: Vec::new(),
+            next_id: 1,
+            hub,
+            libdir,
+        };
+        w.init().inspect_err(|_| w.finish())?;
+        Ok(w)
+    }
+
+    fn status_str(&self, s: sys::ucs_status_t) -> String {
+        // SAFETY: ucs_status_string returns a static C string for any status.
+        unsafe { CStr::from_ptr(self.lib.ucs_status_string(s)) }.to_string_lossy().into_owned()
+    }
+
+    fn check(&self, op: &'static str, s: sys::ucs_status_t) -> Result<()> {
+        if s == sys::UCS_OK { Ok(()) } else { Err(backend_err(op, self.status_str(s))) }
+    }
+
+    fn init(&mut self) -> Result<()> {
+        let params = sys::ucp_params_t {
+            field_mask: sys::UCP_PARAM_FIELD_FEATURES as u64,
+            features: (sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM) as u64,
+            ..Default::default()
+        };
+        // SAFETY: params is initialised for the fields its mask names; config NULL
+        // reads UCX_* from the environment; the context pointer is written on success.
+        let s = unsafe { self.lib.ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, ptr::null(), &mut self.context) };
+        self.check("ucp_init", s).map_err(|e| TransferError::Unavailable { backend: BackendKind::Ucx, detail: e.to_string() })?;
+        let wparams = sys::ucp_worker_params_t {
+            field_mask: sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64,
+            thread_mode: sys::UCS_THREAD_MODE_SINGLE,
+            ..Default::default()
+        };
+        // SAFETY: a valid context and params; the worker pointer is written on success.
+        let s = unsafe { self.lib.ucp_worker_create(self.context, &wparams, &mut self.worker) };
+        self.check("ucp_worker_create", s)?;
+        let am = sys::ucp_am_handler_param_t {
+            field_mask: (sys::UCP_AM_HANDLER_PARAM_FIELD_ID | sys::UCP_AM_HANDLER_PARAM_FIELD_CB | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG) as u64,
+            id: NOTIFY_AM_ID,
+            cb: Some(on_notify_am),
+            arg: Arc::as_ptr(&self.hub) as *mut c_void,
+            ..Default::default()
+        };
+        // SAFETY: the callback's argument (the hub) lives as long as this struct,
+        // which destroys the worker before dropping it.
+        let s = unsafe { self.lib.ucp_worker_set_am_recv_handler(self.worker, &am) };
+        self.check("ucp_worker_set_am_recv_handler", s)?;
+        let mut addr: *mut sys::ucp_address_t = ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: a valid worker; UCX allocates the address, released below after copying.
+        let s = unsafe { self.lib.ucp_worker_get_address(self.worker, &mut addr, &mut len) };
+        self.check("ucp_worker_get_address", s)?;
+        // SAFETY: UCX returned `len` bytes at `addr`.
+        self.worker_addr = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
+        // SAFETY: releasing the address UCX gave us, once.
+        unsafe { self.lib.ucp_worker_release_address(self.worker, addr) };
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let (a, b, c) = self.lib.version();
+        format!("UCX {a}.{b}.{c} from {}", self.libdir.display())
+    }
+
+    fn register(&mut self, id: u32, addr: usize, len: usize, kind: MemKind) -> Result<Vec<u8>> {
+        let params = sys::ucp_mem_map_params_t {
+            field_mask: (sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH | sys::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE) as u64,
+            address: addr as *mut c_void,
+            length: len,
+            memory_type: mem_type(kind),
+            ..Default::default()
+        };
+        let mut memh: sys::ucp_mem_h = ptr::null_mut();
+        // SAFETY: the caller (Agent::register, through Memory's contract) guarantees the
+        // range is a live allocation of this kind until deregistration.
+        let s = unsafe { self.lib.ucp_mem_map(self.context, &params, &mut memh) };
+        self.check("ucp_mem_map", s)?;
+        let mut buf: *mut c_void = ptr::null_mut();
+        let mut size = 0usize;
+        // SAFETY: memh was just mapped on this context.
+        let s = unsafe { self.lib.ucp_rkey_pack(self.context, memh, &mut buf, &mut size) };
+        if s != sys::UCS_OK {
+            // SAFETY: unmapping the handle we mapped above.
+            unsafe { self.lib.ucp_mem_unmap(self.context, memh) };
+            return Err(backend_err("ucp_rkey_pack", self.status_str(s)));
+        }
+        // SAFETY: UCX returned `size` bytes at `buf`, released right after the copy.
+        let key = unsafe { std::slice::from_raw_parts(buf as *const u8, size) }.to_vec();
+        // SAFETY: releasing the buffer ucp_rkey_pack allocated, once.
+        unsafe { self.lib.ucp_rkey_buffer_release(buf) };
+        self.regions.insert(id, Region { memh, kind });
+        Ok(key)
+    }
+
+    fn deregister(&mut self, id: u32) {
+        // Prepared writes that read from this region would use a dead handle.
+        self.prepared.retain(|_, p| !p.regions.contains(&id));
+        if let Some(r) = self.regions.remove(&id) {
+            // SAFETY: the handle came from ucp_mem_map on this context; no prepared
+            // write refers to it any more.
+            let s = unsafe { self.lib.ucp_mem_unmap(self.context, r.memh) };
+            if s != sys::UCS_OK {
+                tracing::warn!(region = id, status = %self.status_str(s), "ucp_mem_unmap failed");
+            }
+        }
+    }
+
+    fn connect(&mut self, addr: &[u8], rkeys: &[(u32, Vec<u8>)]) -> Result<u64> {
+        let status = Box::new(AtomicI8::new(sys::UCS_OK));
+        let mut mask = sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS as u64;
+        let mut params = sys::ucp_ep_params_t { address: addr.as_ptr() as *const sys::ucp_address_t, ..Default::default() };
+        if self.peer_errors {
+            mask |= (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+            params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+            params.err_handler = sys::ucp_err_handler_t { cb: Some(on_ep_error), arg: &*status as *const AtomicI8 as *mut c_void };
+        }
+        params.field_mask = mask;
+        let mut ep: sys::ucp_ep_h = ptr::null_mut();
+        // SAFETY: `addr` holds a worker address as the peer's UCX exported it (UCX
+        // validates its contents); the error callback's argument is boxed and kept
+        // until the endpoint is closed.
+        let s = unsafe { self.lib.ucp_ep_create(self.worker, &params, &mut ep) };
+        self.check("ucp_ep_create", s).map_err(|e| TransferError::BadMetadata(e.to_string()))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut endpoint = Endpoint { ep, rkeys: HashMap::new(), status };
+        for (region, key) in rkeys {
+            if key.is_empty() {
+                self.close_ep(endpoint);
+                return Err(TransferError::BadMetadata(format!("region {region} has no UCX rkey")));
+            }
+            let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
+            // SAFETY: `key` is a packed rkey buffer from the peer; UCX checks it.
+            let s = unsafe { self.lib.ucp_ep_rkey_unpack(ep, key.as_ptr() as *const c_void, &mut rkey) };
+            if s != sys::UCS_OK {
+                let detail = format!("rkey of region {region} does not unpack: {}", self.status_str(s));
+                self.close_ep(endpoint);
+                return Err(TransferError::BadMetadata(detail));
+            }
+            endpoint.rkeys.insert(*region, rkey);
+        }
+        self.eps.insert(id, endpoint);
+        Ok(id)
+    }
+
+    fn close_ep(&mut self, endpoint: Endpoint) {
+        for (_, rkey) in endpoint.rkeys {
+            // SAFETY: unpacked on this endpoint, destroyed once.
+            unsafe { self.lib.ucp_rkey_destroy(rkey) };
+        }
+        let params = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+            flags: sys::UCP_EP_CLOSE_FLAG_FORCE,
+            ..Default::default()
+        };
+        // SAFETY: a live endpoint, closed once.
+        let req = unsafe { self.lib.ucp_ep_close_nbx(endpoint.ep, &params) };
+        self.wait_request(req, Duration::from_secs(2));
+        drop(endpoint.status);
+    }
+
+    /// Progresses until `req` completes or `limit` passes (close and shutdown only).
+    fn wait_request(&mut self, req: *mut c_void, limit: Duration) {
+        if req.is_null() || is_err_ptr(req) {
+            return;
+        }
+        let until = Instant::now() + limit;
+        // SAFETY: `req` is a live request of this worker until freed below.
+        while unsafe { self.lib.ucp_request_check_status(req) } == sys::UCS_INPROGRESS && Instant::now() < until {
+            // SAFETY: progressing our own worker on its thread.
+            unsafe { self.lib.ucp_worker_progress(self.worker) };
+        }
+        // SAFETY: freeing the request once; UCX releases it when it completes.
+        unsafe { self.lib.ucp_request_free(req) };
+    }
+
+    fn prepare(&mut self, ep_id: u64, segs: &[Resolved]) -> Result<u64> {
+        let ep = self.eps.get(&ep_id).ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{ep_id}")))?;
+        let mut regions: Vec<u32> = Vec::new();
+        let mut puts = Vec::with_capacity(segs.len());
+        for s in segs {
+            let region = self.regions.get(&s.local).ok_or(TransferError::UnknownLocalRegion(s.local))?;
+            let rkey = *ep.rkeys.get(&s.remote).ok_or_else(|| TransferError::UnknownRemoteRegion { peer: format!("ucx endpoint #{ep_id}"), region: s.remote })?;
+            if !regions.contains(&s.local) {
+                regions.push(s.local);
+            }
+            puts.push(Put {
+                local: s.local_addr as *const c_void,
+                remote: s.remote_addr,
+                len: s.len as usize,
+                rkey,
+                memh: region.memh,
+                mem_type: mem_type(region.kind),
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.prepared.insert(id, Prepared { ep: ep_id, regions, puts });
+        Ok(id)
+    }
+
+    fn post(&mut self, id: u64, tag: u64, deadline: Instant, reply: oneshot::Sender<Result<()>>) {
+        match self.start_write(id, tag) {
+            Ok(None) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(Some((ep, req))) => self.pending.push(Pending { ep, req, deadline, reply }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Posts the puts, the fence, the notification and the flush; returns the flush
+    /// request if it did not complete at once.
+    fn start_write(&mut self, id: u64, tag: u64) -> Result<Option<(u64, *mut c_void)>> {
+        let p = self.prepared.get(&id).ok_or_else(|| TransferError::Invalid("prepared write was invalidated (peer disconnected or region deregistered)".into()))?;
+        let ep = self.eps.get(&p.ep).ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{}", p.ep)))?;
+        let failed = ep.status.load(Ordering::Acquire);
+        if failed != sys::UCS_OK {
+            return Err(TransferError::PeerLost { peer: format!("ucx endpoint #{}", p.ep), detail: self.status_str(failed) });
+        }
+        for put in &p.puts {
+            let param = sys::ucp_request_param_t {
+                op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE | sys::UCP_OP_ATTR_FIELD_MEMH,
+                memory_type: put.mem_type,
+                memh: put.memh,
+                ..Default::default()
+            };
+            // SAFETY: local range and memh are a live registration (prepared entries are
+            // dropped when their regions are); remote address and rkey come from the
+            // peer's metadata, bounds-checked in `resolve`.
+            let r = unsafe { self.lib.ucp_put_nbx(ep.ep, put.local, put.len, put.remote, put.rkey, &param) };
+            if is_err_ptr(r) {
+                return Err(backend_err("ucp_put_nbx", self.status_str(r as isize as sys::ucs_status_t)));
+            }
+            if !r.is_null() {
+                // Completion is observed through the flush below.
+                // SAFETY: freeing the request handle once; UCX completes it later.
+                unsafe { self.lib.ucp_request_free(r) };
+            }
+        }
+        // SAFETY: our worker, on its thread.
+        let s = unsafe { self.lib.ucp_worker_fence(self.worker) };
+        self.check("ucp_worker_fence", s)?;
+        let am = sys::ucp_request_param_t {
+            op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
+            flags: sys::UCP_AM_SEND_FLAG_COPY_HEADER,
+            ..Default::default()
+        };
+        // SAFETY: the 8-byte header is copied by UCX (COPY_HEADER); no payload.
+        let r = unsafe { self.lib.ucp_am_send_nbx(ep.ep, NOTIFY_AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am) };
+        if is_err_ptr(r) {
+            return Err(backend_err("ucp_am_send_nbx", self.status_str(r as isize as sys::ucs_status_t)));
+        }
+        if !r.is_null() {
+            // SAFETY: as for the puts.
+            unsafe { self.lib.ucp_request_free(r) };
+        }
+        let flush = sys::ucp_request_param_t::default();
+        // SAFETY: a live endpoint.
+        let r = unsafe { self.lib.ucp_ep_flush_nbx(ep.ep, &flush) };
+        if is_err_ptr(r) {
+            return Err(TransferError::PeerLost { peer: format!("ucx endpoint #{}", p.ep), detail: self.status_str(r as isize as sys::ucs_status_t) });
+        }
+        Ok(if r.is_null() { None } else { Some((p.ep, r)) })
+    }
+}
+
+// The libraries' handles never leave the driver thread; the struct is built there.
+impl Work for UcxWork {
+    type Cmd = Cmd;
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Register { id, addr, len, kind, reply } => {
+                let _ = reply.send(self.register(id, addr, len, kind));
+            }
+            Cmd::Deregister { id } => self.deregister(id),
+            Cmd::Connect { addr, rkeys, reply } => {
+                let _ = reply.send(self.connect(&addr, &rkeys));
+            }
+            Cmd::Disconnect { ep } => {
+                self.prepared.retain(|_, p| p.ep != ep);
+                if let Some(e) = self.eps.remove(&ep) {
+                    self.close_ep(e);
+                }
+            }
+            Cmd::Prepare { ep, segs, reply } => {
+                let _ = reply.send(self.prepare(ep, &segs));
+            }
+            Cmd::Release { id } => {
+                self.prepared.remove(&id);
+            }
+            Cmd::Post { id, tag, deadline, reply } => self.post(id, tag, deadline, reply),
+        }
+    }
+
+    fn progress(&mut self) -> bool {
+        // SAFETY: our worker, on its thread.
+        while unsafe { self.lib.ucp_worker_progress(self.worker) } > 0 {}
+        if self.pending.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            // SAFETY: a live flush request of this worker.
+            let s = unsafe { self.lib.ucp_request_check_status(p.req) };
+            let outcome = if s == sys::UCS_INPROGRESS {
+                if now < p.deadline {
+                    i += 1;
+                    continue;
+                }
+                // SAFETY: cancelling our own in-flight request.
+                unsafe { self.lib.ucp_request_cancel(self.worker, p.req) };
+                Err(TransferError::Timeout { what: "ucx write completion", after: Duration::ZERO })
+            } else if s == sys::UCS_OK {
+                Ok(())
+            } else {
+                Err(TransferError::PeerLost { peer: format!("ucx endpoint #{}", p.ep), detail: self.status_str(s) })
+            };
+            let p = self.pending.swap_remove(i);
+            // SAFETY: freeing a request once (a cancelled one is released when done).
+            unsafe { self.lib.ucp_request_free(p.req) };
+            let _ = p.reply.send(outcome);
+        }
+        !self.pending.is_empty()
+    }
+
+    fn finish(&mut self) {
+        for p in std::mem::take(&mut self.pending) {
+            // SAFETY: cancelling and freeing our own requests at shutdown.
+            unsafe {
+                self.lib.ucp_request_cancel(self.worker, p.req);
+                self.lib.ucp_request_free(p.req);
+            }
+            let _ = p.reply.send(Err(TransferError::Closed));
+        }
+        self.prepared.clear();
+        let eps: Vec<Endpoint> = self.eps.drain().map(|(_, e)| e).collect();
+        for e in eps {
+            self.close_ep(e);
+        }
+        let ids: Vec<u32> = self.regions.keys().copied().collect();
+        for id in ids {
+            self.deregister(id);
+        }
+        if !self.worker.is_null() {
+            // SAFETY: every endpoint and request of the worker is gone.
+            unsafe { self.lib.ucp_worker_destroy(self.worker) };
+            self.worker = ptr::null_mut();
+        }
+        if !self.context.is_null() {
+            // SAFETY: the worker and every mapping are gone.
+            unsafe { self.lib.ucp_cleanup(self.context) };
+            self.context = ptr::null_mut();
+        }
+    }
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh Debian machine for building, testing and running pdserve.
+# Idempotent: re-running only installs what is missing.
+#   - apt: clang/libclang (bindgen for nixl-sys and ucx-sys), pkg-config, python3-pip
+#   - PyPI wheels (C libraries only, --no-deps): nixl-cu13 (NIXL + its own UCX with
+#     IB/EFA/CUDA transports) and libucx-cu13 (UCX 1.22 with CUDA, headers included),
+#     unpacked under .deps/ where the build and the binaries find them by default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DEPS=${PDSERVE_DEPS_DIR:-$ROOT/.deps}
+NIXL_WHEEL=${NIXL_WHEEL:-nixl-cu13==1.5.1}
+UCX_WHEEL=${UCX_WHEEL:-libucx-cu13==1.22.0}
+
+need_apt=()
+command -v clang >/dev/null || need_apt+=(clang)
+[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+
+# Wheels are platform-tagged for the Python that downloads them; we only want their C
+# libraries, so pin a Python tag that the wheels are published for.
+fetch_wheel() { # <spec> <dest> <marker-file>
+  local spec=$1 dest=$2 marker=$3
+  [ -e "$dest/$marker" ] && return 0
+  echo "setup: fetching $spec into $dest"
+  local tmp; tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d "$tmp" "$spec"
+  mkdir -p "$dest"
+  python3 - "$tmp" "$dest" <<'PY'
+import sys, zipfile, glob, os
+src, dest = sys.argv[1], sys.argv[2]
+for whl in glob.glob(os.path.join(src, "*.whl")):
+    with zipfile.ZipFile(whl) as z:
+        for info in z.infolist():
+            path = z.extract(info, dest)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                os.chmod(path, mode)
+PY
+  rm -rf "$tmp"
+}
+fetch_wheel "$NIXL_WHEEL" "$DEPS/nixl" .nixl_cu13.mesonpy.libs/libnixl_capi.so
+fetch_wheel "$UCX_WHEEL" "$DEPS/ucx" libucx/include/ucp/api/ucp.h
+
+# Memory registration needs locked memory; warn (do not fail) when the limit is small.
+ml=$(ulimit -l)
+if [ "$ml" != unlimited ] && [ "$ml" -lt 65536 ]; then
+  echo "setup: warning: 'ulimit -l' is $ml KiB; RDMA registration of large KV pools needs LimitMEMLOCK=infinity" >&2
+fi
+echo "setup: ok (deps in $DEPS)"
