@@ -1,4 +1,5 @@
 //! The data plane's configuration: a section of each daemon's config file.
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,9 +23,19 @@ pub struct TransferConfig {
     /// Folder holding `libucp.so` (default: `$PDSERVE_UCX_LIB_DIR`, then
     /// `/usr/lib/pdserve/ucx`, then the UCX the build used).
     pub ucx_lib_dir: Option<PathBuf>,
-    /// UCX: ask for peer-failure detection on endpoints (errors instead of hangs when a
-    /// peer dies; UCX then uses only transports that can detect it).
+    /// UCX and NIXL's UCX plugin: ask for peer-failure detection on endpoints. UCX then uses only transports
+    /// that can detect a dead peer, which excludes every shared-memory transport
+    /// (cma, posix, sysv) and falls back to TCP emulation on one host. Off by default:
+    /// the deadlines already turn a dead peer into an error. Worth turning on across
+    /// nodes, where the RDMA transports support it at no cost.
     pub ucx_peer_error_handling: bool,
+    /// NIXL: extra parameters for its UCX backend plugin (e.g. `ucx_devices`,
+    /// `num_workers`), applied over NIXL's defaults.
+    pub nixl_ucx_params: BTreeMap<String, String>,
+    /// UCX/NIXL: how long the progress thread keeps polling after its last activity
+    /// before it sleeps, in microseconds. Waking a sleeping thread costs more than a
+    /// small write takes; 0 trades that latency for an idle CPU.
+    pub hot_spin_us: u64,
     /// TCP backend: where the target listens for writes.
     pub tcp_bind: String,
     /// TCP backend: the host peers should connect to (default: the bind address; set
@@ -40,7 +51,9 @@ impl Default for TransferConfig {
             deadline_ms: 30_000,
             nixl_lib_dir: None,
             ucx_lib_dir: None,
-            ucx_peer_error_handling: true,
+            ucx_peer_error_handling: false,
+            nixl_ucx_params: BTreeMap::new(),
+            hot_spin_us: 2_000,
             tcp_bind: "127.0.0.1:0".into(),
             tcp_advertise_host: None,
         }
@@ -50,6 +63,10 @@ impl Default for TransferConfig {
 impl TransferConfig {
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.deadline_ms)
+    }
+
+    pub fn hot_spin(&self) -> Duration {
+        Duration::from_micros(self.hot_spin_us)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::BackendKind;
 use crate::error::{Result, TransferError};
@@ -35,7 +35,7 @@ pub(crate) struct Driver<C> {
 impl<C: Send + 'static> Driver<C> {
     /// Starts the thread; `make` builds the library state on it (so non-Send handles
     /// never cross threads) and its error is returned here.
-    pub(crate) fn spawn<W, F>(backend: BackendKind, make: F, hub: Arc<NotifyHub>) -> Result<Self>
+    pub(crate) fn spawn<W, F>(backend: BackendKind, make: F, hub: Arc<NotifyHub>, hot: Duration) -> Result<Self>
     where
         W: Work<Cmd = C>,
         F: FnOnce() -> Result<W> + Send + 'static,
@@ -55,7 +55,7 @@ impl<C: Send + 'static> Driver<C> {
                         return;
                     }
                 };
-                run(&mut work, &rx, &hub);
+                run(&mut work, &rx, &hub, hot);
                 work.finish();
             })
             .map_err(|e| TransferError::Unavailable { backend, detail: format!("cannot start driver thread: {e}") })?;
@@ -96,18 +96,26 @@ impl<C: Send + 'static> Driver<C> {
     }
 }
 
-fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub) {
+fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub, hot: Duration) {
     let mut spins = 0u32;
+    let mut last_active = Instant::now();
     loop {
         loop {
             match rx.try_recv() {
-                Ok(cmd) => work.command(cmd),
+                Ok(cmd) => {
+                    work.command(cmd);
+                    last_active = Instant::now();
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return,
             }
         }
-        let busy = work.progress() || hub.has_waiters();
-        if busy {
+        if work.progress() || hub.has_waiters() {
+            last_active = Instant::now();
+        }
+        // Waking a sleeping thread costs tens of microseconds, more than a small write
+        // takes: stay hot for a while after any activity, then sleep on the channel.
+        if last_active.elapsed() < hot {
             spins = spins.wrapping_add(1);
             if spins % 64 == 0 {
                 std::thread::yield_now();
@@ -115,7 +123,10 @@ fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub) {
             continue;
         }
         match rx.recv_timeout(IDLE_POLL) {
-            Ok(cmd) => work.command(cmd),
+            Ok(cmd) => {
+                work.command(cmd);
+                last_active = Instant::now();
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }

@@ -44,6 +44,7 @@ pub use nixl::{exit_now, load_library as load_nixl_library};
 /// Which library moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BackendKind {
     Nixl,
     Ucx,

@@ -7,7 +7,7 @@
 //! A write is one NIXL WRITE request, created once per prepared write and re-posted
 //! with the tag as its notification message (`pdkv:<tag>`); completion is polled on
 //! the driver thread, as are the target's notifications.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::SyncSender;
@@ -147,15 +147,17 @@ impl Nixl {
         let dir = load_library(cfg.nixl_lib_dir.as_ref()).map_err(|detail| TransferError::Unavailable { backend: BackendKind::Nixl, detail })?;
         let name = name.to_string();
         let hub = notify.clone();
+        let (peer_errors, extra) = (cfg.ucx_peer_error_handling, cfg.nixl_ucx_params.clone());
         let (info_tx, info_rx) = std::sync::mpsc::sync_channel(1);
         let driver = Driver::spawn(
             BackendKind::Nixl,
             move || {
-                let w = NixlWork::new(&name, hub)?;
+                let w = NixlWork::new(&name, hub, peer_errors, &extra)?;
                 let _ = info_tx.send(w.plugins.clone());
                 Ok(w)
             },
             notify,
+            cfg.hot_spin(),
         )?;
         let plugins = info_rx.recv().map_err(|_| TransferError::Closed)?;
         Ok(Nixl { driver, info: format!("NIXL from {} (UCX backend; plugins: {plugins})", dir.display()) })
@@ -237,7 +239,7 @@ struct NixlWork {
 }
 
 impl NixlWork {
-    fn new(name: &str, hub: Arc<NotifyHub>) -> Result<NixlWork> {
+    fn new(name: &str, hub: Arc<NotifyHub>, peer_errors: bool, extra: &BTreeMap<String, String>) -> Result<NixlWork> {
         let unavailable = |op: &str, e: nx::NixlError| TransferError::Unavailable { backend: BackendKind::Nixl, detail: format!("{op}: {e}") };
         // This thread is the agent's only user, and it progresses UCX itself.
         let cfg = nx::AgentConfig { enable_prog_thread: false, ..Default::default() };
@@ -246,7 +248,18 @@ impl NixlWork {
             .get_available_plugins()
             .map(|l| l.iter().filter_map(|p| p.ok().map(str::to_string)).collect::<Vec<_>>().join(","))
             .unwrap_or_default();
-        let (_mems, params) = agent.get_plugin_params("UCX").map_err(|e| unavailable("UCX plugin (NIXL_PLUGIN_DIR?)", e))?;
+        let (_mems, mut params) = agent.get_plugin_params("UCX").map_err(|e| unavailable("UCX plugin (NIXL_PLUGIN_DIR?)", e))?;
+        // Same trade-off as the ucx backend's `ucx_peer_error_handling`: NIXL's default
+        // (peer) sends notifications over tcp/lo on one host instead of shared memory.
+        let mode = if peer_errors { "peer" } else { "none" };
+        params.set("ucx_error_handling_mode", mode).map_err(|e| unavailable("UCX plugin parameter", e))?;
+        for (k, v) in extra {
+            params.set(k, v).map_err(|e| unavailable("UCX plugin parameter", e))?;
+        }
+        if let Ok(it) = params.iter() {
+            let all: Vec<String> = it.flatten().map(|(k, v)| format!("{k}={v}")).collect();
+            tracing::debug!(params = %all.join(" "), "NIXL UCX backend parameters");
+        }
         agent.create_backend("UCX", &params).map_err(|e| unavailable("create UCX backend", e))?;
         let notifs = nx::NotificationMap::new().map_err(|e| unavailable("notification map", e))?;
         Ok(NixlWork {
@@ -264,6 +277,11 @@ impl NixlWork {
     }
 
     fn register(&mut self, id: u32, addr: usize, len: usize, kind: MemKind) -> Result<Vec<u8>> {
+        // GPU pointers are used from this thread: bind the device's context to it.
+        #[cfg(feature = "cuda")]
+        if let MemKind::Vram { device } = kind {
+            crate::cuda::bind_thread(device)?;
+        }
         let h = self.agent.register_memory(&Region { addr, len, kind }, None).map_err(|e| backend_err("register_memory", e))?;
         self.regions.insert(id, h);
         Ok(Vec::new())

@@ -6,9 +6,11 @@
 //! <- status u8 (0 ok, 1 refused) | msg_len u16 | msg
 //! ```
 //!
-//! The sender writes straight from registered memory and the receiver reads straight
-//! into registered memory (no staging copy, no per-message allocation beyond the
-//! pooled header buffer). The tag is delivered to the target's waiters once the
+//! The sender writes straight from registered host memory and the receiver reads
+//! straight into it (no staging copy, no per-message allocation beyond the pooled
+//! header buffer). GPU regions (feature `cuda`) go through a pinned host buffer per
+//! connection, chunk by chunk: GPU -> host -> socket -> host -> GPU, the path the
+//! RDMA backends replace. The tag is delivered to the target's waiters once the
 //! payload is in place, then acknowledged.
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +30,9 @@ const SEG_BYTES: usize = 20;
 const MAX_SEGMENTS: u32 = 1 << 22;
 const STATUS_OK: u8 = 0;
 const STATUS_REFUSED: u8 = 1;
+/// Staging chunk for GPU regions.
+#[cfg(feature = "cuda")]
+const STAGE: usize = 8 << 20;
 
 fn lost(peer: &str, e: impl std::fmt::Display) -> TransferError {
     TransferError::PeerLost { peer: peer.to_string(), detail: e.to_string() }
@@ -48,6 +53,8 @@ pub(crate) struct TcpPeer {
 struct Conn {
     stream: TcpStream,
     header: Vec<u8>,
+    #[cfg(feature = "cuda")]
+    stage: Option<crate::cuda::Pinned>,
 }
 
 impl Tcp {
@@ -68,8 +75,8 @@ impl Tcp {
     }
 
     pub(crate) fn register(&self, mem: &crate::Memory) -> Result<Vec<u8>> {
-        if mem.kind() != MemKind::Dram {
-            return Err(TransferError::Invalid("the tcp backend moves host memory only; stage GPU memory through a host buffer".into()));
+        if mem.kind() != MemKind::Dram && !cfg!(feature = "cuda") {
+            return Err(TransferError::Invalid("GPU memory needs a build with the `cuda` feature".into()));
         }
         Ok(Vec::new())
     }
@@ -96,7 +103,12 @@ impl Tcp {
                     .map_err(|_| TransferError::Timeout { what: "tcp connect", after: deadline })?
                     .map_err(|e| lost(&peer.addr, e))?;
                 stream.set_nodelay(true).map_err(|e| lost(&peer.addr, e))?;
-                Conn { stream, header: Vec::new() }
+                Conn {
+                    stream,
+                    header: Vec::new(),
+                    #[cfg(feature = "cuda")]
+                    stage: None,
+                }
             }
         };
         // A connection that failed or timed out mid-frame is dropped, not pooled.
@@ -123,10 +135,30 @@ impl Tcp {
         conn.stream.write_all(h).await.map_err(|e| lost(addr, e))?;
         for s in segs {
             let mem = self.regions.get(s.local).ok_or(TransferError::UnknownLocalRegion(s.local))?;
-            // SAFETY: `resolve` checked the range against this region, which is host
-            // memory (register refuses anything else) and stays alive through `mem`.
-            let bytes = unsafe { mem.host_slice(s.local_offset as usize, s.len as usize) };
-            conn.stream.write_all(bytes).await.map_err(|e| lost(addr, e))?;
+            match mem.kind() {
+                MemKind::Dram => {
+                    // SAFETY: `resolve` checked the range against this host region,
+                    // which stays alive through `mem`.
+                    let bytes = unsafe { mem.host_slice(s.local_offset as usize, s.len as usize) };
+                    conn.stream.write_all(bytes).await.map_err(|e| lost(addr, e))?;
+                }
+                #[cfg(feature = "cuda")]
+                MemKind::Vram { device } => {
+                    if conn.stage.is_none() {
+                        conn.stage = Some(crate::cuda::Pinned::new(device, STAGE)?);
+                    }
+                    let stage = conn.stage.as_mut().expect("staging buffer");
+                    let mut done = 0u64;
+                    while done < s.len {
+                        let n = (s.len - done).min(STAGE as u64) as usize;
+                        let bytes = stage.load(device, s.local_addr + done, n)?;
+                        conn.stream.write_all(bytes).await.map_err(|e| lost(addr, e))?;
+                        done += n as u64;
+                    }
+                }
+                #[cfg(not(feature = "cuda"))]
+                MemKind::Vram { .. } => unreachable!("registration refuses GPU memory without `cuda`"),
+            }
         }
         let mut status = [0u8; 3];
         conn.stream.read_exact(&mut status).await.map_err(|e| lost(addr, e))?;
@@ -176,6 +208,8 @@ async fn serve_conn(mut stream: TcpStream, regions: &RegionTable, notify: &Notif
     let mut fixed = [0u8; 16];
     let mut descs = Vec::new();
     let mut targets = Vec::new();
+    #[cfg(feature = "cuda")]
+    let mut stage: Option<crate::cuda::Pinned> = None;
     loop {
         match stream.read_exact(&mut fixed).await {
             Ok(_) => {}
@@ -204,10 +238,30 @@ async fn serve_conn(mut stream: TcpStream, regions: &RegionTable, notify: &Notif
             targets.push((mem, offset as usize, len as usize));
         }
         for (mem, offset, len) in &targets {
-            // SAFETY: bounds checked above against a registered host region, kept alive
-            // by `mem`; the write protocol gives these bytes to this write alone.
-            let dst = unsafe { mem.host_slice_mut(*offset, *len) };
-            stream.read_exact(dst).await?;
+            match mem.kind() {
+                MemKind::Dram => {
+                    // SAFETY: bounds checked above against a registered host region, kept
+                    // alive by `mem`; the write protocol gives these bytes to this write alone.
+                    let dst = unsafe { mem.host_slice_mut(*offset, *len) };
+                    stream.read_exact(dst).await?;
+                }
+                #[cfg(feature = "cuda")]
+                MemKind::Vram { device } => {
+                    if stage.is_none() {
+                        stage = Some(crate::cuda::Pinned::new(device, STAGE).map_err(std::io::Error::other)?);
+                    }
+                    let buf = stage.as_mut().expect("staging buffer");
+                    let mut done = 0usize;
+                    while done < *len {
+                        let n = (*len - done).min(STAGE);
+                        stream.read_exact(&mut buf.as_mut_slice()[..n]).await?;
+                        buf.store(device, (mem.addr() + offset + done) as u64, n).map_err(std::io::Error::other)?;
+                        done += n;
+                    }
+                }
+                #[cfg(not(feature = "cuda"))]
+                MemKind::Vram { .. } => unreachable!("registration refuses GPU memory without `cuda`"),
+            }
         }
         notify.deliver(tag);
         stream.write_all(&[STATUS_OK, 0, 0]).await?;

@@ -68,6 +68,7 @@ impl Ucx {
                 Ok(w)
             },
             notify,
+            cfg.hot_spin(),
         )?;
         let (worker_addr, info) = info_rx.recv().map_err(|_| TransferError::Closed)?;
         Ok(Ucx { driver, worker_addr, info })
@@ -292,6 +293,11 @@ impl UcxWork {
     }
 
     fn register(&mut self, id: u32, addr: usize, len: usize, kind: MemKind) -> Result<Vec<u8>> {
+        // GPU pointers are used from this thread: bind the device's context to it.
+        #[cfg(feature = "cuda")]
+        if let MemKind::Vram { device } = kind {
+            crate::cuda::bind_thread(device)?;
+        }
         let params = sys::ucp_mem_map_params_t {
             field_mask: (sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH | sys::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE) as u64,
             address: addr as *mut c_void,

@@ -1,0 +1,29 @@
+//! The `pdserve` command line's commands, one module each.
+pub mod kvbench;
+pub mod units;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "pdserve", version, about = "Disaggregated LLM serving: prefill and decode on separate GPUs, KV cache over RDMA")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Measure KV-transfer bandwidth and latency between two processes, per backend.
+    Kvbench(kvbench::Args),
+    /// The target process that `kvbench` starts (internal).
+    #[command(hide = true)]
+    KvbenchTarget(kvbench::TargetArgs),
+}
+
+/// Runs a command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Kvbench(a) => kvbench::run(a).await,
+        Command::KvbenchTarget(a) => kvbench::run_target(a).await,
+    }
+}
