@@ -32,16 +32,17 @@ remote() {
   tar xf .carry/nixl.tar.xz -C $D
   tar xf .carry/ucx.tar.xz -C $D
   xz -dc .carry/pdserve.xz > $D/pdserve && chmod +x $D/pdserve
-  export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/ucx RUST_BACKTRACE=0
+  export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/libucx/lib RUST_BACKTRACE=0
   # Keep NVLink multicast off on shared multi-GPU hosts.
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUTDIR/gpu.txt
 
   echo "== which UCX protocol carries a VRAM write (ucx, then nixl)"
   for b in ucx nixl; do
-    UCX_PROTO_INFO=y $D/pdserve kvbench --mem vram --backend $b --sizes 16MiB --iters 2 --warmup 1 2>&1 \
-      | grep -A8 "remote memory write by ucp_put\* from cuda to cuda" | grep -E "\|" | grep -vE "\+--|Range" \
-      | head -6 | tee $OUTDIR/proto_$b.txt || true
+    UCX_PROTO_INFO=y $D/pdserve kvbench --mem vram --backend $b --sizes 16MiB --iters 2 --warmup 1 \
+      > $OUTDIR/proto_raw_$b.txt 2>&1 || true
+    grep -A8 -E "remote memory write by ucp_put.* from cuda" $OUTDIR/proto_raw_$b.txt | grep -E "\|" \
+      | grep -vE "\+--|Range" | head -6 | tee $OUTDIR/proto_$b.txt || true
   done
 
   echo "== kvbench --mem vram"

@@ -58,14 +58,17 @@ def main():
             if f.endswith(".py"):
                 t.add(os.path.join(pkg, f), arcname=os.path.join("nixl_cu13", f))
     ucx_tar = os.path.join(a.out, "ucx.tar.xz")
+    # The wheel's layout is kept: its CUDA modules find the bundled libcudart through
+    # an RPATH relative to themselves (../../../libucx_cu13.libs).
     lib = os.path.join(a.ucx_dir, "libucx", "lib")
+    bundled = os.path.join(a.ucx_dir, "libucx_cu13.libs")
     with tarfile.open(ucx_tar, "w:xz", preset=6) as t:
-        for d in [lib, os.path.join(lib, "ucx")]:
+        for d in [lib, os.path.join(lib, "ucx"), bundled]:
             for f in os.listdir(d):
                 p = os.path.join(d, f)
-                # Only the versioned .so.0 names that the loader asks for.
-                if os.path.isfile(p) and f.endswith(".so.0") and "perftest" not in f:
-                    t.add(p, arcname=os.path.join("ucx", os.path.relpath(p, lib)))
+                # Only the versioned names the loader asks for (.so.0), and bundled libs.
+                if os.path.isfile(p) and (f.endswith(".so.0") or d == bundled) and "perftest" not in f and "gomp" not in f:
+                    t.add(p, arcname=os.path.relpath(p, a.ucx_dir))
     binxz = os.path.join(a.out, "pdserve.xz")
     subprocess.run(["strip", "-o", os.path.join(tmp, "pdserve"), a.bin], check=True)
     with open(binxz, "wb") as f:
