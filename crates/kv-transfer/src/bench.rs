@@ -53,7 +53,11 @@ pub struct Layout {
 
 impl Layout {
     pub fn contiguous(len: u64) -> Self {
-        Layout { segments: 1, seg_len: len, dst_stride: len }
+        Layout {
+            segments: 1,
+            seg_len: len,
+            dst_stride: len,
+        }
     }
     pub fn total(&self) -> u64 {
         self.segments * self.seg_len
@@ -66,7 +70,13 @@ impl Layout {
     }
     pub fn segments(&self, local: crate::RegionId, remote: u32) -> Vec<Segment> {
         (0..self.segments)
-            .map(|i| Segment { local, local_offset: i * self.seg_len, remote, remote_offset: i * self.dst_stride, len: self.seg_len })
+            .map(|i| Segment {
+                local,
+                local_offset: i * self.seg_len,
+                remote,
+                remote_offset: i * self.dst_stride,
+                len: self.seg_len,
+            })
             .collect()
     }
 }
@@ -121,7 +131,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 /// Runs the target side until `EXIT` or end of input. `mem` is the region (already
@@ -143,7 +156,11 @@ pub async fn serve_target(agent: &Agent, mem: Arc<dyn ReadBack>, reg: &Registrat
             ["EXPECT", tag, seed, segments, seg_len, stride, check] => {
                 let p = |s: &str| s.parse::<u64>().unwrap_or(0);
                 let tag = p(tag);
-                let layout = Layout { segments: p(segments), seg_len: p(seg_len), dst_stride: p(stride) };
+                let layout = Layout {
+                    segments: p(segments),
+                    seg_len: p(seg_len),
+                    dst_stride: p(stride),
+                };
                 match agent.wait_notification(tag, deadline).await {
                     Err(e) => format!("ERR {tag} {e}"),
                     Ok(()) if *check == "1" => match verify(mem.as_ref(), &layout, p(seed)) {
@@ -201,10 +218,20 @@ impl TargetProcess {
         .map_err(|_| bad("target did not start in time".into()))??;
         let f: Vec<&str> = line.split_whitespace().collect();
         let (metadata, region) = match f.as_slice() {
-            ["READY", md, region] => (unhex(md).ok_or_else(|| bad("bad READY metadata".into()))?, region.parse().map_err(|_| bad("bad region".into()))?),
+            ["READY", md, region] => (
+                unhex(md).ok_or_else(|| bad("bad READY metadata".into()))?,
+                region.parse().map_err(|_| bad("bad region".into()))?,
+            ),
             _ => return Err(bad(format!("unexpected target output {line:?}"))),
         };
-        Ok(TargetProcess { child, stdin, lines, metadata, region, deadline })
+        Ok(TargetProcess {
+            child,
+            stdin,
+            lines,
+            metadata,
+            region,
+            deadline,
+        })
     }
 
     async fn send(&mut self, line: &str) -> std::io::Result<()> {
@@ -222,7 +249,11 @@ impl TargetProcess {
 
     /// Announces a write the target must wait for (send before posting the write).
     pub async fn expect(&mut self, tag: u64, seed: u64, layout: &Layout, verify: bool) -> std::io::Result<()> {
-        self.send(&format!("EXPECT {tag} {seed} {} {} {} {}", layout.segments, layout.seg_len, layout.dst_stride, verify as u8)).await
+        self.send(&format!(
+            "EXPECT {tag} {seed} {} {} {} {}",
+            layout.segments, layout.seg_len, layout.dst_stride, verify as u8
+        ))
+        .await
     }
 
     /// The target's verdict on the last announced write: `Ok(())` or the reason.
@@ -235,13 +266,19 @@ impl TargetProcess {
     pub async fn poison(&mut self) -> std::io::Result<()> {
         self.send("POISON").await?;
         let line = self.reply().await?;
-        if line == "POISONED" { Ok(()) } else { Err(std::io::Error::other(line)) }
+        if line == "POISONED" {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(line))
+        }
     }
 
     /// Asks the target to exit and returns its exit code.
     pub async fn exit(mut self) -> std::io::Result<Option<i32>> {
         let _ = self.send("EXIT").await;
-        let status = tokio::time::timeout(self.deadline, self.child.wait()).await.map_err(|_| std::io::Error::other("target did not exit"))??;
+        let status = tokio::time::timeout(self.deadline, self.child.wait())
+            .await
+            .map_err(|_| std::io::Error::other("target did not exit"))??;
         Ok(status.code())
     }
 

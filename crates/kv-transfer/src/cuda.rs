@@ -11,7 +11,11 @@ use crate::error::{Result, TransferError};
 use crate::{BackendKind, MemKind, Memory};
 
 fn cuda_err(op: &'static str, e: impl std::fmt::Display) -> TransferError {
-    TransferError::Backend { backend: BackendKind::Tcp, op, detail: format!("CUDA: {e}") }
+    TransferError::Backend {
+        backend: BackendKind::Tcp,
+        op,
+        detail: format!("CUDA: {e}"),
+    }
 }
 
 /// Makes `device`'s primary context current on this thread (idempotent, cheap).
@@ -75,7 +79,11 @@ impl CudaBuffer {
     }
 
     fn check(&self, offset: usize, len: usize) {
-        assert!(offset.checked_add(len).is_some_and(|e| e <= self.len), "range {offset}+{len} outside GPU buffer of {}", self.len);
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= self.len),
+            "range {offset}+{len} outside GPU buffer of {}",
+            self.len
+        );
     }
 
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {

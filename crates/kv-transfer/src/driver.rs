@@ -58,20 +58,34 @@ impl<C: Send + 'static> Driver<C> {
                 run(&mut work, &rx, &hub, hot);
                 work.finish();
             })
-            .map_err(|e| TransferError::Unavailable { backend, detail: format!("cannot start driver thread: {e}") })?;
+            .map_err(|e| TransferError::Unavailable {
+                backend,
+                detail: format!("cannot start driver thread: {e}"),
+            })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Driver { backend, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) }),
+            Ok(Ok(())) => Ok(Driver {
+                backend,
+                tx: Mutex::new(Some(tx)),
+                thread: Mutex::new(Some(thread)),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
             }
-            Err(_) => Err(TransferError::Unavailable { backend, detail: "driver thread died during start".into() }),
+            Err(_) => Err(TransferError::Unavailable {
+                backend,
+                detail: "driver thread died during start".into(),
+            }),
         }
     }
 
     pub(crate) fn send(&self, cmd: C) -> Result<()> {
         let guard = self.tx.lock().unwrap();
-        guard.as_ref().ok_or(TransferError::Closed)?.send(cmd).map_err(|_| TransferError::Closed)
+        guard
+            .as_ref()
+            .ok_or(TransferError::Closed)?
+            .send(cmd)
+            .map_err(|_| TransferError::Closed)
     }
 
     /// Sends a command that answers through the given reply channel, and waits for
@@ -80,7 +94,10 @@ impl<C: Send + 'static> Driver<C> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(make(tx))?;
         rx.recv_timeout(deadline).map_err(|e| match e {
-            RecvTimeoutError::Timeout => TransferError::Timeout { what: "data-plane driver call", after: deadline },
+            RecvTimeoutError::Timeout => TransferError::Timeout {
+                what: "data-plane driver call",
+                after: deadline,
+            },
             RecvTimeoutError::Disconnected => TransferError::Closed,
         })
     }
@@ -117,7 +134,7 @@ fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub, hot:
         // takes: stay hot for a while after any activity, then sleep on the channel.
         if last_active.elapsed() < hot {
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             }
             continue;

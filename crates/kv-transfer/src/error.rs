@@ -13,7 +13,11 @@ pub enum TransferError {
     Unavailable { backend: BackendKind, detail: String },
     /// A call into the backend failed.
     #[error("{backend} {op} failed: {detail}")]
-    Backend { backend: BackendKind, op: &'static str, detail: String },
+    Backend {
+        backend: BackendKind,
+        op: &'static str,
+        detail: String,
+    },
     /// A write or region description that cannot be honoured (bounds, zero length, ...).
     #[error("invalid request: {0}")]
     Invalid(String),

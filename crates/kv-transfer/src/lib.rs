@@ -17,6 +17,8 @@
 
 pub mod bench;
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod driver;
 mod error;
 mod memory;
@@ -25,8 +27,6 @@ mod nixl;
 mod notify;
 mod tcp;
 mod ucx;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -240,7 +240,10 @@ impl Drop for PreparedWrite {
 
 /// Appends a short random suffix so that agent names are unique among peers.
 fn unique_name(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("{prefix}-{}-{:06x}", std::process::id(), nanos & 0xff_ffff)
 }
 
@@ -318,7 +321,11 @@ impl Agent {
         let len = mem.len as u64;
         self.inner.keys.lock().unwrap().insert(id, key);
         self.inner.regions.map.lock().unwrap().insert(id, mem);
-        Ok(Registration { agent: Arc::downgrade(&self.inner), id: RegionId(id), len })
+        Ok(Registration {
+            agent: Arc::downgrade(&self.inner),
+            id: RegionId(id),
+            len,
+        })
     }
 
     /// This agent's metadata, for a peer's [`Agent::connect`]. Export it again after
@@ -357,7 +364,11 @@ impl Agent {
             Backend::Nixl(n) => BackendPeer::Nixl(n.connect(&md)?),
         };
         let id = self.inner.next_peer.fetch_add(1, Ordering::Relaxed);
-        let peer = Peer { name: md.agent.clone(), regions: md.regions.into_iter().map(|r| (r.id, r)).collect(), conn };
+        let peer = Peer {
+            name: md.agent.clone(),
+            regions: md.regions.into_iter().map(|r| (r.id, r)).collect(),
+            conn,
+        };
         self.inner.peers.lock().unwrap().insert(id, Arc::new(peer));
         tracing::debug!(agent = %self.inner.name, peer = %md.agent, "connected to peer");
         Ok(PeerId(id))
@@ -426,7 +437,10 @@ impl Agent {
         // The backends enforce the deadline themselves; this margin is the last guard.
         match tokio::time::timeout(deadline + Duration::from_secs(1), fut).await {
             Ok(r) => r,
-            Err(_) => Err(TransferError::Timeout { what: "write completion", after: deadline }),
+            Err(_) => Err(TransferError::Timeout {
+                what: "write completion",
+                after: deadline,
+            }),
         }
     }
 
@@ -453,7 +467,12 @@ impl Agent {
 
 impl Inner {
     fn peer(&self, id: u64) -> Result<Arc<Peer>> {
-        self.peers.lock().unwrap().get(&id).cloned().ok_or_else(|| TransferError::UnknownPeer(format!("#{id}")))
+        self.peers
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| TransferError::UnknownPeer(format!("#{id}")))
     }
 
     fn deregister(&self, id: u32) {
@@ -477,10 +496,10 @@ impl Inner {
                 return Err(TransferError::Invalid(format!("segment {i} has length 0")));
             }
             let local = map.get(&s.local.0).ok_or(TransferError::UnknownLocalRegion(s.local.0))?;
-            let remote = peer
-                .regions
-                .get(&s.remote)
-                .ok_or_else(|| TransferError::UnknownRemoteRegion { peer: peer.name.clone(), region: s.remote })?;
+            let remote = peer.regions.get(&s.remote).ok_or_else(|| TransferError::UnknownRemoteRegion {
+                peer: peer.name.clone(),
+                region: s.remote,
+            })?;
             let fits = |off: u64, region_len: u64| off.checked_add(s.len).is_some_and(|end| end <= region_len);
             if !fits(s.local_offset, local.len as u64) {
                 return Err(TransferError::Invalid(format!(

@@ -70,7 +70,11 @@ impl HostBuffer {
     }
 
     fn check(&self, offset: usize, len: usize) {
-        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "range {offset}+{len} outside buffer of {}", self.len);
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "range {offset}+{len} outside buffer of {}",
+            self.len
+        );
     }
 
     /// Copies `data` into the buffer at `offset`.
@@ -125,7 +129,12 @@ impl std::fmt::Debug for Memory {
 impl Memory {
     /// A host buffer the data plane can register.
     pub fn host(buf: Arc<HostBuffer>) -> Self {
-        Memory { addr: buf.as_ptr() as usize, len: buf.len(), kind: MemKind::Dram, _owner: buf }
+        Memory {
+            addr: buf.as_ptr() as usize,
+            len: buf.len(),
+            kind: MemKind::Dram,
+            _owner: buf,
+        }
     }
 
     /// Memory owned elsewhere (e.g. the engine's KV pools, on the host or the GPU).
@@ -134,7 +143,12 @@ impl Memory {
     /// `addr..addr+len` must be a valid allocation of `kind` for as long as `owner`
     /// lives, and must not be freed while any clone of the returned value exists.
     pub unsafe fn from_raw(addr: usize, len: usize, kind: MemKind, owner: Arc<dyn Any + Send + Sync>) -> Self {
-        Memory { addr, len, kind, _owner: owner }
+        Memory {
+            addr,
+            len,
+            kind,
+            _owner: owner,
+        }
     }
 
     pub fn addr(&self) -> usize {
@@ -157,6 +171,9 @@ impl Memory {
     /// `offset+len` is within the region, the region is host memory, and nothing else
     /// writes this range concurrently (the protocol gives each write's target blocks
     /// to that write alone).
+    // The region is memory shared with the network, not Rust-owned data: exclusive
+    // access is the protocol's promise, stated in the safety contract.
+    #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn host_slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
         debug_assert!(self.kind == MemKind::Dram && offset + len <= self.len);
         // SAFETY: guaranteed by the caller.

@@ -42,7 +42,14 @@ fn codec() -> impl Options {
 
 impl Metadata {
     pub fn new(backend: BackendKind, agent: String, regions: Vec<RegionInfo>, conn: Vec<u8>) -> Self {
-        Metadata { magic: MAGIC, version: METADATA_VERSION, backend, agent, regions, conn }
+        Metadata {
+            magic: MAGIC,
+            version: METADATA_VERSION,
+            backend,
+            agent,
+            regions,
+            conn,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -52,7 +59,9 @@ impl Metadata {
     /// Decodes and validates a peer's metadata for a local agent of backend `ours`.
     pub fn decode(bytes: &[u8], ours: BackendKind) -> Result<Self> {
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
-            return Err(TransferError::BadMetadata("not pdserve data-plane metadata (magic mismatch)".into()));
+            return Err(TransferError::BadMetadata(
+                "not pdserve data-plane metadata (magic mismatch)".into(),
+            ));
         }
         let md: Metadata = codec()
             .deserialize(bytes)

@@ -32,7 +32,11 @@ const LIB: &str = "libnixl_capi.so";
 const BUILD_TREE_DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.deps/nixl/.nixl_cu13.mesonpy.libs");
 
 fn backend_err(op: &'static str, e: impl std::fmt::Display) -> TransferError {
-    TransferError::Backend { backend: BackendKind::Nixl, op, detail: e.to_string() }
+    TransferError::Backend {
+        backend: BackendKind::Nixl,
+        op,
+        detail: e.to_string(),
+    }
 }
 
 /// The folder `libnixl_capi.so` was loaded from, once per process.
@@ -55,7 +59,10 @@ pub fn load_library(explicit: Option<&PathBuf>) -> std::result::Result<PathBuf, 
                     Err(e) => tried.push(format!("{}: {e}", path.display())),
                 }
             }
-            Err(format!("cannot load {LIB} ({}); set PDSERVE_NIXL_LIB_DIR or nixl_lib_dir, or run scripts/setup.sh", tried.join("; ")))
+            Err(format!(
+                "cannot load {LIB} ({}); set PDSERVE_NIXL_LIB_DIR or nixl_lib_dir, or run scripts/setup.sh",
+                tried.join("; ")
+            ))
         })
         .clone()
 }
@@ -127,14 +134,40 @@ impl nx::NixlDescriptor for Region {
 }
 
 enum Cmd {
-    Register { id: u32, addr: usize, len: usize, kind: MemKind, reply: SyncSender<Result<Vec<u8>>> },
-    Deregister { id: u32 },
-    Metadata { reply: SyncSender<Result<Vec<u8>>> },
-    Connect { md: Vec<u8>, reply: SyncSender<Result<String>> },
-    Disconnect { name: String },
-    Prepare { peer: String, segs: Vec<Resolved>, reply: SyncSender<Result<u64>> },
-    Release { id: u64 },
-    Post { id: u64, tag: u64, deadline: Instant, reply: oneshot::Sender<Result<()>> },
+    Register {
+        id: u32,
+        addr: usize,
+        len: usize,
+        kind: MemKind,
+        reply: SyncSender<Result<Vec<u8>>>,
+    },
+    Deregister {
+        id: u32,
+    },
+    Metadata {
+        reply: SyncSender<Result<Vec<u8>>>,
+    },
+    Connect {
+        md: Vec<u8>,
+        reply: SyncSender<Result<String>>,
+    },
+    Disconnect {
+        name: String,
+    },
+    Prepare {
+        peer: String,
+        segs: Vec<Resolved>,
+        reply: SyncSender<Result<u64>>,
+    },
+    Release {
+        id: u64,
+    },
+    Post {
+        id: u64,
+        tag: u64,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 pub(crate) struct Nixl {
@@ -144,7 +177,10 @@ pub(crate) struct Nixl {
 
 impl Nixl {
     pub(crate) fn start(cfg: &TransferConfig, name: &str, notify: Arc<NotifyHub>) -> Result<Nixl> {
-        let dir = load_library(cfg.nixl_lib_dir.as_ref()).map_err(|detail| TransferError::Unavailable { backend: BackendKind::Nixl, detail })?;
+        let dir = load_library(cfg.nixl_lib_dir.as_ref()).map_err(|detail| TransferError::Unavailable {
+            backend: BackendKind::Nixl,
+            detail,
+        })?;
         let name = name.to_string();
         let hub = notify.clone();
         let (peer_errors, extra) = (cfg.ucx_peer_error_handling, cfg.nixl_ucx_params.clone());
@@ -160,7 +196,10 @@ impl Nixl {
             cfg.hot_spin(),
         )?;
         let plugins = info_rx.recv().map_err(|_| TransferError::Closed)?;
-        Ok(Nixl { driver, info: format!("NIXL from {} (UCX backend; plugins: {plugins})", dir.display()) })
+        Ok(Nixl {
+            driver,
+            info: format!("NIXL from {} (UCX backend; plugins: {plugins})", dir.display()),
+        })
     }
 
     pub(crate) fn info(&self) -> String {
@@ -169,7 +208,13 @@ impl Nixl {
 
     pub(crate) fn register(&self, id: u32, mem: &Memory) -> Result<Vec<u8>> {
         let (addr, len, kind) = (mem.addr(), mem.len(), mem.kind());
-        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Register { id, addr, len, kind, reply })?
+        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Register {
+            id,
+            addr,
+            len,
+            kind,
+            reply,
+        })?
     }
 
     pub(crate) fn deregister(&self, id: u32) {
@@ -184,7 +229,10 @@ impl Nixl {
         let bytes = md.conn.clone();
         let name = self.driver.call(SETUP_DEADLINE, |reply| Cmd::Connect { md: bytes, reply })??;
         if name != md.agent {
-            return Err(TransferError::BadMetadata(format!("NIXL metadata names agent {name:?}, envelope says {:?}", md.agent)));
+            return Err(TransferError::BadMetadata(format!(
+                "NIXL metadata names agent {name:?}, envelope says {:?}",
+                md.agent
+            )));
         }
         Ok(name)
     }
@@ -204,7 +252,12 @@ impl Nixl {
 
     pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.driver.send(Cmd::Post { id, tag, deadline: Instant::now() + deadline, reply: tx })?;
+        self.driver.send(Cmd::Post {
+            id,
+            tag,
+            deadline: Instant::now() + deadline,
+            reply: tx,
+        })?;
         rx.await.map_err(|_| TransferError::Closed)?
     }
 
@@ -240,19 +293,29 @@ struct NixlWork {
 
 impl NixlWork {
     fn new(name: &str, hub: Arc<NotifyHub>, peer_errors: bool, extra: &BTreeMap<String, String>) -> Result<NixlWork> {
-        let unavailable = |op: &str, e: nx::NixlError| TransferError::Unavailable { backend: BackendKind::Nixl, detail: format!("{op}: {e}") };
+        let unavailable = |op: &str, e: nx::NixlError| TransferError::Unavailable {
+            backend: BackendKind::Nixl,
+            detail: format!("{op}: {e}"),
+        };
         // This thread is the agent's only user, and it progresses UCX itself.
-        let cfg = nx::AgentConfig { enable_prog_thread: false, ..Default::default() };
+        let cfg = nx::AgentConfig {
+            enable_prog_thread: false,
+            ..Default::default()
+        };
         let agent = nx::Agent::new_configured(name, &cfg).map_err(|e| unavailable("create agent", e))?;
         let plugins = agent
             .get_available_plugins()
             .map(|l| l.iter().filter_map(|p| p.ok().map(str::to_string)).collect::<Vec<_>>().join(","))
             .unwrap_or_default();
-        let (_mems, mut params) = agent.get_plugin_params("UCX").map_err(|e| unavailable("UCX plugin (NIXL_PLUGIN_DIR?)", e))?;
+        let (_mems, mut params) = agent
+            .get_plugin_params("UCX")
+            .map_err(|e| unavailable("UCX plugin (NIXL_PLUGIN_DIR?)", e))?;
         // Same trade-off as the ucx backend's `ucx_peer_error_handling`: NIXL's default
         // (peer) sends notifications over tcp/lo on one host instead of shared memory.
         let mode = if peer_errors { "peer" } else { "none" };
-        params.set("ucx_error_handling_mode", mode).map_err(|e| unavailable("UCX plugin parameter", e))?;
+        params
+            .set("ucx_error_handling_mode", mode)
+            .map_err(|e| unavailable("UCX plugin parameter", e))?;
         for (k, v) in extra {
             params.set(k, v).map_err(|e| unavailable("UCX plugin parameter", e))?;
         }
@@ -260,7 +323,9 @@ impl NixlWork {
             let all: Vec<String> = it.flatten().map(|(k, v)| format!("{k}={v}")).collect();
             tracing::debug!(params = %all.join(" "), "NIXL UCX backend parameters");
         }
-        agent.create_backend("UCX", &params).map_err(|e| unavailable("create UCX backend", e))?;
+        agent
+            .create_backend("UCX", &params)
+            .map_err(|e| unavailable("create UCX backend", e))?;
         let notifs = nx::NotificationMap::new().map_err(|e| unavailable("notification map", e))?;
         Ok(NixlWork {
             agent,
@@ -282,7 +347,10 @@ impl NixlWork {
         if let MemKind::Vram { device } = kind {
             crate::cuda::bind_thread(device)?;
         }
-        let h = self.agent.register_memory(&Region { addr, len, kind }, None).map_err(|e| backend_err("register_memory", e))?;
+        let h = self
+            .agent
+            .register_memory(&Region { addr, len, kind }, None)
+            .map_err(|e| backend_err("register_memory", e))?;
         self.regions.insert(id, h);
         Ok(Vec::new())
     }
@@ -298,7 +366,10 @@ impl NixlWork {
     }
 
     fn connect(&mut self, md: &[u8]) -> Result<String> {
-        let name = self.agent.load_remote_md(md).map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
+        let name = self
+            .agent
+            .load_remote_md(md)
+            .map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
         self.peers.insert(name.clone());
         Ok(name)
     }
@@ -324,20 +395,36 @@ impl NixlWork {
             local.add_desc(s.local_addr as usize, s.len as usize, dev_id(lk));
             remote.add_desc(s.remote_addr as usize, s.len as usize, dev_id(rk));
         }
-        let req = self.agent.create_xfer_req(nx::XferOp::Write, &local, &remote, peer, None).map_err(|e| backend_err("create_xfer_req", e))?;
+        let req = self
+            .agent
+            .create_xfer_req(nx::XferOp::Write, &local, &remote, peer, None)
+            .map_err(|e| backend_err("create_xfer_req", e))?;
         let id = self.next_id;
         self.next_id += 1;
-        self.prepared.insert(id, Prepared { peer: peer.to_string(), regions, req });
+        self.prepared.insert(
+            id,
+            Prepared {
+                peer: peer.to_string(),
+                regions,
+                req,
+            },
+        );
         Ok(id)
     }
 
     fn post(&mut self, id: u64, tag: u64, deadline: Instant, reply: oneshot::Sender<Result<()>>) {
         let started = (|| {
-            let p = self.prepared.get(&id).ok_or_else(|| TransferError::Invalid("prepared write was invalidated (peer disconnected or region deregistered)".into()))?;
+            let p = self.prepared.get(&id).ok_or_else(|| {
+                TransferError::Invalid("prepared write was invalidated (peer disconnected or region deregistered)".into())
+            })?;
             let mut args = nx::OptArgs::new().map_err(|e| backend_err("opt args", e))?;
-            args.set_notification_message(format!("{NOTIF_PREFIX}{tag}").as_bytes()).map_err(|e| backend_err("notification", e))?;
+            args.set_notification_message(format!("{NOTIF_PREFIX}{tag}").as_bytes())
+                .map_err(|e| backend_err("notification", e))?;
             args.set_has_notification(true).map_err(|e| backend_err("notification", e))?;
-            self.agent.post_xfer_req(&p.req, Some(&args)).map_err(|e| TransferError::PeerLost { peer: p.peer.clone(), detail: format!("post_xfer_req: {e}") })
+            self.agent.post_xfer_req(&p.req, Some(&args)).map_err(|e| TransferError::PeerLost {
+                peer: p.peer.clone(),
+                detail: format!("post_xfer_req: {e}"),
+            })
         })();
         match started {
             Ok(true) => self.pending.push(Pending { id, deadline, reply }),
@@ -373,7 +460,13 @@ impl Work for NixlWork {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Register { id, addr, len, kind, reply } => {
+            Cmd::Register {
+                id,
+                addr,
+                len,
+                kind,
+                reply,
+            } => {
                 let _ = reply.send(self.register(id, addr, len, kind));
             }
             Cmd::Deregister { id } => self.deregister(id),
@@ -421,10 +514,16 @@ impl Work for NixlWork {
                     Ok(nx::XferStatus::InProgress) => {
                         // Releasing an in-flight request asks NIXL to abort it.
                         self.prepared.remove(&id);
-                        Err(TransferError::Timeout { what: "nixl write completion", after: Duration::ZERO })
+                        Err(TransferError::Timeout {
+                            what: "nixl write completion",
+                            after: Duration::ZERO,
+                        })
                     }
                     Ok(nx::XferStatus::Success) => Ok(()),
-                    Err(e) => Err(TransferError::PeerLost { peer: p.peer.clone(), detail: format!("transfer failed: {e}") }),
+                    Err(e) => Err(TransferError::PeerLost {
+                        peer: p.peer.clone(),
+                        detail: format!("transfer failed: {e}"),
+                    }),
                 },
             };
             let p = self.pending.swap_remove(i);

@@ -71,7 +71,10 @@ impl NotifyHub {
                 if st.waiters.remove(&tag).is_some() {
                     self.waiting.fetch_sub(1, Ordering::Relaxed);
                 }
-                Err(TransferError::Timeout { what: "waiting for write notification", after: deadline })
+                Err(TransferError::Timeout {
+                    what: "waiting for write notification",
+                    after: deadline,
+                })
             }
         }
     }

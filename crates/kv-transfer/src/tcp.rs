@@ -35,7 +35,10 @@ const STATUS_REFUSED: u8 = 1;
 const STAGE: usize = 8 << 20;
 
 fn lost(peer: &str, e: impl std::fmt::Display) -> TransferError {
-    TransferError::PeerLost { peer: peer.to_string(), detail: e.to_string() }
+    TransferError::PeerLost {
+        peer: peer.to_string(),
+        detail: e.to_string(),
+    }
 }
 
 pub(crate) struct Tcp {
@@ -63,11 +66,22 @@ impl Tcp {
             backend: BackendKind::Tcp,
             detail: format!("cannot listen on {}: {e}", cfg.tcp_bind),
         })?;
-        let local = listener.local_addr().map_err(|e| TransferError::Unavailable { backend: BackendKind::Tcp, detail: e.to_string() })?;
+        let local = listener.local_addr().map_err(|e| TransferError::Unavailable {
+            backend: BackendKind::Tcp,
+            detail: e.to_string(),
+        })?;
         let host = cfg.tcp_advertise_host.clone().unwrap_or_else(|| local.ip().to_string());
-        let advertise = if host.contains(':') { format!("[{host}]:{}", local.port()) } else { format!("{host}:{}", local.port()) };
+        let advertise = if host.contains(':') {
+            format!("[{host}]:{}", local.port())
+        } else {
+            format!("{host}:{}", local.port())
+        };
         let accept = tokio::spawn(accept_loop(listener, regions.clone(), notify));
-        Ok(Tcp { advertise, regions, accept: Mutex::new(Some(accept)) })
+        Ok(Tcp {
+            advertise,
+            regions,
+            accept: Mutex::new(Some(accept)),
+        })
     }
 
     pub(crate) fn info(&self) -> String {
@@ -90,7 +104,10 @@ impl Tcp {
         if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
             return Err(TransferError::BadMetadata(format!("tcp address {addr:?} is not host:port")));
         }
-        Ok(Arc::new(TcpPeer { addr, idle: Mutex::new(Vec::new()) }))
+        Ok(Arc::new(TcpPeer {
+            addr,
+            idle: Mutex::new(Vec::new()),
+        }))
     }
 
     pub(crate) async fn write(&self, peer: &TcpPeer, segs: &[Resolved], tag: u64, deadline: Duration) -> Result<()> {
@@ -100,7 +117,10 @@ impl Tcp {
             None => {
                 let stream = tokio::time::timeout(deadline, TcpStream::connect(&peer.addr))
                     .await
-                    .map_err(|_| TransferError::Timeout { what: "tcp connect", after: deadline })?
+                    .map_err(|_| TransferError::Timeout {
+                        what: "tcp connect",
+                        after: deadline,
+                    })?
                     .map_err(|e| lost(&peer.addr, e))?;
                 stream.set_nodelay(true).map_err(|e| lost(&peer.addr, e))?;
                 Conn {
@@ -114,7 +134,10 @@ impl Tcp {
         // A connection that failed or timed out mid-frame is dropped, not pooled.
         let r = tokio::time::timeout(deadline, self.send_frame(&mut conn, &peer.addr, segs, tag))
             .await
-            .unwrap_or(Err(TransferError::Timeout { what: "tcp write", after: deadline }));
+            .unwrap_or(Err(TransferError::Timeout {
+                what: "tcp write",
+                after: deadline,
+            }));
         if r.is_ok() {
             peer.idle.lock().unwrap().push(conn);
         }
@@ -167,7 +190,10 @@ impl Tcp {
         }
         let mut msg = vec![0; u16::from_le_bytes([status[1], status[2]]) as usize];
         conn.stream.read_exact(&mut msg).await.map_err(|e| lost(addr, e))?;
-        Err(TransferError::Invalid(format!("peer refused the write: {}", String::from_utf8_lossy(&msg))))
+        Err(TransferError::Invalid(format!(
+            "peer refused the write: {}",
+            String::from_utf8_lossy(&msg)
+        )))
     }
 
     pub(crate) fn shutdown(&self) {
@@ -255,7 +281,8 @@ async fn serve_conn(mut stream: TcpStream, regions: &RegionTable, notify: &Notif
                     while done < *len {
                         let n = (*len - done).min(STAGE);
                         stream.read_exact(&mut buf.as_mut_slice()[..n]).await?;
-                        buf.store(device, (mem.addr() + offset + done) as u64, n).map_err(std::io::Error::other)?;
+                        buf.store(device, (mem.addr() + offset + done) as u64, n)
+                            .map_err(std::io::Error::other)?;
                         done += n;
                     }
                 }

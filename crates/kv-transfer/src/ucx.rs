@@ -28,7 +28,11 @@ const NOTIFY_AM_ID: u32 = 0x7064;
 const SETUP_DEADLINE: Duration = Duration::from_secs(10);
 
 fn backend_err(op: &'static str, detail: impl Into<String>) -> TransferError {
-    TransferError::Backend { backend: BackendKind::Ucx, op, detail: detail.into() }
+    TransferError::Backend {
+        backend: BackendKind::Ucx,
+        op,
+        detail: detail.into(),
+    }
 }
 
 fn mem_type(kind: MemKind) -> sys::ucs_memory_type_t {
@@ -39,13 +43,38 @@ fn mem_type(kind: MemKind) -> sys::ucs_memory_type_t {
 }
 
 enum Cmd {
-    Register { id: u32, addr: usize, len: usize, kind: MemKind, reply: SyncSender<Result<Vec<u8>>> },
-    Deregister { id: u32 },
-    Connect { addr: Vec<u8>, rkeys: Vec<(u32, Vec<u8>)>, reply: SyncSender<Result<u64>> },
-    Disconnect { ep: u64 },
-    Prepare { ep: u64, segs: Vec<Resolved>, reply: SyncSender<Result<u64>> },
-    Release { id: u64 },
-    Post { id: u64, tag: u64, deadline: Instant, reply: oneshot::Sender<Result<()>> },
+    Register {
+        id: u32,
+        addr: usize,
+        len: usize,
+        kind: MemKind,
+        reply: SyncSender<Result<Vec<u8>>>,
+    },
+    Deregister {
+        id: u32,
+    },
+    Connect {
+        addr: Vec<u8>,
+        rkeys: Vec<(u32, Vec<u8>)>,
+        reply: SyncSender<Result<u64>>,
+    },
+    Disconnect {
+        ep: u64,
+    },
+    Prepare {
+        ep: u64,
+        segs: Vec<Resolved>,
+        reply: SyncSender<Result<u64>>,
+    },
+    Release {
+        id: u64,
+    },
+    Post {
+        id: u64,
+        tag: u64,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 pub(crate) struct Ucx {
@@ -56,7 +85,12 @@ pub(crate) struct Ucx {
 
 impl Ucx {
     pub(crate) fn start(cfg: &TransferConfig, notify: Arc<NotifyHub>) -> Result<Ucx> {
-        let dirs = crate::config::lib_dir(cfg.ucx_lib_dir.as_ref(), "PDSERVE_UCX_LIB_DIR", "/usr/lib/pdserve/ucx", Some(sys::DEFAULT_LIBDIR));
+        let dirs = crate::config::lib_dir(
+            cfg.ucx_lib_dir.as_ref(),
+            "PDSERVE_UCX_LIB_DIR",
+            "/usr/lib/pdserve/ucx",
+            Some(sys::DEFAULT_LIBDIR),
+        );
         let peer_errors = cfg.ucx_peer_error_handling;
         let (info_tx, info_rx) = std::sync::mpsc::sync_channel(1);
         let hub = notify.clone();
@@ -80,7 +114,13 @@ impl Ucx {
 
     pub(crate) fn register(&self, id: u32, mem: &Memory) -> Result<Vec<u8>> {
         let (addr, len, kind) = (mem.addr(), mem.len(), mem.kind());
-        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Register { id, addr, len, kind, reply })?
+        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Register {
+            id,
+            addr,
+            len,
+            kind,
+            reply,
+        })?
     }
 
     pub(crate) fn deregister(&self, id: u32) {
@@ -115,7 +155,12 @@ impl Ucx {
 
     pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.driver.send(Cmd::Post { id, tag, deadline: Instant::now() + deadline, reply: tx })?;
+        self.driver.send(Cmd::Post {
+            id,
+            tag,
+            deadline: Instant::now() + deadline,
+            reply: tx,
+        })?;
         rx.await.map_err(|_| TransferError::Closed)?
     }
 
@@ -216,7 +261,10 @@ impl UcxWork {
         let Some((lib, libdir)) = loaded else {
             return Err(TransferError::Unavailable {
                 backend: BackendKind::Ucx,
-                detail: format!("{} (set PDSERVE_UCX_LIB_DIR or ucx_lib_dir, or run scripts/setup.sh)", errors.join("; ")),
+                detail: format!(
+                    "{} (set PDSERVE_UCX_LIB_DIR or ucx_lib_dir, or run scripts/setup.sh)",
+                    errors.join("; ")
+                ),
             });
         };
         let mut w = UcxWork {
@@ -239,11 +287,17 @@ impl UcxWork {
 
     fn status_str(&self, s: sys::ucs_status_t) -> String {
         // SAFETY: ucs_status_string returns a static C string for any status.
-        unsafe { CStr::from_ptr(self.lib.ucs_status_string(s)) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(self.lib.ucs_status_string(s)) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     fn check(&self, op: &'static str, s: sys::ucs_status_t) -> Result<()> {
-        if s == sys::UCS_OK { Ok(()) } else { Err(backend_err(op, self.status_str(s))) }
+        if s == sys::UCS_OK {
+            Ok(())
+        } else {
+            Err(backend_err(op, self.status_str(s)))
+        }
     }
 
     fn init(&mut self) -> Result<()> {
@@ -254,8 +308,14 @@ impl UcxWork {
         };
         // SAFETY: params is initialised for the fields its mask names; config NULL
         // reads UCX_* from the environment; the context pointer is written on success.
-        let s = unsafe { self.lib.ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, ptr::null(), &mut self.context) };
-        self.check("ucp_init", s).map_err(|e| TransferError::Unavailable { backend: BackendKind::Ucx, detail: e.to_string() })?;
+        let s = unsafe {
+            self.lib
+                .ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, ptr::null(), &mut self.context)
+        };
+        self.check("ucp_init", s).map_err(|e| TransferError::Unavailable {
+            backend: BackendKind::Ucx,
+            detail: e.to_string(),
+        })?;
         let wparams = sys::ucp_worker_params_t {
             field_mask: sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64,
             thread_mode: sys::UCS_THREAD_MODE_SINGLE,
@@ -265,7 +325,8 @@ impl UcxWork {
         let s = unsafe { self.lib.ucp_worker_create(self.context, &wparams, &mut self.worker) };
         self.check("ucp_worker_create", s)?;
         let am = sys::ucp_am_handler_param_t {
-            field_mask: (sys::UCP_AM_HANDLER_PARAM_FIELD_ID | sys::UCP_AM_HANDLER_PARAM_FIELD_CB | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG) as u64,
+            field_mask: (sys::UCP_AM_HANDLER_PARAM_FIELD_ID | sys::UCP_AM_HANDLER_PARAM_FIELD_CB | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG)
+                as u64,
             id: NOTIFY_AM_ID,
             cb: Some(on_notify_am),
             arg: Arc::as_ptr(&self.hub) as *mut c_void,
@@ -299,7 +360,9 @@ impl UcxWork {
             crate::cuda::bind_thread(device)?;
         }
         let params = sys::ucp_mem_map_params_t {
-            field_mask: (sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH | sys::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE) as u64,
+            field_mask: (sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+                | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH
+                | sys::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE) as u64,
             address: addr as *mut c_void,
             length: len,
             memory_type: mem_type(kind),
@@ -343,11 +406,17 @@ impl UcxWork {
     fn connect(&mut self, addr: &[u8], rkeys: &[(u32, Vec<u8>)]) -> Result<u64> {
         let status = Box::new(AtomicI8::new(sys::UCS_OK));
         let mut mask = sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS as u64;
-        let mut params = sys::ucp_ep_params_t { address: addr.as_ptr() as *const sys::ucp_address_t, ..Default::default() };
+        let mut params = sys::ucp_ep_params_t {
+            address: addr.as_ptr() as *const sys::ucp_address_t,
+            ..Default::default()
+        };
         if self.peer_errors {
             mask |= (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
             params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
-            params.err_handler = sys::ucp_err_handler_t { cb: Some(on_ep_error), arg: &*status as *const AtomicI8 as *mut c_void };
+            params.err_handler = sys::ucp_err_handler_t {
+                cb: Some(on_ep_error),
+                arg: &*status as *const AtomicI8 as *mut c_void,
+            };
         }
         params.field_mask = mask;
         let mut ep: sys::ucp_ep_h = ptr::null_mut();
@@ -355,10 +424,15 @@ impl UcxWork {
         // validates its contents); the error callback's argument is boxed and kept
         // until the endpoint is closed.
         let s = unsafe { self.lib.ucp_ep_create(self.worker, &params, &mut ep) };
-        self.check("ucp_ep_create", s).map_err(|e| TransferError::BadMetadata(e.to_string()))?;
+        self.check("ucp_ep_create", s)
+            .map_err(|e| TransferError::BadMetadata(e.to_string()))?;
         let id = self.next_id;
         self.next_id += 1;
-        let mut endpoint = Endpoint { ep, rkeys: HashMap::new(), status };
+        let mut endpoint = Endpoint {
+            ep,
+            rkeys: HashMap::new(),
+            status,
+        };
         for (region, key) in rkeys {
             if key.is_empty() {
                 self.close_ep(endpoint);
@@ -410,12 +484,18 @@ impl UcxWork {
     }
 
     fn prepare(&mut self, ep_id: u64, segs: &[Resolved]) -> Result<u64> {
-        let ep = self.eps.get(&ep_id).ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{ep_id}")))?;
+        let ep = self
+            .eps
+            .get(&ep_id)
+            .ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{ep_id}")))?;
         let mut regions: Vec<u32> = Vec::new();
         let mut puts = Vec::with_capacity(segs.len());
         for s in segs {
             let region = self.regions.get(&s.local).ok_or(TransferError::UnknownLocalRegion(s.local))?;
-            let rkey = *ep.rkeys.get(&s.remote).ok_or_else(|| TransferError::UnknownRemoteRegion { peer: format!("ucx endpoint #{ep_id}"), region: s.remote })?;
+            let rkey = *ep.rkeys.get(&s.remote).ok_or_else(|| TransferError::UnknownRemoteRegion {
+                peer: format!("ucx endpoint #{ep_id}"),
+                region: s.remote,
+            })?;
             if !regions.contains(&s.local) {
                 regions.push(s.local);
             }
@@ -449,11 +529,20 @@ impl UcxWork {
     /// Posts the puts, the fence, the notification and the flush; returns the flush
     /// request if it did not complete at once.
     fn start_write(&mut self, id: u64, tag: u64) -> Result<Option<(u64, *mut c_void)>> {
-        let p = self.prepared.get(&id).ok_or_else(|| TransferError::Invalid("prepared write was invalidated (peer disconnected or region deregistered)".into()))?;
-        let ep = self.eps.get(&p.ep).ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{}", p.ep)))?;
+        let p = self
+            .prepared
+            .get(&id)
+            .ok_or_else(|| TransferError::Invalid("prepared write was invalidated (peer disconnected or region deregistered)".into()))?;
+        let ep = self
+            .eps
+            .get(&p.ep)
+            .ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{}", p.ep)))?;
         let failed = ep.status.load(Ordering::Acquire);
         if failed != sys::UCS_OK {
-            return Err(TransferError::PeerLost { peer: format!("ucx endpoint #{}", p.ep), detail: self.status_str(failed) });
+            return Err(TransferError::PeerLost {
+                peer: format!("ucx endpoint #{}", p.ep),
+                detail: self.status_str(failed),
+            });
         }
         for put in &p.puts {
             let param = sys::ucp_request_param_t {
@@ -484,7 +573,10 @@ impl UcxWork {
             ..Default::default()
         };
         // SAFETY: the 8-byte header is copied by UCX (COPY_HEADER); no payload.
-        let r = unsafe { self.lib.ucp_am_send_nbx(ep.ep, NOTIFY_AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am) };
+        let r = unsafe {
+            self.lib
+                .ucp_am_send_nbx(ep.ep, NOTIFY_AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am)
+        };
         if is_err_ptr(r) {
             return Err(backend_err("ucp_am_send_nbx", self.status_str(r as isize as sys::ucs_status_t)));
         }
@@ -496,7 +588,10 @@ impl UcxWork {
         // SAFETY: a live endpoint.
         let r = unsafe { self.lib.ucp_ep_flush_nbx(ep.ep, &flush) };
         if is_err_ptr(r) {
-            return Err(TransferError::PeerLost { peer: format!("ucx endpoint #{}", p.ep), detail: self.status_str(r as isize as sys::ucs_status_t) });
+            return Err(TransferError::PeerLost {
+                peer: format!("ucx endpoint #{}", p.ep),
+                detail: self.status_str(r as isize as sys::ucs_status_t),
+            });
         }
         Ok(if r.is_null() { None } else { Some((p.ep, r)) })
     }
@@ -508,7 +603,13 @@ impl Work for UcxWork {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Register { id, addr, len, kind, reply } => {
+            Cmd::Register {
+                id,
+                addr,
+                len,
+                kind,
+                reply,
+            } => {
                 let _ = reply.send(self.register(id, addr, len, kind));
             }
             Cmd::Deregister { id } => self.deregister(id),
@@ -550,11 +651,17 @@ impl Work for UcxWork {
                 }
                 // SAFETY: cancelling our own in-flight request.
                 unsafe { self.lib.ucp_request_cancel(self.worker, p.req) };
-                Err(TransferError::Timeout { what: "ucx write completion", after: Duration::ZERO })
+                Err(TransferError::Timeout {
+                    what: "ucx write completion",
+                    after: Duration::ZERO,
+                })
             } else if s == sys::UCS_OK {
                 Ok(())
             } else {
-                Err(TransferError::PeerLost { peer: format!("ucx endpoint #{}", p.ep), detail: self.status_str(s) })
+                Err(TransferError::PeerLost {
+                    peer: format!("ucx endpoint #{}", p.ep),
+                    detail: self.status_str(s),
+                })
             };
             let p = self.pending.swap_remove(i);
             // SAFETY: freeing a request once (a cancelled one is released when done).

@@ -7,7 +7,11 @@ use std::time::Duration;
 use kv_transfer::{Agent, BackendKind, HostBuffer, Memory, RegionId, Segment, TransferConfig, TransferError};
 
 fn config(backend: BackendKind) -> TransferConfig {
-    TransferConfig { backend, deadline_ms: 5_000, ..Default::default() }
+    TransferConfig {
+        backend,
+        deadline_ms: 5_000,
+        ..Default::default()
+    }
 }
 
 struct Pair {
@@ -28,7 +32,13 @@ async fn pair(backend: BackendKind) -> Pair {
 }
 
 fn seg(local: RegionId, local_offset: u64, remote: u32, remote_offset: u64, len: u64) -> Segment {
-    Segment { local, local_offset, remote, remote_offset, len }
+    Segment {
+        local,
+        local_offset,
+        remote,
+        remote_offset,
+        len,
+    }
 }
 
 async fn refuses_bad_input(backend: BackendKind) {
@@ -45,8 +55,14 @@ async fn refuses_bad_input(backend: BackendKind) {
     expect_invalid(p.a.prepare(p.peer, &[seg(l, mb - 10, r, 0, 11)]), "local overrun");
     expect_invalid(p.a.prepare(p.peer, &[seg(l, 0, r, mb, 1)]), "remote overrun");
     expect_invalid(p.a.prepare(p.peer, &[seg(l, u64::MAX, r, 0, 2)]), "offset overflow");
-    assert!(matches!(p.a.prepare(p.peer, &[seg(RegionId(999), 0, r, 0, 1)]), Err(TransferError::UnknownLocalRegion(999))));
-    assert!(matches!(p.a.prepare(p.peer, &[seg(l, 0, 999, 0, 1)]), Err(TransferError::UnknownRemoteRegion { region: 999, .. })));
+    assert!(matches!(
+        p.a.prepare(p.peer, &[seg(RegionId(999), 0, r, 0, 1)]),
+        Err(TransferError::UnknownLocalRegion(999))
+    ));
+    assert!(matches!(
+        p.a.prepare(p.peer, &[seg(l, 0, 999, 0, 1)]),
+        Err(TransferError::UnknownRemoteRegion { region: 999, .. })
+    ));
 
     // Garbage, truncated and foreign metadata.
     assert!(matches!(p.a.connect(b"hello"), Err(TransferError::BadMetadata(_))));
@@ -58,31 +74,53 @@ async fn refuses_bad_input(backend: BackendKind) {
     flipped[last] ^= 0xff;
     flipped.push(0);
     assert!(matches!(p.a.connect(&flipped), Err(TransferError::BadMetadata(_))));
-    let other = if backend == BackendKind::Tcp { BackendKind::Ucx } else { BackendKind::Tcp };
+    let other = if backend == BackendKind::Tcp {
+        BackendKind::Ucx
+    } else {
+        BackendKind::Tcp
+    };
     let foreign = Agent::start(&config(other)).await.unwrap();
-    assert!(matches!(p.a.connect(&foreign.local_metadata().unwrap()), Err(TransferError::Incompatible(_))));
+    assert!(matches!(
+        p.a.connect(&foreign.local_metadata().unwrap()),
+        Err(TransferError::Incompatible(_))
+    ));
 
     // A freed local region: refused at prepare, and at post for a write prepared before.
     let extra = p.a.register(Memory::host(Arc::new(HostBuffer::new(4096)))).unwrap();
     let w = p.a.prepare(p.peer, &[seg(extra.id(), 0, r, 0, 4096)]).unwrap();
     let freed = extra.id();
     drop(extra);
-    assert!(matches!(p.a.post(&w, 1).await, Err(TransferError::UnknownLocalRegion(_))), "{backend}: post after free");
-    assert!(matches!(p.a.prepare(p.peer, &[seg(freed, 0, r, 0, 1)]), Err(TransferError::UnknownLocalRegion(_))));
+    assert!(
+        matches!(p.a.post(&w, 1).await, Err(TransferError::UnknownLocalRegion(_))),
+        "{backend}: post after free"
+    );
+    assert!(matches!(
+        p.a.prepare(p.peer, &[seg(freed, 0, r, 0, 1)]),
+        Err(TransferError::UnknownLocalRegion(_))
+    ));
 
     // Unknown and disconnected peers.
     let good = p.a.prepare(p.peer, &[seg(l, 0, r, 0, 4096)]).unwrap();
     p.a.disconnect(p.peer);
     assert!(matches!(p.a.post(&good, 2).await, Err(TransferError::UnknownPeer(_))));
-    assert!(matches!(p.a.prepare(p.peer, &[seg(l, 0, r, 0, 1)]), Err(TransferError::UnknownPeer(_))));
+    assert!(matches!(
+        p.a.prepare(p.peer, &[seg(l, 0, r, 0, 1)]),
+        Err(TransferError::UnknownPeer(_))
+    ));
 
     // A notification that never comes ends at its deadline.
     let t = std::time::Instant::now();
-    assert!(matches!(p.b.wait_notification(77, Duration::from_millis(300)).await, Err(TransferError::Timeout { .. })));
+    assert!(matches!(
+        p.b.wait_notification(77, Duration::from_millis(300)).await,
+        Err(TransferError::Timeout { .. })
+    ));
     assert!(t.elapsed() < Duration::from_secs(2));
     // Nothing registered beyond what the test holds.
     assert_eq!(p.a.registered_regions(), 1);
-    assert!(matches!(p.a.register(Memory::host(Arc::new(HostBuffer::new(0)))), Err(TransferError::Invalid(_))));
+    assert!(matches!(
+        p.a.register(Memory::host(Arc::new(HostBuffer::new(0)))),
+        Err(TransferError::Invalid(_))
+    ));
     drop(p.a_reg);
     assert_eq!(p.a.registered_regions(), 0);
     drop(p.b_reg);
@@ -105,7 +143,11 @@ async fn bad_input_nixl() {
 
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap()
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
 }
 
 /// 1,000 register/free cycles of 1 MiB regions: the process does not grow and no
@@ -130,7 +172,10 @@ async fn no_leak(backend: BackendKind) {
     let grown = rss_kib().saturating_sub(before);
     assert_eq!(agent.registered_regions(), 0);
     // 1,000 leaked MiB would show as ~1 GiB; allow allocator noise.
-    assert!(grown < 64 * 1024, "{backend}: RSS grew by {grown} KiB over 1000 register/free cycles");
+    assert!(
+        grown < 64 * 1024,
+        "{backend}: RSS grew by {grown} KiB over 1000 register/free cycles"
+    );
     agent.shutdown();
 }
 

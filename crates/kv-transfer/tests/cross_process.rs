@@ -9,16 +9,27 @@ use kv_transfer::{Agent, BackendKind, HostBuffer, Memory, TransferConfig, Transf
 const REGION: usize = (256 << 20) + (1 << 20);
 
 fn config(backend: BackendKind, deadline_ms: u64) -> TransferConfig {
-    TransferConfig { backend, deadline_ms, ..Default::default() }
+    TransferConfig {
+        backend,
+        deadline_ms,
+        ..Default::default()
+    }
 }
 
 /// Not a test of its own: the body of the child process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_child() {
     let Ok(backend) = std::env::var("PDKV_TARGET") else { return };
-    let deadline: u64 = std::env::var("PDKV_DEADLINE_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
-    let agent = Agent::start(&config(backend.parse().unwrap(), deadline)).await.expect("target agent");
-    kv_transfer::bench::serve_host_target(&agent, REGION, Duration::from_millis(deadline)).await.expect("serve");
+    let deadline: u64 = std::env::var("PDKV_DEADLINE_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let agent = Agent::start(&config(backend.parse().unwrap(), deadline))
+        .await
+        .expect("target agent");
+    kv_transfer::bench::serve_host_target(&agent, REGION, Duration::from_millis(deadline))
+        .await
+        .expect("serve");
     agent.shutdown();
     kv_transfer::exit_now(0);
 }
@@ -44,11 +55,26 @@ async fn byte_exact(backend: BackendKind) {
     let reg = agent.register(Memory::host(src.clone())).unwrap();
     let peer = agent.connect(&target.metadata).unwrap();
     let base = seed();
-    let mut layouts: Vec<Layout> = [1u64, 7, 4096, 65_537, (1 << 20) + 3, 16 << 20, 256 << 20].into_iter().map(Layout::contiguous).collect();
+    let mut layouts: Vec<Layout> = [1u64, 7, 4096, 65_537, (1 << 20) + 3, 16 << 20, 256 << 20]
+        .into_iter()
+        .map(Layout::contiguous)
+        .collect();
     // Paged shapes: many blocks, scattered with gaps at the target.
-    layouts.push(Layout { segments: 64, seg_len: 64 << 10, dst_stride: 128 << 10 });
-    layouts.push(Layout { segments: 1000, seg_len: 4096, dst_stride: 3 * 4096 });
-    layouts.push(Layout { segments: 3, seg_len: 13, dst_stride: 100 });
+    layouts.push(Layout {
+        segments: 64,
+        seg_len: 64 << 10,
+        dst_stride: 128 << 10,
+    });
+    layouts.push(Layout {
+        segments: 1000,
+        seg_len: 4096,
+        dst_stride: 3 * 4096,
+    });
+    layouts.push(Layout {
+        segments: 3,
+        seg_len: 13,
+        dst_stride: 100,
+    });
     for (i, layout) in layouts.iter().enumerate() {
         let seed = base.wrapping_add(i as u64);
         let mut bytes = vec![0; layout.src_span() as usize];
@@ -58,11 +84,18 @@ async fn byte_exact(backend: BackendKind) {
         let tag = 1000 + i as u64;
         target.expect(tag, seed, layout, true).await.unwrap();
         let segs = layout.segments(reg.id(), target.region);
-        agent.write(peer, &segs, tag).await.unwrap_or_else(|e| panic!("{backend} write {layout:?}: {e}"));
+        agent
+            .write(peer, &segs, tag)
+            .await
+            .unwrap_or_else(|e| panic!("{backend} write {layout:?}: {e}"));
         assert_eq!(target.outcome().await.unwrap(), Ok(()), "{backend} {layout:?}");
     }
     // A prepared write posted repeatedly: each post lands fresh bytes.
-    let layout = Layout { segments: 16, seg_len: 1 << 16, dst_stride: 1 << 17 };
+    let layout = Layout {
+        segments: 16,
+        seg_len: 1 << 16,
+        dst_stride: 1 << 17,
+    };
     let w = agent.prepare(peer, &layout.segments(reg.id(), target.region)).unwrap();
     for round in 0..5u64 {
         let seed = base ^ (round << 32);
@@ -124,10 +157,17 @@ async fn dead_peer(backend: BackendKind) {
     }
     let e = failed.unwrap_or_else(|| panic!("{backend}: writes to a dead peer kept succeeding"));
     assert!(
-        matches!(e, TransferError::PeerLost { .. } | TransferError::Timeout { .. } | TransferError::Backend { .. }),
+        matches!(
+            e,
+            TransferError::PeerLost { .. } | TransferError::Timeout { .. } | TransferError::Backend { .. }
+        ),
         "{backend}: unexpected error {e}"
     );
-    assert!(t.elapsed() < Duration::from_millis(3 * deadline_ms + 3000), "{backend}: error took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(3 * deadline_ms + 3000),
+        "{backend}: error took {:?}",
+        t.elapsed()
+    );
     agent.shutdown();
 }
 

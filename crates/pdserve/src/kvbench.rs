@@ -132,13 +132,17 @@ impl Buf {
 }
 
 fn layout_for(bytes: u64, segments: u64) -> anyhow::Result<Layout> {
-    if segments == 0 || bytes % segments != 0 {
+    if segments == 0 || !bytes.is_multiple_of(segments) {
         bail!("size {} does not split into {segments} equal segments", human(bytes));
     }
     let seg_len = bytes / segments;
     // Scattered blocks leave a gap of one block at the target.
     let dst_stride = if segments > 1 { 2 * seg_len } else { seg_len };
-    Ok(Layout { segments, seg_len, dst_stride })
+    Ok(Layout {
+        segments,
+        seg_len,
+        dst_stride,
+    })
 }
 
 /// Fills the source with the pattern for `seed`, in chunks.
@@ -165,7 +169,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let src = Buf::new(args.mem, args.device, src_len as usize)?;
     let mut rows = Vec::new();
     for &backend in &args.backend {
-        rows.extend(bench_backend(&args, backend, &src, &layouts, dst_len).await.with_context(|| format!("{backend} backend"))?);
+        rows.extend(
+            bench_backend(&args, backend, &src, &layouts, dst_len)
+                .await
+                .with_context(|| format!("{backend} backend"))?,
+        );
     }
     print_table(&rows);
     if let Some(path) = &args.json {
@@ -184,7 +192,11 @@ async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[
         .args(["--device", &args.target_device.to_string()])
         .args(["--deadline-ms", &args.deadline_ms.to_string()]);
     let mut target = TargetProcess::spawn(cmd, deadline).await.context("starting the target process")?;
-    let cfg = TransferConfig { backend, deadline_ms: args.deadline_ms, ..Default::default() };
+    let cfg = TransferConfig {
+        backend,
+        deadline_ms: args.deadline_ms,
+        ..Default::default()
+    };
     let agent = Agent::start(&cfg).await?;
     eprintln!("kvbench: {backend}: {}", agent.backend_info());
     let reg = agent.register(src.memory())?;
@@ -270,7 +282,11 @@ fn print_table(rows: &[Row]) {
 }
 
 pub async fn run_target(a: TargetArgs) -> anyhow::Result<i32> {
-    let cfg = TransferConfig { backend: a.backend, deadline_ms: a.deadline_ms, ..Default::default() };
+    let cfg = TransferConfig {
+        backend: a.backend,
+        deadline_ms: a.deadline_ms,
+        ..Default::default()
+    };
     let agent = Agent::start(&cfg).await?;
     let buf = Buf::new(a.mem, a.device, a.bytes as usize)?;
     let mem = buf.readback();

@@ -5,7 +5,11 @@ pub mod units;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "pdserve", version, about = "Disaggregated LLM serving: prefill and decode on separate GPUs, KV cache over RDMA")]
+#[command(
+    name = "pdserve",
+    version,
+    about = "Disaggregated LLM serving: prefill and decode on separate GPUs, KV cache over RDMA"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

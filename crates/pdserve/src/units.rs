@@ -31,7 +31,11 @@ pub fn human(n: u64) -> String {
     for (name, f) in U {
         if n >= f {
             let v = n as f64 / f as f64;
-            return if v.fract() == 0.0 { format!("{v} {name}") } else { format!("{v:.2} {name}") };
+            return if v.fract() == 0.0 {
+                format!("{v} {name}")
+            } else {
+                format!("{v:.2} {name}")
+            };
         }
     }
     format!("{n} B")

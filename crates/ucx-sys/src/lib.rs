@@ -41,22 +41,31 @@ impl Ucp {
     /// Opens `libucp.so` from `libdir` (or [`DEFAULT_LIBDIR`]) and checks its version.
     pub fn load(libdir: Option<&Path>) -> Result<Self, LoadError> {
         let dir = libdir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_LIBDIR));
-        let path = ["libucp.so.0", "libucp.so"].iter().map(|n| dir.join(n)).find(|p| p.exists()).unwrap_or_else(|| dir.join("libucp.so"));
+        let path = ["libucp.so.0", "libucp.so"]
+            .iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| dir.join("libucp.so"));
         // SAFETY: loading UCX runs its constructors, which only initialise UCX's own
         // global state; RTLD_LOCAL keeps its symbols out of the global namespace.
-        let lib = unsafe {
-            libloading::os::unix::Library::open(Some(&path), libc_flags())
-        }
-        .map_err(|e| LoadError::Open { path: path.clone(), reason: e.to_string() })?;
+        let lib = unsafe { libloading::os::unix::Library::open(Some(&path), libc_flags()) }.map_err(|e| LoadError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         // SAFETY: every symbol is looked up by the name and signature bindgen took from ucp.h.
-        let ucp = unsafe { Ucp::from_library(lib) }
-            .map_err(|e| LoadError::Open { path: path.clone(), reason: e.to_string() })?;
+        let ucp = unsafe { Ucp::from_library(lib) }.map_err(|e| LoadError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let (mut major, mut minor, mut release) = (0u32, 0u32, 0u32);
         // SAFETY: ucp_get_version writes three unsigned ints through valid pointers.
         unsafe { ucp.ucp_get_version(&mut major, &mut minor, &mut release) };
         let built = (UCP_API_MAJOR, UCP_API_MINOR);
         if major != built.0 || minor < built.1 {
-            return Err(LoadError::Version { loaded: (major, minor, release), built });
+            return Err(LoadError::Version {
+                loaded: (major, minor, release),
+                built,
+            });
         }
         Ok(ucp)
     }
