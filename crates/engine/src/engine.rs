@@ -1,0 +1,210 @@
+//! The engine as the daemons use it: a loaded model, its KV pools and block manager,
+//! and its tokenizer.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{BlockManager, KvLayout, KvPools, dtype_name};
+use crate::loader::ModelDir;
+use crate::model::{DecodeInput, Model};
+use crate::sampling::SamplingParams;
+
+/// The `[engine]` section of a daemon's config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Hugging Face model directory.
+    pub model: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `auto` (f32 on CPU, bf16 on GPU), `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// Memory for the KV pools, in MiB; sets the number of blocks.
+    pub kv_cache_mib: u64,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Longest sequence (prompt + output) served; 0 means the model's maximum.
+    pub max_model_len: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            model: PathBuf::from("models/tiny"),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            kv_cache_mib: 256,
+            block_size: 16,
+            max_model_len: 0,
+        }
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let n = s
+                .strip_prefix("cuda:")
+                .or(if s == "cuda" { Some("0") } else { None })
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| EngineError::Invalid(format!("device {s:?} is not `cpu` or `cuda:N`")))?;
+            Ok(Device::new_cuda(n)?)
+        }
+    }
+}
+
+pub struct Engine {
+    model: Model,
+    pools: Arc<KvPools>,
+    blocks: Mutex<BlockManager>,
+    tokenizer: tokenizers::Tokenizer,
+    max_len: usize,
+    next_seq: AtomicU64,
+}
+
+impl Engine {
+    pub fn load(cfg: &EngineConfig) -> Result<Engine> {
+        let dir = ModelDir::open(&cfg.model)?;
+        let device = parse_device(&cfg.device)?;
+        let dtype = match cfg.dtype.as_str() {
+            "auto" if device.is_cpu() => DType::F32,
+            "auto" => DType::BF16,
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => return Err(EngineError::Invalid(format!("dtype {other:?} is not auto, f32, bf16 or f16"))),
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(&dir.tokenizer)
+            .map_err(|e| EngineError::model(&dir.tokenizer, format!("not a tokenizer: {e}")))?;
+        let model = Model::load(&dir, dtype, &device)?;
+        let c = &model.cfg;
+        let block_size = cfg.block_size.max(1);
+        let per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.size_in_bytes()) as u64;
+        let num_blocks = ((cfg.kv_cache_mib << 20) / per_block) as usize;
+        if num_blocks == 0 {
+            return Err(EngineError::Invalid(format!(
+                "kv_cache_mib {} holds no block of {per_block} bytes",
+                cfg.kv_cache_mib
+            )));
+        }
+        let layout = KvLayout {
+            model_fingerprint: c.fingerprint(),
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size,
+            dtype: dtype_name(dtype).into(),
+            num_blocks,
+        };
+        let pools = Arc::new(KvPools::new(layout, dtype, &device)?);
+        let max_len = if cfg.max_model_len == 0 {
+            c.max_position_embeddings
+        } else {
+            cfg.max_model_len.min(c.max_position_embeddings)
+        };
+        tracing::info!(model = %cfg.model.display(), device = %cfg.device, dtype = dtype_name(dtype), num_blocks, block_size, "engine loaded");
+        Ok(Engine {
+            model,
+            pools,
+            blocks: Mutex::new(BlockManager::new(num_blocks, block_size)),
+            tokenizer,
+            max_len,
+            next_seq: AtomicU64::new(1),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+    pub fn layout(&self) -> &KvLayout {
+        self.pools.layout()
+    }
+    pub fn pools(&self) -> Arc<KvPools> {
+        self.pools.clone()
+    }
+    pub fn max_model_len(&self) -> usize {
+        self.max_len
+    }
+    pub fn next_sequence_id(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.model.cfg.eos_token_ids.contains(&id)
+    }
+
+    /// Refuses prompts the engine cannot serve, with the reason.
+    pub fn check_prompt(&self, prompt: &[u32], params: &SamplingParams) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= self.model.cfg.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.model.cfg.vocab_size
+            )));
+        }
+        let need = prompt.len() + params.max_tokens as usize;
+        if need > self.max_len {
+            return Err(EngineError::Invalid(format!(
+                "prompt of {} tokens plus max_tokens {} exceeds the maximum sequence length {}",
+                prompt.len(),
+                params.max_tokens,
+                self.max_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reserves blocks for `tokens` positions; returns the block table.
+    pub fn admit(&self, seq: u64, tokens: usize) -> Result<Vec<u32>> {
+        Ok(self.blocks.lock().unwrap().admit(seq, tokens)?.to_vec())
+    }
+
+    pub fn release(&self, seq: u64) {
+        self.blocks.lock().unwrap().release(seq);
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.blocks.lock().unwrap().free_blocks()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.blocks.lock().unwrap().total()
+    }
+
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.layout().block_size)
+    }
+
+    /// Prefill of `tokens` at positions `start..`; the last position's logits.
+    pub fn prefill(&self, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.model.prefill(&self.pools, tokens, start, blocks)?.to_vec1()?)
+    }
+
+    /// One decode step for a batch; logits per sequence.
+    pub fn decode(&self, batch: &[DecodeInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(self.model.decode(&self.pools, batch)?.to_vec2()?)
+    }
+}

@@ -1,0 +1,323 @@
+//! The paged KV cache: per layer one K pool and one V pool
+//! `[num_blocks, block_size, num_kv_heads, head_dim]`, allocated once; a block manager
+//! hands out blocks (lowest ids first, so a request's blocks tend to be one contiguous
+//! run) and keeps per-sequence block tables with reference counts. The pools are what
+//! the data plane registers; moving a request's KV is a list of block runs.
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+
+/// What two daemons must agree on before one writes KV blocks into the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLayout {
+    pub model_fingerprint: u64,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub dtype: String,
+    /// Pool size: may differ between peers.
+    pub num_blocks: usize,
+}
+
+impl KvLayout {
+    pub fn dtype_size(&self) -> usize {
+        match self.dtype.as_str() {
+            "f32" => 4,
+            _ => 2,
+        }
+    }
+
+    /// Bytes of one block of one layer's K (or V) pool.
+    pub fn block_bytes(&self) -> u64 {
+        (self.block_size * self.num_kv_heads * self.head_dim * self.dtype_size()) as u64
+    }
+
+    /// KV bytes per token across the model (K and V, every layer).
+    pub fn bytes_per_token(&self) -> u64 {
+        (self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_size()) as u64
+    }
+
+    /// Refuses a peer whose blocks would not mean the same thing here.
+    pub fn check_compatible(&self, peer: &KvLayout) -> std::result::Result<(), String> {
+        let mut diffs = Vec::new();
+        if self.model_fingerprint != peer.model_fingerprint {
+            diffs.push(format!(
+                "model config fingerprint {:#x} vs {:#x} (a different model or config)",
+                self.model_fingerprint, peer.model_fingerprint
+            ));
+        }
+        let mut cmp = |what: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("{what} {a} vs {b}"));
+            }
+        };
+        cmp("layers", self.num_layers.to_string(), peer.num_layers.to_string());
+        cmp("kv heads", self.num_kv_heads.to_string(), peer.num_kv_heads.to_string());
+        cmp("head dim", self.head_dim.to_string(), peer.head_dim.to_string());
+        cmp("block size", self.block_size.to_string(), peer.block_size.to_string());
+        cmp("dtype", self.dtype.clone(), peer.dtype.clone());
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("KV layouts differ: {}", diffs.join("; ")))
+        }
+    }
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+/// One contiguous range of a pool, as the data plane registers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolRegion {
+    pub layer: usize,
+    /// false: the K pool, true: the V pool.
+    pub value: bool,
+    pub addr: u64,
+    pub len: u64,
+    /// CUDA device, or None for host memory.
+    pub device: Option<u32>,
+}
+
+pub struct KvPools {
+    layout: KvLayout,
+    /// Per layer `[num_blocks * block_size, kv_heads, head_dim]` views of the pools.
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl KvPools {
+    pub fn new(layout: KvLayout, dtype: DType, device: &Device) -> Result<KvPools> {
+        let shape = (layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim);
+        let mut k = Vec::with_capacity(layout.num_layers);
+        let mut v = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(KvPools { layout, k, v })
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// Pool slots of positions `from..to` of a sequence with block table `blocks`.
+    pub fn slots(&self, blocks: &[u32], from: usize, to: usize) -> Result<Vec<u32>> {
+        let bs = self.layout.block_size;
+        if to.div_ceil(bs) > blocks.len() {
+            return Err(EngineError::Invalid(format!(
+                "block table of {} blocks cannot hold {to} positions",
+                blocks.len()
+            )));
+        }
+        Ok((from..to).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32).collect())
+    }
+
+    /// The scatter index for writing rows at `slots` (built once per forward pass).
+    pub fn write_index(&self, slots: &[u32], device: &Device) -> Result<Tensor> {
+        let (h, d) = (self.layout.num_kv_heads, self.layout.head_dim);
+        Ok(Tensor::new(slots, device)?
+            .reshape((slots.len(), 1, 1))?
+            .broadcast_as((slots.len(), h, d))?
+            .contiguous()?)
+    }
+
+    /// Writes `k`/`v` (`[b, kv_heads, t, d]`, rows in slot order) into layer `layer`
+    /// at the slots of `index`; returns them unchanged for immediate use.
+    pub fn write(&self, layer: usize, index: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let rows = |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((b * t, h, d))?.contiguous()?) };
+        self.k[layer].scatter_set(index, &rows(k)?, 0)?;
+        self.v[layer].scatter_set(index, &rows(v)?, 0)?;
+        Ok((k.clone(), v.clone()))
+    }
+
+    /// Reads `b` contexts of `l` slots each (`index` is `[b*l]`): `[b, kv_heads, l, d]`.
+    pub fn gather(&self, layer: usize, index: &Tensor, b: usize, l: usize) -> Result<(Tensor, Tensor)> {
+        let (h, d) = (self.layout.num_kv_heads, self.layout.head_dim);
+        let read =
+            |pool: &Tensor| -> Result<Tensor> { Ok(pool.index_select(index, 0)?.reshape((b, l, h, d))?.transpose(1, 2)?.contiguous()?) };
+        Ok((read(&self.k[layer])?, read(&self.v[layer])?))
+    }
+
+    /// Copies blocks `src` of `other` into blocks `dst` of these pools (same layout):
+    /// the in-memory stand-in for a data-plane write, for tests and local handoff.
+    pub fn copy_blocks_from(&self, other: &KvPools, src: &[u32], dst: &[u32]) -> Result<()> {
+        let bs = self.layout.block_size as u32;
+        let slots = |blocks: &[u32]| -> Vec<u32> { blocks.iter().flat_map(|b| (b * bs)..(b + 1) * bs).collect() };
+        let (from, to) = (slots(src), slots(dst));
+        let device = self.k[0].device().clone();
+        let from_t = Tensor::new(from.as_slice(), other.k[0].device())?;
+        let index = self.write_index(&to, &device)?;
+        for l in 0..self.layout.num_layers {
+            self.k[l].scatter_set(&index, &other.k[l].index_select(&from_t, 0)?.to_device(&device)?, 0)?;
+            self.v[l].scatter_set(&index, &other.v[l].index_select(&from_t, 0)?.to_device(&device)?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The pools' memory, K then V for each layer, for registration with the data plane.
+    /// The addresses stay valid for as long as these pools live.
+    pub fn regions(&self) -> Result<Vec<PoolRegion>> {
+        let mut out = Vec::with_capacity(2 * self.layout.num_layers);
+        for l in 0..self.layout.num_layers {
+            for (value, t) in [(false, &self.k[l]), (true, &self.v[l])] {
+                let (addr, device) = crate::memory::tensor_address(t)?;
+                out.push(PoolRegion {
+                    layer: l,
+                    value,
+                    addr,
+                    len: (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+                    device,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Pairs of block runs to move: `count` blocks from `src` onwards to `dst` onwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRun {
+    pub src: u32,
+    pub dst: u32,
+    pub count: u32,
+}
+
+/// Coalesces a block-to-block mapping into runs contiguous on both sides: each run is
+/// one segment per pool for the data plane, which pays per segment.
+pub fn block_runs(src: &[u32], dst: &[u32]) -> Vec<BlockRun> {
+    let mut runs: Vec<BlockRun> = Vec::new();
+    for (&s, &d) in src.iter().zip(dst) {
+        match runs.last_mut() {
+            Some(r) if r.src + r.count == s && r.dst + r.count == d => r.count += 1,
+            _ => runs.push(BlockRun { src: s, dst: d, count: 1 }),
+        }
+    }
+    runs
+}
+
+/// Free list, reference counts and per-sequence block tables.
+pub struct BlockManager {
+    block_size: usize,
+    free: BTreeSet<u32>,
+    refs: Vec<u32>,
+    tables: HashMap<u64, Vec<u32>>,
+}
+
+impl BlockManager {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        BlockManager {
+            block_size,
+            free: (0..num_blocks as u32).collect(),
+            refs: vec![0; num_blocks],
+            tables: HashMap::new(),
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.refs.len()
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+    pub fn sequences(&self) -> usize {
+        self.tables.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<Vec<u32>> {
+        if n > self.free.len() {
+            return Err(EngineError::OutOfBlocks {
+                needed: n,
+                free: self.free.len(),
+                total: self.total(),
+            });
+        }
+        let ids: Vec<u32> = self.free.iter().take(n).copied().collect();
+        for id in &ids {
+            self.free.remove(id);
+            self.refs[*id as usize] = 1;
+        }
+        Ok(ids)
+    }
+
+    fn put(&mut self, ids: &[u32]) {
+        for &id in ids {
+            let r = &mut self.refs[id as usize];
+            debug_assert!(*r > 0, "block {id} freed twice");
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.free.insert(id);
+            }
+        }
+    }
+
+    /// Reserves blocks for `tokens` positions of a new sequence; all or nothing.
+    pub fn admit(&mut self, seq: u64, tokens: usize) -> Result<&[u32]> {
+        if self.tables.contains_key(&seq) {
+            return Err(EngineError::Invalid(format!("sequence {seq} is already admitted")));
+        }
+        let ids = self.take(self.blocks_for(tokens))?;
+        Ok(self.tables.entry(seq).or_insert(ids))
+    }
+
+    /// Extends a sequence's table to cover `tokens` positions.
+    pub fn grow(&mut self, seq: u64, tokens: usize) -> Result<&[u32]> {
+        let have = self
+            .tables
+            .get(&seq)
+            .map(Vec::len)
+            .ok_or_else(|| EngineError::Invalid(format!("unknown sequence {seq}")))?;
+        let need = self.blocks_for(tokens).saturating_sub(have);
+        if need > 0 {
+            let more = self.take(need)?;
+            self.tables.get_mut(&seq).expect("checked").extend(more);
+        }
+        Ok(&self.tables[&seq])
+    }
+
+    /// Shares another sequence's blocks (reference-counted), e.g. a common prefix.
+    pub fn fork(&mut self, from: u64, to: u64) -> Result<()> {
+        let blocks = self
+            .tables
+            .get(&from)
+            .cloned()
+            .ok_or_else(|| EngineError::Invalid(format!("unknown sequence {from}")))?;
+        if self.tables.contains_key(&to) {
+            return Err(EngineError::Invalid(format!("sequence {to} is already admitted")));
+        }
+        for &b in &blocks {
+            self.refs[b as usize] += 1;
+        }
+        self.tables.insert(to, blocks);
+        Ok(())
+    }
+
+    pub fn table(&self, seq: u64) -> Option<&[u32]> {
+        self.tables.get(&seq).map(Vec::as_slice)
+    }
+
+    /// Releases a finished, failed or cancelled sequence's blocks (idempotent).
+    pub fn release(&mut self, seq: u64) {
+        if let Some(ids) = self.tables.remove(&seq) {
+            self.put(&ids);
+        }
+    }
+}
