@@ -1,6 +1,9 @@
 //! The `pdserve` command line's commands, one module each.
+pub mod generate;
 pub mod kvbench;
+pub mod model;
 pub mod units;
+pub mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +20,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Start a local deployment: prefill-server(s), decode-server(s) and a router on loopback.
+    Up(up::Args),
+    /// Make or inspect model directories.
+    #[command(subcommand)]
+    Model(model::Command),
+    /// Generate text: from a running router (`--router`), or in this process (`--local`).
+    Generate(generate::Args),
     /// Measure KV-transfer bandwidth and latency between two processes, per backend.
     Kvbench(kvbench::Args),
     /// The target process that `kvbench` starts (internal).
@@ -27,6 +37,9 @@ pub enum Command {
 /// Runs a command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        Command::Up(a) => up::run(a).await,
+        Command::Model(c) => model::run(c),
+        Command::Generate(a) => generate::run(a).await,
         Command::Kvbench(a) => kvbench::run(a).await,
         Command::KvbenchTarget(a) => kvbench::run_target(a).await,
     }

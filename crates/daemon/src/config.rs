@@ -1,0 +1,56 @@
+//! Loading a daemon's config: its defaults, then the TOML file, then `PDSERVE_`
+//! environment variables (`PDSERVE_TRANSFER__BACKEND=ucx` sets `transfer.backend`),
+//! then the daemon's own checks. Any problem names the key and the reason.
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// A daemon config's own checks, after loading.
+pub trait Validate {
+    fn validate(&self) -> Result<(), String>;
+}
+
+pub fn load_config<T>(path: Option<&Path>) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+{
+    let defaults = config::Config::try_from(&T::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let mut b = config::Config::builder().add_source(defaults);
+    if let Some(p) = path {
+        if !p.exists() {
+            return Err(ConfigError::File {
+                path: p.display().to_string(),
+                reason: "not found".into(),
+            });
+        }
+        b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
+    }
+    b = b.add_source(
+        config::Environment::with_prefix("PDSERVE")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("prefill_servers")
+            .with_list_parse_key("decode_servers"),
+    );
+    let built = b.build().map_err(|e| match path {
+        Some(p) => ConfigError::File {
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        },
+        None => ConfigError::Invalid(e.to_string()),
+    })?;
+    let cfg: T = built.try_deserialize().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    cfg.validate().map_err(ConfigError::Invalid)?;
+    Ok(cfg)
+}

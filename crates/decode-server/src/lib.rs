@@ -1,0 +1,517 @@
+//! The decode-server: the client API's back end. It tokenizes and validates a
+//! request, reserves its KV blocks (waiting up to a deadline), has a prefill-server
+//! write the prompt's KV straight into those blocks (or prefills short prompts
+//! itself), waits for the write's notification, and then decodes the sequence in a
+//! continuous batch, streaming tokens until a stop condition. Blocks are released
+//! when a sequence finishes, fails or is cancelled.
+mod scheduler;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use daemon::config::Validate;
+use daemon::convert;
+use daemon::status::{from_engine, from_transfer};
+use engine::{Engine, EngineConfig, EngineError, sample};
+use kv_transfer::{Agent, Registration, TransferConfig};
+use proto::v1 as pb;
+use proto::v1::prefill_client::PrefillClient;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+use scheduler::{Event, Job, Scheduler};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// gRPC address to serve on (client API and health).
+    pub listen: String,
+    pub engine: EngineConfig,
+    pub transfer: TransferConfig,
+    /// Prefill-servers, as `http://host:port`. Empty: prefill locally.
+    pub prefill_servers: Vec<String>,
+    /// Prompts shorter than this many tokens are prefilled here (no transfer); 0: never.
+    pub local_prefill_below: usize,
+    /// Most sequences decoded in one step.
+    pub max_batch: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: u32,
+    /// Longest prompt, in tokens (0: the model's maximum).
+    pub max_prompt_tokens: usize,
+    /// How long a request may wait for KV blocks before RESOURCE_EXHAUSTED.
+    pub queue_deadline_ms: u64,
+    /// Deadline of a prefill call, KV transfer included.
+    pub prefill_deadline_ms: u64,
+    /// How often unreachable prefill-servers are retried.
+    pub handshake_interval_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take before they are cancelled.
+    pub drain_deadline_ms: u64,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig {
+            listen: "127.0.0.1:50051".into(),
+            engine: EngineConfig::default(),
+            transfer: TransferConfig::default(),
+            prefill_servers: vec!["http://127.0.0.1:50061".into()],
+            local_prefill_below: 0,
+            max_batch: 32,
+            max_tokens_limit: 4096,
+            max_prompt_tokens: 0,
+            queue_deadline_ms: 30_000,
+            prefill_deadline_ms: 60_000,
+            handshake_interval_ms: 1_000,
+            drain_deadline_ms: 30_000,
+        }
+    }
+}
+
+impl Validate for DecodeConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
+        for p in &self.prefill_servers {
+            if !(p.starts_with("http://") || p.starts_with("https://")) {
+                return Err(format!("prefill_servers: {p:?} must be a URL like http://host:port"));
+            }
+        }
+        if self.max_batch == 0 || self.max_tokens_limit == 0 {
+            return Err("max_batch and max_tokens_limit must be at least 1".into());
+        }
+        if self.queue_deadline_ms == 0 || self.prefill_deadline_ms == 0 {
+            return Err("queue_deadline_ms and prefill_deadline_ms must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// A prefill-server and our session with it.
+struct PrefillPeer {
+    url: String,
+    conn: tokio::sync::Mutex<Option<(PrefillClient<Channel>, u64)>>,
+    healthy: AtomicBool,
+}
+
+pub struct DecodeService {
+    engine: Arc<Engine>,
+    agent: Agent,
+    _regions: Vec<Registration>,
+    region_ids: Vec<u32>,
+    peers: Vec<Arc<PrefillPeer>>,
+    rr: AtomicUsize,
+    next_tag: AtomicU64,
+    scheduler: Scheduler,
+    cfg: DecodeConfig,
+}
+
+/// Releases a request's blocks unless the scheduler took them over.
+struct Reservation<'a> {
+    engine: &'a Engine,
+    seq: u64,
+    armed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.engine.release(self.seq);
+        }
+    }
+}
+
+impl DecodeService {
+    pub async fn new(cfg: DecodeConfig) -> anyhow::Result<Arc<Self>> {
+        let engine_cfg = cfg.engine.clone();
+        let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&engine_cfg)).await??);
+        let agent = Agent::start(&cfg.transfer).await?;
+        let regions = prefill_server::register_pools(&engine, &agent)?;
+        let region_ids = regions.iter().map(|r| r.id().0).collect();
+        info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
+        let peers = cfg
+            .prefill_servers
+            .iter()
+            .map(|u| {
+                Arc::new(PrefillPeer {
+                    url: u.clone(),
+                    conn: Default::default(),
+                    healthy: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        let scheduler = Scheduler::start(engine.clone(), cfg.max_batch);
+        Ok(Arc::new(DecodeService {
+            engine,
+            agent,
+            _regions: regions,
+            region_ids,
+            peers,
+            rr: AtomicUsize::new(0),
+            next_tag: AtomicU64::new(1),
+            scheduler,
+            cfg,
+        }))
+    }
+
+    /// Whether requests can be served: some prefill-server is handshaken, or we prefill locally.
+    pub fn ready(&self) -> bool {
+        self.peers.is_empty() || self.peers.iter().any(|p| p.healthy.load(Ordering::Relaxed))
+    }
+
+    async fn handshake(&self, peer: &PrefillPeer) -> Result<(), String> {
+        let ch = Endpoint::from_shared(peer.url.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = PrefillClient::new(ch).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+        let req = pb::HandshakeRequest {
+            peer_name: self.agent.name().to_string(),
+            layout: Some(convert::layout_to_wire(self.engine.layout())),
+            backend: self.agent.backend().to_string(),
+            transfer_metadata: self.agent.local_metadata().map_err(|e| e.to_string())?,
+            pool_regions: self.region_ids.clone(),
+        };
+        let resp = client
+            .handshake(req)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        *peer.conn.lock().await = Some((client, resp.session));
+        peer.healthy.store(true, Ordering::Relaxed);
+        info!(url = %peer.url, prefill = %resp.peer_name, session = resp.session, "prefill-server handshaken");
+        Ok(())
+    }
+
+    /// Keeps every prefill-server handshaken: retries the unreachable ones.
+    fn spawn_handshakes(self: &Arc<Self>) {
+        for peer in self.peers.clone() {
+            let svc = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    if !peer.healthy.load(Ordering::Relaxed)
+                        && let Err(e) = svc.handshake(&peer).await
+                    {
+                        warn!(url = %peer.url, error = %e, "prefill-server handshake failed; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(svc.cfg.handshake_interval_ms)).await;
+                }
+            });
+        }
+    }
+
+    fn pick_peer(&self) -> Option<Arc<PrefillPeer>> {
+        let n = self.peers.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.peers[(start + i) % n])
+            .find(|p| p.healthy.load(Ordering::Relaxed))
+            .cloned()
+    }
+
+    fn max_prompt(&self) -> usize {
+        if self.cfg.max_prompt_tokens == 0 {
+            self.engine.max_model_len()
+        } else {
+            self.cfg.max_prompt_tokens
+        }
+    }
+
+    /// Validation that answers the RPC itself (before any stream starts).
+    fn validate(&self, req: &pb::GenerateRequest) -> Result<(Vec<u32>, engine::SamplingParams), Status> {
+        let prompt = match &req.input {
+            Some(pb::generate_request::Input::Text(t)) => {
+                if t.is_empty() {
+                    return Err(Status::invalid_argument("the prompt is empty"));
+                }
+                self.engine.tokenize(t).map_err(|e| from_engine(&e))?
+            }
+            Some(pb::generate_request::Input::TokenIds(ids)) => ids.ids.clone(),
+            None => return Err(Status::invalid_argument("the request has no prompt: set text or token_ids")),
+        };
+        if prompt.len() > self.max_prompt() {
+            return Err(Status::invalid_argument(format!(
+                "prompt of {} tokens exceeds the limit of {}",
+                prompt.len(),
+                self.max_prompt()
+            )));
+        }
+        let params = convert::sampling(req.sampling.as_ref());
+        params.validate(self.cfg.max_tokens_limit).map_err(Status::invalid_argument)?;
+        self.engine.check_prompt(&prompt, &params).map_err(|e| from_engine(&e))?;
+        let need = self.engine.blocks_for(prompt.len() + params.max_tokens as usize);
+        if need > self.engine.total_blocks() {
+            return Err(Status::resource_exhausted(format!(
+                "the request needs {need} KV blocks, the pool has {}",
+                self.engine.total_blocks()
+            )));
+        }
+        Ok((prompt, params))
+    }
+
+    /// Reserves blocks, waiting up to the queue deadline for others to finish.
+    async fn admit(&self, seq: u64, tokens: usize) -> Result<Vec<u32>, Status> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.queue_deadline_ms);
+        loop {
+            let freed = self.scheduler.blocks_freed.notified();
+            match self.engine.admit(seq, tokens) {
+                Ok(b) => return Ok(b),
+                Err(EngineError::OutOfBlocks { needed, free, total }) => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(Status::resource_exhausted(format!(
+                            "no KV blocks within queue_deadline_ms: need {needed}, {free} free of {total}"
+                        )));
+                    }
+                }
+                Err(e) => return Err(from_engine(&e)),
+            }
+        }
+    }
+
+    /// Prefill on a prefill-server (retrying once on another), or here.
+    async fn prefill(
+        &self,
+        id: &str,
+        prompt: &[u32],
+        blocks: &[u32],
+        params: &engine::SamplingParams,
+    ) -> Result<(u32, pb::PrefillResponse, String), Status> {
+        let local = self.peers.is_empty() || prompt.len() < self.cfg.local_prefill_below;
+        if !local {
+            let mut last = Status::unavailable("no prefill-server is reachable");
+            for _attempt in 0..2 {
+                let Some(peer) = self.pick_peer() else { break };
+                match self.remote_prefill(&peer, id, prompt, blocks, params).await {
+                    Ok(r) => return Ok((r.first_token, r, peer.url.clone())),
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::FailedPrecondition
+                                | tonic::Code::DeadlineExceeded
+                                | tonic::Code::Unknown
+                        ) =>
+                    {
+                        warn!(url = %peer.url, code = ?s.code(), message = s.message(), "prefill-server failed; marking it unhealthy");
+                        peer.healthy.store(false, Ordering::Relaxed);
+                        *peer.conn.lock().await = None;
+                        last = s;
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+            return Err(last);
+        }
+        let t = Instant::now();
+        let engine = self.engine.clone();
+        let (p, b) = (prompt.to_vec(), blocks.to_vec());
+        let logits = tokio::task::spawn_blocking(move || engine.prefill(&p, 0, &b))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| from_engine(&e))?;
+        let first = sample(&logits, params, prompt, 0);
+        let r = pb::PrefillResponse {
+            first_token: first,
+            prefill_ms: t.elapsed().as_secs_f64() * 1e3,
+            ..Default::default()
+        };
+        Ok((first, r, "local".into()))
+    }
+
+    async fn remote_prefill(
+        &self,
+        peer: &PrefillPeer,
+        id: &str,
+        prompt: &[u32],
+        blocks: &[u32],
+        params: &engine::SamplingParams,
+    ) -> Result<pb::PrefillResponse, Status> {
+        let (mut client, session) = peer
+            .conn
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| Status::unavailable("not handshaken"))?;
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let n = self.engine.blocks_for(prompt.len());
+        let mut req = Request::new(pb::PrefillRequest {
+            request_id: id.to_string(),
+            session,
+            token_ids: prompt.to_vec(),
+            dst_blocks: blocks[..n].to_vec(),
+            notify_tag: tag,
+            sampling: Some(convert::sampling_to_wire(params)),
+        });
+        let deadline = Duration::from_millis(self.cfg.prefill_deadline_ms);
+        req.set_timeout(deadline);
+        let resp = client.prefill(req).await?.into_inner();
+        // The bytes are ours once the write's notification arrived.
+        self.agent
+            .wait_notification(tag, self.agent.deadline())
+            .await
+            .map_err(|e| from_transfer(&e))?;
+        Ok(resp)
+    }
+
+    async fn run(self: Arc<Self>, id: String, prompt: Vec<u32>, params: engine::SamplingParams, tx: mpsc::UnboundedSender<Event>) {
+        let received = Instant::now();
+        let seq = self.engine.next_sequence_id();
+        let blocks = match self.admit(seq, prompt.len() + params.max_tokens as usize).await {
+            Ok(b) => b,
+            Err(s) => {
+                let _ = tx.send(Event::Failed(s));
+                return;
+            }
+        };
+        let mut reservation = Reservation {
+            engine: &self.engine,
+            seq,
+            armed: true,
+        };
+        let queue_ms = received.elapsed().as_secs_f64() * 1e3;
+        match self.prefill(&id, &prompt, &blocks, &params).await {
+            Ok((first, r, server)) => {
+                reservation.armed = false;
+                self.scheduler.submit(Job::new(
+                    id,
+                    seq,
+                    prompt,
+                    first,
+                    blocks,
+                    params,
+                    tx,
+                    received,
+                    queue_ms,
+                    r,
+                    server,
+                    self.agent.backend().to_string(),
+                ));
+            }
+            Err(s) => {
+                let _ = tx.send(Event::Failed(s));
+            }
+        }
+    }
+}
+
+type EventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+/// The client API over a shared service.
+#[derive(Clone)]
+pub struct DecodeApi(pub Arc<DecodeService>);
+
+#[tonic::async_trait]
+impl pb::generation_server::Generation for DecodeApi {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut r = req.into_inner();
+        if r.request_id.is_empty() {
+            r.request_id = daemon::new_request_id();
+        }
+        let span = info_span!("generate", request_id = %r.request_id);
+        let (prompt, params) = span
+            .in_scope(|| self.0.validate(&r))
+            .inspect_err(|s| span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "refused")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(self.0.clone().run(r.request_id.clone(), prompt, params, tx).instrument(span));
+        use tokio_stream::StreamExt;
+        let stream = UnboundedReceiverStream::new(rx).map(|e| match e {
+            Event::Chunk(c) => Ok(pb::GenerateResponse {
+                kind: Some(pb::generate_response::Kind::Chunk(c)),
+            }),
+            Event::Done(res) => Ok(pb::GenerateResponse {
+                kind: Some(pb::generate_response::Kind::Result(res)),
+            }),
+            Event::Failed(s) => Err(s),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn generate_once(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResult>, Status> {
+        use tokio_stream::StreamExt;
+        let mut stream = self.generate(req).await?.into_inner();
+        while let Some(item) = stream.next().await {
+            if let Some(pb::generate_response::Kind::Result(r)) = item?.kind {
+                return Ok(Response::new(r));
+            }
+        }
+        Err(Status::internal("generation ended without a result"))
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests (up to the drain
+/// deadline) and releases the data plane.
+pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let addr: SocketAddr = cfg.listen.parse()?;
+    let drain = Duration::from_millis(cfg.drain_deadline_ms);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    type Svc = pb::generation_server::GenerationServer<DecodeApi>;
+    reporter.set_not_serving::<Svc>().await;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "decode-server listening; loading model");
+    let svc = DecodeService::new(cfg).await?;
+    svc.spawn_handshakes();
+    {
+        let (svc, reporter) = (svc.clone(), reporter.clone());
+        tokio::spawn(async move {
+            // Serving once some prefill-server is handshaken; back to not serving if all are lost.
+            let mut was = false;
+            loop {
+                let now = svc.ready();
+                if now != was {
+                    if now {
+                        reporter.set_serving::<Svc>().await
+                    } else {
+                        reporter.set_not_serving::<Svc>().await
+                    }
+                    info!(ready = now, "decode-server readiness changed");
+                    was = now;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_started = Arc::new(tokio::sync::Notify::new());
+    {
+        let drain_started = drain_started.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            drain_started.notify_one();
+            let _ = stop_tx.send(());
+        });
+    }
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(daemon::reflection())
+        .add_service(
+            pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async { drain_started.notified().await; tokio::time::sleep(drain).await } => {
+            warn!("drain deadline passed; cancelling in-flight requests");
+        }
+    }
+    svc.scheduler.stop();
+    svc.agent.shutdown();
+    info!("decode-server stopped");
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! The continuous batch: one thread decodes every running sequence one token per
+//! step (up to `max_batch` per step, rotating when more are running). Sequences join
+//! between steps with their first token already sampled, and leave when they stop,
+//! fail, or their client goes away; their blocks are released then.
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use daemon::convert;
+use engine::{DecodeInput, Engine, SamplingParams, TextStream, sample};
+use proto::v1 as pb;
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+use tracing::{info, warn};
+
+pub enum Event {
+    Chunk(pb::TokenChunk),
+    Done(pb::GenerateResult),
+    Failed(Status),
+}
+
+pub struct Job {
+    id: String,
+    seq: u64,
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+    params: SamplingParams,
+    stream: TextStream,
+    tx: UnboundedSender<Event>,
+    received: Instant,
+    queue_ms: f64,
+    prefill: pb::PrefillResponse,
+    prefill_server: String,
+    backend: String,
+    first_token_ms: f64,
+    last_token: Instant,
+    itl_sum_ms: f64,
+}
+
+impl Job {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        seq: u64,
+        prompt: Vec<u32>,
+        first: u32,
+        blocks: Vec<u32>,
+        params: SamplingParams,
+        tx: UnboundedSender<Event>,
+        received: Instant,
+        queue_ms: f64,
+        prefill: pb::PrefillResponse,
+        prefill_server: String,
+        backend: String,
+    ) -> Job {
+        let prompt_len = prompt.len();
+        let mut tokens = prompt;
+        tokens.push(first);
+        Job {
+            id,
+            seq,
+            prompt_len,
+            tokens,
+            blocks,
+            params,
+            stream: TextStream::new(prompt_len),
+            tx,
+            received,
+            queue_ms,
+            prefill,
+            prefill_server,
+            backend,
+            first_token_ms: 0.0,
+            last_token: Instant::now(),
+            itl_sum_ms: 0.0,
+        }
+    }
+
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Streams the newest token; returns true when the sequence is finished.
+    fn emit(&mut self, engine: &Engine) -> bool {
+        let now = Instant::now();
+        if self.generated() == 1 {
+            self.first_token_ms = self.received.elapsed().as_secs_f64() * 1e3;
+        } else {
+            self.itl_sum_ms += now.duration_since(self.last_token).as_secs_f64() * 1e3;
+        }
+        self.last_token = now;
+        let (text, finish) = match self.stream.push(engine, &self.tokens, &self.params) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.tx.send(Event::Failed(daemon::status::from_engine(&e)));
+                return true;
+            }
+        };
+        let last = *self.tokens.last().expect("a token");
+        let _ = self.tx.send(Event::Chunk(pb::TokenChunk {
+            token_ids: vec![last],
+            text,
+        }));
+        let Some(reason) = finish else { return false };
+        let n = self.generated();
+        let result = pb::GenerateResult {
+            request_id: self.id.clone(),
+            finish_reason: convert::finish_to_wire(reason) as i32,
+            token_ids: self.tokens[self.prompt_len..].to_vec(),
+            text: self.stream.text().to_string(),
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: n as u32,
+            timings: Some(pb::Timings {
+                queue_ms: self.queue_ms + self.prefill.queue_ms,
+                prefill_ms: self.prefill.prefill_ms,
+                kv_transfer_ms: self.prefill.kv_transfer_ms,
+                first_token_ms: self.first_token_ms,
+                total_ms: self.received.elapsed().as_secs_f64() * 1e3,
+                kv_bytes: self.prefill.kv_bytes,
+                mean_inter_token_ms: if n > 1 { self.itl_sum_ms / (n - 1) as f64 } else { 0.0 },
+            }),
+            prefill_server: self.prefill_server.clone(),
+            kv_backend: if self.prefill_server == "local" {
+                "none".into()
+            } else {
+                self.backend.clone()
+            },
+        };
+        info!(request_id = %self.id, tokens = n, reason = reason.as_str(), "finished");
+        let _ = self.tx.send(Event::Done(result));
+        true
+    }
+}
+
+pub struct Scheduler {
+    tx: std::sync::Mutex<Option<Sender<Job>>>,
+    /// Signalled whenever blocks are released: admission waits on it.
+    pub blocks_freed: Arc<tokio::sync::Notify>,
+}
+
+impl Scheduler {
+    pub fn start(engine: Arc<Engine>, max_batch: usize) -> Scheduler {
+        let (tx, rx) = mpsc::channel();
+        let freed = Arc::new(tokio::sync::Notify::new());
+        let f = freed.clone();
+        std::thread::Builder::new()
+            .name("decode-batch".into())
+            .spawn(move || run(engine, rx, max_batch, f))
+            .expect("scheduler thread");
+        Scheduler {
+            tx: std::sync::Mutex::new(Some(tx)),
+            blocks_freed: freed,
+        }
+    }
+
+    pub fn submit(&self, job: Job) {
+        let guard = self.tx.lock().unwrap();
+        match guard.as_ref() {
+            Some(tx) => {
+                if let Err(mpsc::SendError(job)) = tx.send(job) {
+                    let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
+                }
+            }
+            None => {
+                let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
+            }
+        }
+    }
+
+    /// Stops the thread; running sequences are cancelled and their blocks released.
+    pub fn stop(&self) {
+        self.tx.lock().unwrap().take();
+    }
+}
+
+fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<tokio::sync::Notify>) {
+    let mut running: Vec<Job> = Vec::new();
+    let mut offset = 0usize;
+    let finish = |job: Job| {
+        engine.release(job.seq);
+        freed.notify_waiters();
+    };
+    loop {
+        // Join: new sequences emit their first token (sampled at prefill).
+        let first = if running.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(j) => Some(j),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            None
+        };
+        let mut closed = false;
+        for mut job in first.into_iter().chain(std::iter::from_fn(|| match rx.try_recv() {
+            Ok(j) => Some(j),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                closed = true;
+                None
+            }
+            Err(mpsc::TryRecvError::Empty) => None,
+        })) {
+            if job.tx.is_closed() || job.emit(&engine) {
+                finish(job);
+            } else {
+                running.push(job);
+            }
+        }
+        // Leave: clients that went away.
+        let (gone, keep): (Vec<Job>, Vec<Job>) = running.drain(..).partition(|j| j.tx.is_closed());
+        running = keep;
+        for j in gone {
+            info!(request_id = %j.id, "client went away; sequence cancelled");
+            finish(j);
+        }
+        if closed {
+            break;
+        }
+        if running.is_empty() {
+            continue;
+        }
+        // Step: up to max_batch sequences, rotating so none starves.
+        let n = running.len().min(max_batch);
+        offset %= running.len();
+        let picked: Vec<usize> = (0..n).map(|i| (offset + i) % running.len()).collect();
+        offset += n;
+        let batch: Vec<DecodeInput> = picked
+            .iter()
+            .map(|&i| DecodeInput {
+                token: *running[i].tokens.last().unwrap(),
+                pos: running[i].tokens.len() - 1,
+                blocks: &running[i].blocks,
+            })
+            .collect();
+        match engine.decode(&batch) {
+            Ok(logits) => {
+                let mut done = Vec::new();
+                for (&i, l) in picked.iter().zip(logits) {
+                    let job = &mut running[i];
+                    let step = job.generated() as u64;
+                    let next = sample(&l, &job.params, &job.tokens, step);
+                    job.tokens.push(next);
+                    if job.emit(&engine) {
+                        done.push(i);
+                    }
+                }
+                done.sort_unstable_by(|a, b| b.cmp(a));
+                for i in done {
+                    finish(running.swap_remove(i));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "decode step failed; failing its sequences");
+                let status = daemon::status::from_engine(&e);
+                let mut picked = picked;
+                picked.sort_unstable_by(|a, b| b.cmp(a));
+                for i in picked {
+                    let job = running.swap_remove(i);
+                    let _ = job.tx.send(Event::Failed(status.clone()));
+                    finish(job);
+                }
+            }
+        }
+    }
+    for job in running.drain(..) {
+        let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
+        finish(job);
+    }
+}

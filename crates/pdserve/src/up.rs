@@ -1,0 +1,262 @@
+//! `pdserve up`: a local deployment on loopback from the real daemon binaries, each
+//! a child process with its own config file. Prints the router's address once every
+//! daemon reports healthy; Ctrl-C or SIGTERM stops them all.
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kv_transfer::BackendKind;
+use tokio::process::{Child, Command};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model directory; without it, a synthetic tiny model is made and used.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "tcp")]
+    pub backend: BackendKind,
+    /// Number of prefill-servers.
+    #[arg(long, default_value_t = 1)]
+    pub prefill: usize,
+    /// Number of decode-servers.
+    #[arg(long, default_value_t = 1)]
+    pub decode: usize,
+    /// Router address (default: a free port on 127.0.0.1).
+    #[arg(long)]
+    pub router_addr: Option<String>,
+    /// Device for every daemon: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// KV cache memory per daemon, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mib: u64,
+    /// Prompts shorter than this are prefilled on the decode-server (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub local_prefill_below: usize,
+    /// Where configs, logs and the synthetic model go (default: a temporary folder).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// How long to wait for every daemon to become healthy, seconds.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The daemon binaries sit next to `pdserve` (same cargo target folder or install prefix).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("pdserve has no folder")?;
+    for cand in [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()] {
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "{name} not found next to {} (build the workspace: cargo build --workspace)",
+        exe.display()
+    )
+}
+
+pub struct Deployment {
+    pub router: String,
+    pub decode: Vec<String>,
+    pub prefill: Vec<String>,
+    children: Vec<(String, Child)>,
+}
+
+impl Deployment {
+    /// Sends SIGTERM to every daemon and waits for them (then SIGKILL after a deadline).
+    pub async fn stop(mut self) -> Vec<(String, Option<i32>)> {
+        let mut codes = Vec::new();
+        for (_, c) in &self.children {
+            if let Some(pid) = c.id() {
+                // SAFETY: signalling our own child process by pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+        for (name, c) in &mut self.children {
+            let code = match tokio::time::timeout(Duration::from_secs(20), c.wait()).await {
+                Ok(Ok(s)) => s.code(),
+                _ => {
+                    let _ = c.kill().await;
+                    None
+                }
+            };
+            codes.push((name.clone(), code));
+        }
+        codes
+    }
+
+    /// Children still running (a test kills some on purpose).
+    pub fn child_mut(&mut self, name: &str) -> Option<&mut Child> {
+        self.children.iter_mut().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// Starts the daemons and waits until the router serves.
+pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
+    std::fs::create_dir_all(workdir)?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = workdir.join("model-tiny");
+            if !dir.join("config.json").exists() {
+                engine::synth::synthesize(engine::Arch::Llama, engine::synth::Preset::Tiny, 0, &dir)?;
+            }
+            dir
+        }
+    };
+    let model = model.canonicalize().with_context(|| format!("model {}", model.display()))?;
+    let engine_section = format!(
+        "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\n",
+        toml_str(&model.display().to_string()),
+        toml_str(&a.device),
+        a.kv_cache_mib,
+        a.backend
+    );
+    let mut children = Vec::new();
+    let spawn = |name: &str, bin: &str, cfg: String| -> anyhow::Result<(String, Child)> {
+        let path = workdir.join(format!("{name}.toml"));
+        std::fs::write(&path, cfg)?;
+        let log = std::fs::File::create(workdir.join(format!("{name}.log")))?;
+        let child = Command::new(binary(bin)?)
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        Ok((name.to_string(), child))
+    };
+    let mut prefill = Vec::new();
+    for i in 0..a.prefill {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        children.push(spawn(
+            &format!("prefill-{i}"),
+            "prefill-server",
+            format!("listen = \"{addr}\"\n\n{engine_section}"),
+        )?);
+        prefill.push(format!("http://{addr}"));
+    }
+    let mut decode = Vec::new();
+    let peers = prefill.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
+    for i in 0..a.decode {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        children.push(spawn(
+            &format!("decode-{i}"),
+            "decode-server",
+            format!(
+                "listen = \"{addr}\"\nprefill_servers = [{peers}]\nlocal_prefill_below = {}\n\n{engine_section}",
+                a.local_prefill_below
+            ),
+        )?);
+        decode.push(format!("http://{addr}"));
+    }
+    let router_addr = match &a.router_addr {
+        Some(r) => r.clone(),
+        None => format!("127.0.0.1:{}", free_port()?),
+    };
+    let ds = decode.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
+    children.push(spawn(
+        "router",
+        "router",
+        format!("listen = \"{router_addr}\"\ndecode_servers = [{ds}]\n"),
+    )?);
+    let mut dep = Deployment {
+        router: format!("http://{router_addr}"),
+        decode,
+        prefill,
+        children,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.ready_timeout);
+    let targets: Vec<(String, &str)> = dep
+        .decode
+        .iter()
+        .map(|d| (d.clone(), "pdserve.v1.Generation"))
+        .chain(std::iter::once((dep.router.clone(), "pdserve.v1.Generation")))
+        .collect();
+    for (url, svc) in targets {
+        loop {
+            if serving(&url, svc).await {
+                break;
+            }
+            for (name, c) in &mut dep.children {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let log = std::fs::read_to_string(workdir.join(format!("{name}.log"))).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    bail!(
+                        "{name} exited ({status}) before becoming ready:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{url} not healthy after {}s (logs in {})", a.ready_timeout, workdir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(dep)
+}
+
+/// Whether `url` answers its gRPC health check with SERVING for `service`.
+pub async fn serving(url: &str, service: &str) -> bool {
+    let Ok(ep) = tonic::transport::Endpoint::from_shared(url.to_string()) else {
+        return false;
+    };
+    let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), ep.connect()).await else {
+        return false;
+    };
+    let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+    let req = tonic_health::pb::HealthCheckRequest { service: service.into() };
+    matches!(tokio::time::timeout(Duration::from_secs(1), c.check(req)).await, Ok(Ok(r)) if r.get_ref().status == 1)
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    let workdir = a
+        .workdir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("pdserve-up-{}", std::process::id())));
+    let dep = start(&a, &workdir).await?;
+    println!("{}", dep.router);
+    eprintln!(
+        "pdserve up: router {} -> {} decode-server(s) -> {} prefill-server(s), backend {}; logs and configs in {}; Ctrl-C stops",
+        dep.router,
+        dep.decode.len(),
+        dep.prefill.len(),
+        a.backend,
+        workdir.display()
+    );
+    daemon_signal().await;
+    let codes = dep.stop().await;
+    let bad: Vec<String> = codes
+        .iter()
+        .filter(|(_, c)| *c != Some(0))
+        .map(|(n, c)| format!("{n}: {c:?}"))
+        .collect();
+    if bad.is_empty() {
+        eprintln!("pdserve up: all daemons stopped cleanly");
+        Ok(0)
+    } else {
+        eprintln!("pdserve up: daemons exited badly: {}", bad.join(", "));
+        Ok(1)
+    }
+}
+
+async fn daemon_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

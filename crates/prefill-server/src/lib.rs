@@ -1,0 +1,302 @@
+//! The prefill-server: runs prompts through the model and writes their KV blocks
+//! straight into a decode-server's pools through the data plane, then answers with
+//! the first token. Decode-servers handshake once (layouts compared, data-plane
+//! metadata exchanged) and then name their session in each request.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use daemon::config::Validate;
+use daemon::convert;
+use daemon::status::{from_engine, from_transfer};
+use engine::{Engine, EngineConfig, block_runs, sample};
+use kv_transfer::{Agent, MemKind, Memory, PeerId, Registration, Segment, TransferConfig};
+use proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefillConfig {
+    /// gRPC address to serve on.
+    pub listen: String,
+    pub engine: EngineConfig,
+    pub transfer: TransferConfig,
+    /// Longest prompt accepted, in tokens (0: the model's maximum).
+    pub max_prompt_tokens: usize,
+    /// How long a request may wait for the compute slot before it is refused.
+    pub queue_deadline_ms: u64,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        PrefillConfig {
+            listen: "127.0.0.1:50061".into(),
+            engine: EngineConfig::default(),
+            transfer: TransferConfig::default(),
+            max_prompt_tokens: 0,
+            queue_deadline_ms: 30_000,
+        }
+    }
+}
+
+impl Validate for PrefillConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
+        if self.engine.block_size == 0 {
+            return Err("engine.block_size must be at least 1".into());
+        }
+        if self.transfer.deadline_ms == 0 || self.queue_deadline_ms == 0 {
+            return Err("transfer.deadline_ms and queue_deadline_ms must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Registers the engine's KV pools with the data plane: K then V for every layer.
+pub fn register_pools(engine: &Engine, agent: &Agent) -> anyhow::Result<Vec<Registration>> {
+    let pools = engine.pools();
+    let mut regs = Vec::new();
+    for r in pools.regions()? {
+        let kind = match r.device {
+            None => MemKind::Dram,
+            Some(d) => MemKind::Vram { device: d },
+        };
+        // SAFETY: the range is one KV pool tensor's storage, which lives as long as
+        // `pools` (the owner handed over) and is never reallocated.
+        let mem = unsafe { Memory::from_raw(r.addr as usize, r.len as usize, kind, pools.clone()) };
+        regs.push(agent.register(mem)?);
+    }
+    Ok(regs)
+}
+
+struct Session {
+    name: String,
+    peer: PeerId,
+    regions: Vec<u32>,
+    num_blocks: usize,
+}
+
+pub struct PrefillService {
+    engine: Arc<Engine>,
+    agent: Agent,
+    regions: Vec<Registration>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    next_session: AtomicU64,
+    /// One prefill computes at a time; others queue here.
+    compute: tokio::sync::Semaphore,
+    cfg: PrefillConfig,
+}
+
+impl PrefillService {
+    pub async fn new(cfg: PrefillConfig) -> anyhow::Result<Arc<Self>> {
+        let engine_cfg = cfg.engine.clone();
+        let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&engine_cfg)).await??);
+        let agent = Agent::start(&cfg.transfer).await?;
+        let regions = register_pools(&engine, &agent)?;
+        info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
+        Ok(Arc::new(PrefillService {
+            engine,
+            agent,
+            regions,
+            sessions: Mutex::default(),
+            next_session: AtomicU64::new(1),
+            compute: tokio::sync::Semaphore::new(1),
+            cfg,
+        }))
+    }
+
+    fn max_prompt(&self) -> usize {
+        if self.cfg.max_prompt_tokens == 0 {
+            self.engine.max_model_len()
+        } else {
+            self.cfg.max_prompt_tokens
+        }
+    }
+
+    async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
+        let received = Instant::now();
+        let session = self
+            .sessions
+            .lock()
+            .unwrap()
+            .get(&req.session)
+            .cloned()
+            .ok_or_else(|| Status::failed_precondition(format!("unknown session {}: handshake again", req.session)))?;
+        let tokens = req.token_ids;
+        if tokens.is_empty() {
+            return Err(Status::invalid_argument("the prompt is empty"));
+        }
+        if tokens.len() > self.max_prompt() {
+            return Err(Status::invalid_argument(format!(
+                "prompt of {} tokens exceeds the limit of {}",
+                tokens.len(),
+                self.max_prompt()
+            )));
+        }
+        let n = self.engine.blocks_for(tokens.len());
+        if req.dst_blocks.len() < n {
+            return Err(Status::invalid_argument(format!(
+                "{} destination blocks cannot hold {} tokens",
+                req.dst_blocks.len(),
+                tokens.len()
+            )));
+        }
+        if let Some(b) = req.dst_blocks.iter().find(|&&b| b as usize >= session.num_blocks) {
+            return Err(Status::invalid_argument(format!(
+                "destination block {b} is outside the peer's {} blocks",
+                session.num_blocks
+            )));
+        }
+        let params = convert::sampling(req.sampling.as_ref());
+        let permit = tokio::time::timeout(Duration::from_millis(self.cfg.queue_deadline_ms), self.compute.acquire())
+            .await
+            .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let queue_ms = received.elapsed().as_secs_f64() * 1e3;
+        let seq = self.engine.next_sequence_id();
+        let local = self.engine.admit(seq, tokens.len()).map_err(|e| from_engine(&e))?;
+        let result = async {
+            let t = Instant::now();
+            let engine = self.engine.clone();
+            let (toks, blocks) = (tokens.clone(), local.clone());
+            let logits = tokio::task::spawn_blocking(move || engine.prefill(&toks, 0, &blocks))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| from_engine(&e))?;
+            let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+            let first = sample(&logits, &params, &tokens, 0);
+            let segs = self.segments(&session, &local[..n], &req.dst_blocks[..n]);
+            let bytes: u64 = segs.iter().map(|s| s.len).sum();
+            let t = Instant::now();
+            self.agent
+                .write(session.peer, &segs, req.notify_tag)
+                .await
+                .map_err(|e| from_transfer(&e))?;
+            let kv_transfer_ms = t.elapsed().as_secs_f64() * 1e3;
+            info!(tokens = tokens.len(), segments = segs.len(), bytes, prefill_ms, kv_transfer_ms, peer = %session.name, "prefilled");
+            Ok(pb::PrefillResponse {
+                first_token: first,
+                queue_ms,
+                prefill_ms,
+                kv_transfer_ms,
+                kv_bytes: bytes,
+            })
+        }
+        .await;
+        self.engine.release(seq);
+        drop(permit);
+        result
+    }
+
+    /// One segment per pool per run of blocks contiguous on both sides.
+    fn segments(&self, s: &Session, src: &[u32], dst: &[u32]) -> Vec<Segment> {
+        let bb = self.engine.layout().block_bytes();
+        let runs = block_runs(src, dst);
+        let mut segs = Vec::with_capacity(runs.len() * self.regions.len());
+        for (local, &remote) in self.regions.iter().zip(&s.regions) {
+            for r in &runs {
+                segs.push(Segment {
+                    local: local.id(),
+                    local_offset: r.src as u64 * bb,
+                    remote,
+                    remote_offset: r.dst as u64 * bb,
+                    len: r.count as u64 * bb,
+                });
+            }
+        }
+        segs
+    }
+}
+
+#[tonic::async_trait]
+impl pb::prefill_server::Prefill for PrefillService {
+    async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
+        let r = req.into_inner();
+        let ours = self.engine.layout();
+        if r.backend != self.agent.backend().as_str() {
+            return Err(Status::failed_precondition(format!(
+                "data-plane backend mismatch: peer {} uses {:?}, this prefill-server uses {}",
+                r.peer_name,
+                r.backend,
+                self.agent.backend()
+            )));
+        }
+        let theirs = convert::layout_from_wire(
+            r.layout
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("handshake without a KV layout"))?,
+        );
+        ours.check_compatible(&theirs)
+            .map_err(|why| Status::failed_precondition(format!("peer {} is incompatible: {why}", r.peer_name)))?;
+        if r.pool_regions.len() != self.regions.len() {
+            return Err(Status::invalid_argument(format!(
+                "expected {} pool regions, got {}",
+                self.regions.len(),
+                r.pool_regions.len()
+            )));
+        }
+        let peer = self.agent.connect(&r.transfer_metadata).map_err(|e| from_transfer(&e))?;
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.sessions.lock().unwrap().insert(
+            session,
+            Arc::new(Session {
+                name: r.peer_name.clone(),
+                peer,
+                regions: r.pool_regions,
+                num_blocks: theirs.num_blocks,
+            }),
+        );
+        info!(peer = %r.peer_name, session, "decode-server handshaken");
+        Ok(Response::new(pb::HandshakeResponse {
+            peer_name: self.agent.name().to_string(),
+            layout: Some(convert::layout_to_wire(ours)),
+            backend: self.agent.backend().to_string(),
+            session,
+        }))
+    }
+
+    async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("prefill", request_id = %r.request_id);
+        let out = PrefillService::prefill(self, r).instrument(span.clone()).await;
+        if let Err(s) = &out {
+            span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "prefill failed"));
+        }
+        out.map(Response::new)
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains (in-flight prefills finish) and
+/// releases the data plane.
+pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let addr: SocketAddr = cfg.listen.parse()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_not_serving::<pb::prefill_server::PrefillServer<PrefillService>>()
+        .await;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "prefill-server listening; loading model");
+    let svc = PrefillService::new(cfg).await?;
+    reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillService>>().await;
+    info!("prefill-server ready");
+    let server = pb::prefill_server::PrefillServer::from_arc(svc.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(daemon::reflection())
+        .add_service(server)
+        .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown)
+        .await?;
+    svc.agent.shutdown();
+    info!("prefill-server stopped");
+    Ok(())
+}
+
+fn tokio_stream_listener(l: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
+}

@@ -1,0 +1,15 @@
+//! Generates the pdserve.v1 client and server code, and the descriptor set that
+//! server reflection serves. protoc comes from protoc-bin-vendored: none on PATH needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // SAFETY (of intent): build scripts run single-threaded; PROTOC is read by the
+    // code generator below.
+    unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let files = ["pdserve/v1/generate.proto", "pdserve/v1/internal.proto"].map(|f| root.join(f));
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("pdserve_descriptor.bin"))
+        .compile_protos(&files, &[root.clone()])?;
+    println!("cargo:rerun-if-changed={}", root.display());
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The router: a thin front for clients. It keeps the decode-servers' health (gRPC
+//! health checks), picks one per request (round-robin or least outstanding requests,
+//! by config), and forwards the stream. No model, no tokenizer.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use daemon::config::Validate;
+use proto::v1 as pb;
+use proto::v1::generation_client::GenerationClient;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    RoundRobin,
+    LeastOutstanding,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// gRPC address clients connect to.
+    pub listen: String,
+    /// Decode-servers, as `http://host:port`.
+    pub decode_servers: Vec<String>,
+    /// `round_robin` or `least_outstanding`.
+    pub policy: Policy,
+    /// How often each decode-server's health is checked.
+    pub health_interval_ms: u64,
+    /// Deadline for connecting to a decode-server, and for each health check.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            listen: "127.0.0.1:50050".into(),
+            decode_servers: vec!["http://127.0.0.1:50051".into()],
+            policy: Policy::RoundRobin,
+            health_interval_ms: 500,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Validate for RouterConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
+        if self.decode_servers.is_empty() {
+            return Err("decode_servers: at least one is needed".into());
+        }
+        for d in &self.decode_servers {
+            Endpoint::from_shared(d.clone()).map_err(|e| format!("decode_servers: {d:?} is not a URL ({e})"))?;
+        }
+        if self.health_interval_ms == 0 || self.connect_timeout_ms == 0 {
+            return Err("health_interval_ms and connect_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+struct Backend {
+    url: String,
+    channel: Channel,
+    healthy: AtomicBool,
+    outstanding: AtomicUsize,
+}
+
+pub struct Router {
+    backends: Vec<Arc<Backend>>,
+    policy: Policy,
+    rr: AtomicUsize,
+}
+
+/// Decrements a backend's outstanding count when the response stream ends.
+struct Outstanding(Arc<Backend>);
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Router {
+    pub fn new(cfg: &RouterConfig) -> anyhow::Result<Arc<Router>> {
+        let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+        let backends = cfg
+            .decode_servers
+            .iter()
+            .map(|u| {
+                let channel = Endpoint::from_shared(u.clone())?
+                    .connect_timeout(timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                Ok(Arc::new(Backend {
+                    url: u.clone(),
+                    channel,
+                    healthy: AtomicBool::new(false),
+                    outstanding: AtomicUsize::new(0),
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Arc::new(Router {
+            backends,
+            policy: cfg.policy,
+            rr: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.backends.iter().any(|b| b.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Healthy backends in the order to try them.
+    fn candidates(&self) -> Vec<Arc<Backend>> {
+        let n = self.backends.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut v: Vec<Arc<Backend>> = (0..n)
+            .map(|i| self.backends[(start + i) % n].clone())
+            .filter(|b| b.healthy.load(Ordering::Relaxed))
+            .collect();
+        if self.policy == Policy::LeastOutstanding {
+            v.sort_by_key(|b| b.outstanding.load(Ordering::Relaxed));
+        }
+        v
+    }
+
+    fn spawn_health_checks(self: &Arc<Self>, interval: Duration, timeout: Duration) {
+        for b in self.backends.clone() {
+            tokio::spawn(async move {
+                let mut client = HealthClient::new(b.channel.clone());
+                loop {
+                    let req = tonic_health::pb::HealthCheckRequest {
+                        service: "pdserve.v1.Generation".into(),
+                    };
+                    let ok = matches!(
+                        tokio::time::timeout(timeout, client.check(req)).await,
+                        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+                    );
+                    if ok != b.healthy.swap(ok, Ordering::Relaxed) {
+                        info!(url = %b.url, healthy = ok, "decode-server health changed");
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            });
+        }
+    }
+
+    fn prepare(req: &mut pb::GenerateRequest) {
+        if req.request_id.is_empty() {
+            req.request_id = daemon::new_request_id();
+        }
+    }
+}
+
+/// A connection-level failure: the request never reached the decode-server.
+fn unreachable(s: &Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.metadata().is_empty()
+}
+
+#[derive(Clone)]
+pub struct RouterApi(pub Arc<Router>);
+
+type EventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::generation_server::Generation for RouterApi {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut r = req.into_inner();
+        Router::prepare(&mut r);
+        let mut last = Status::unavailable("no healthy decode-server");
+        for b in self.0.candidates() {
+            b.outstanding.fetch_add(1, Ordering::Relaxed);
+            let guard = Outstanding(b.clone());
+            let mut client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+            match client.generate(r.clone()).await {
+                Ok(resp) => {
+                    info!(request_id = %r.request_id, decode = %b.url, "routed");
+                    let stream = resp.into_inner().map(move |item| {
+                        let _held = &guard;
+                        item
+                    });
+                    return Ok(Response::new(Box::pin(stream)));
+                }
+                Err(s) if unreachable(&s) => {
+                    warn!(request_id = %r.request_id, decode = %b.url, error = %s.message(), "decode-server unreachable; trying another");
+                    b.healthy.store(false, Ordering::Relaxed);
+                    last = s;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
+    }
+
+    async fn generate_once(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResult>, Status> {
+        let mut r = req.into_inner();
+        Router::prepare(&mut r);
+        let mut last = Status::unavailable("no healthy decode-server");
+        for b in self.0.candidates() {
+            b.outstanding.fetch_add(1, Ordering::Relaxed);
+            let _guard = Outstanding(b.clone());
+            let mut client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+            match client.generate_once(r.clone()).await {
+                Ok(resp) => return Ok(resp),
+                Err(s) if unreachable(&s) => {
+                    b.healthy.store(false, Ordering::Relaxed);
+                    last = s;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
+    }
+}
+
+pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let addr: SocketAddr = cfg.listen.parse()?;
+    let router = Router::new(&cfg)?;
+    router.spawn_health_checks(
+        Duration::from_millis(cfg.health_interval_ms),
+        Duration::from_millis(cfg.connect_timeout_ms),
+    );
+    let (reporter, health) = tonic_health::server::health_reporter();
+    type Svc = pb::generation_server::GenerationServer<RouterApi>;
+    reporter.set_not_serving::<Svc>().await;
+    {
+        let (router, reporter) = (router.clone(), reporter.clone());
+        tokio::spawn(async move {
+            let mut was = false;
+            loop {
+                let now = router.any_healthy();
+                if now != was {
+                    if now {
+                        reporter.set_serving::<Svc>().await
+                    } else {
+                        reporter.set_not_serving::<Svc>().await
+                    }
+                    was = now;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, backends = cfg.decode_servers.len(), "router listening");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(daemon::reflection())
+        .add_service(pb::generation_server::GenerationServer::new(RouterApi(router)).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await?;
+    info!("router stopped");
+    Ok(())
+}
