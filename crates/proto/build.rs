@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("pdserve_descriptor.bin"))
         .compile_protos(&files, &[root.clone()])?;
-    println!("cargo:rerun-if-changed={}", root.display());
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
     Ok(())
 }

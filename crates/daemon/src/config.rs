@@ -19,6 +19,24 @@ pub trait Validate {
     fn validate(&self) -> Result<(), String>;
 }
 
+/// The `PDSERVE_*` variables that name a top-level key of `T`: the other daemons'
+/// keys and our non-config variables (`PDSERVE_CONFIG`, `PDSERVE_NIXL_LIB_DIR`, ...)
+/// are left alone, so one environment can serve several daemons.
+fn own_env<T: Serialize + Default>() -> config::Map<String, String> {
+    let keys: Vec<String> = match config::Config::try_from(&T::default()).ok().and_then(|c| c.cache.into_table().ok()) {
+        Some(t) => t.into_keys().collect(),
+        None => return Default::default(),
+    };
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.strip_prefix("PDSERVE_").is_some_and(|rest| {
+                let first = rest.split("__").next().unwrap_or_default().to_ascii_lowercase();
+                keys.contains(&first)
+            })
+        })
+        .collect()
+}
+
 pub fn load_config<T>(path: Option<&Path>) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Serialize + Default + Validate,
@@ -41,7 +59,8 @@ where
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("prefill_servers")
-            .with_list_parse_key("decode_servers"),
+            .with_list_parse_key("decode_servers")
+            .source(Some(own_env::<T>())),
     );
     let built = b.build().map_err(|e| match path {
         Some(p) => ConfigError::File {

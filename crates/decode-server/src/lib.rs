@@ -449,6 +449,19 @@ impl pb::generation_server::Generation for DecodeApi {
     }
 }
 
+#[tonic::async_trait]
+impl pb::decode_admin_server::DecodeAdmin for DecodeApi {
+    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = &self.0;
+        Ok(Response::new(pb::StatsResponse {
+            free_blocks: s.engine.free_blocks() as u32,
+            total_blocks: s.engine.total_blocks() as u32,
+            sequences: s.engine.sequences() as u32,
+            healthy_prefill_servers: s.peers.iter().filter(|p| p.healthy.load(Ordering::Relaxed)).count() as u32,
+        }))
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight requests (up to the drain
 /// deadline) and releases the data plane.
 pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -494,6 +507,7 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(daemon::reflection())
+        .add_service(pb::decode_admin_server::DecodeAdminServer::new(DecodeApi(svc.clone())))
         .add_service(
             pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES),
         )

@@ -187,6 +187,11 @@ impl Engine {
         self.blocks.lock().unwrap().free_blocks()
     }
 
+    /// Sequences holding blocks now.
+    pub fn sequences(&self) -> usize {
+        self.blocks.lock().unwrap().sequences()
+    }
+
     pub fn total_blocks(&self) -> usize {
         self.blocks.lock().unwrap().total()
     }

@@ -1,0 +1,106 @@
+//! Helpers for the end-to-end tests: a synthetic model made once, deployments of the
+//! real daemon binaries (built by `cargo build --workspace`), clients, references.
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use engine::{Engine, EngineConfig, SamplingParams};
+use kv_transfer::BackendKind;
+use pdserve::up::{Args, Deployment, start};
+use proto::v1 as pb;
+use proto::v1::generation_client::GenerationClient;
+use tonic::transport::Channel;
+
+pub fn model() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("pdserve-e2e-model-").tempdir().unwrap().keep();
+        engine::synth::synthesize(engine::Arch::Llama, engine::synth::Preset::Tiny, 11, &dir).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// The colocated reference, in this process.
+pub fn reference_engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| Engine::load(&EngineConfig { model: model(), kv_cache_mib: 64, ..Default::default() }).unwrap())
+}
+
+pub async fn deploy(backend: BackendKind, prefill: usize, decode: usize, kv_cache_mib: u64) -> (Deployment, tempfile::TempDir) {
+    let work = tempfile::tempdir().unwrap();
+    let args = Args {
+        model: Some(model()),
+        backend,
+        prefill,
+        decode,
+        router_addr: None,
+        device: "cpu".into(),
+        kv_cache_mib,
+        local_prefill_below: 0,
+        workdir: Some(work.path().to_path_buf()),
+        ready_timeout: 60,
+    };
+    let dep = start(&args, work.path()).await.unwrap_or_else(|e| panic!("deployment failed: {e:#}"));
+    (dep, work)
+}
+
+pub async fn client(url: &str) -> GenerationClient<Channel> {
+    GenerationClient::connect(url.to_string()).await.unwrap()
+}
+
+pub fn wire(p: &SamplingParams) -> pb::SamplingParameters {
+    pb::SamplingParameters {
+        temperature: Some(p.temperature),
+        top_k: Some(p.top_k),
+        top_p: Some(p.top_p),
+        repetition_penalty: Some(p.repetition_penalty),
+        seed: Some(p.seed),
+        max_tokens: Some(p.max_tokens),
+        stop: p.stop.clone(),
+        ignore_eos: Some(p.ignore_eos),
+    }
+}
+
+pub fn request(input: pb::generate_request::Input, p: &SamplingParams) -> pb::GenerateRequest {
+    pb::GenerateRequest { request_id: String::new(), input: Some(input), sampling: Some(wire(p)) }
+}
+
+/// Streams a request; returns the tokens seen in chunks and the final result.
+pub async fn stream(c: &mut GenerationClient<Channel>, req: pb::GenerateRequest) -> Result<(Vec<u32>, pb::GenerateResult), tonic::Status> {
+    use tokio_stream::StreamExt;
+    let mut s = c.generate(req).await?.into_inner();
+    let mut chunks = Vec::new();
+    while let Some(item) = s.next().await {
+        match item?.kind {
+            Some(pb::generate_response::Kind::Chunk(ch)) => chunks.extend(ch.token_ids),
+            Some(pb::generate_response::Kind::Result(r)) => return Ok((chunks, r)),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without a result"))
+}
+
+pub async fn stats(decode_url: &str) -> pb::StatsResponse {
+    let mut c = pb::decode_admin_client::DecodeAdminClient::connect(decode_url.to_string()).await.unwrap();
+    c.stats(pb::StatsRequest {}).await.unwrap().into_inner()
+}
+
+/// Waits until the decode-server holds no blocks (release happens on its batch thread).
+pub async fn assert_all_blocks_free(decode_url: &str) {
+    for _ in 0..100 {
+        let s = stats(decode_url).await;
+        if s.free_blocks == s.total_blocks && s.sequences == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = stats(decode_url).await;
+    panic!("KV blocks leaked: {} free of {}, {} sequences", s.free_blocks, s.total_blocks, s.sequences);
+}
+
+pub async fn stop_cleanly(dep: Deployment) {
+    for (name, code) in dep.stop().await {
+        assert_eq!(code, Some(0), "{name} did not exit 0 after SIGTERM");
+    }
+}

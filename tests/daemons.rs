@@ -1,0 +1,202 @@
+//! The product end to end: router -> decode-server -> prefill-server as separate
+//! processes on loopback, KV caches moved by each data-plane backend.
+use std::time::Duration;
+
+use e2e::*;
+use engine::SamplingParams;
+use kv_transfer::BackendKind;
+use proto::v1 as pb;
+use pb::generate_request::Input;
+use tonic::Code;
+
+/// 20 prompts: text in several scripts, and token ids from 1 to 300 long.
+fn prompts() -> Vec<Input> {
+    let texts = [
+        "Hello",
+        "The quick brown fox jumps over the lazy dog.",
+        "Le cache KV passe directement d'un GPU à l'autre, sans copie par le processeur.",
+        "Der schnelle braune Fuchs springt über den faulen Hund, und dann noch einmal.",
+        "¿Dónde está la biblioteca? Mañana será otro día.",
+        "Быстрая коричневая лиса прыгает через ленивую собаку.",
+        "敏捷的棕色狐狸跳过了懒狗。大型语言模型一次生成一个词元。",
+        "素早い茶色の狐がのろまな犬を飛び越える。",
+        "الثعلب البني السريع يقفز فوق الكلب الكسول.",
+        "fn main() { println!(\"{}\", 1 + 2); } // 🚀",
+    ];
+    let mut v: Vec<Input> = texts.iter().map(|t| Input::Text(t.to_string())).collect();
+    for (i, len) in [1usize, 2, 15, 16, 17, 33, 64, 100, 200, 300].into_iter().enumerate() {
+        let ids = (0..len as u32).map(|j| 3 + (j * 7919 + i as u32 * 31) % 500).collect();
+        v.push(Input::TokenIds(pb::TokenIds { ids }));
+    }
+    v
+}
+
+fn prompt_ids(input: &Input) -> Vec<u32> {
+    match input {
+        Input::Text(t) => reference_engine().tokenize(t).unwrap(),
+        Input::TokenIds(ids) => ids.ids.clone(),
+    }
+}
+
+fn modes(i: usize) -> [SamplingParams; 2] {
+    [
+        SamplingParams { max_tokens: 12, ..Default::default() },
+        SamplingParams { temperature: 1.3, top_k: 60, top_p: 0.95, repetition_penalty: 1.1, seed: 1000 + i as u64, max_tokens: 12, ..Default::default() },
+    ]
+}
+
+async fn equals_colocated(backend: BackendKind) {
+    let (dep, _work) = deploy(backend, 1, 1, 64).await;
+    let mut c = client(&dep.router).await;
+    for (i, input) in prompts().into_iter().enumerate() {
+        for params in modes(i) {
+            let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &params).unwrap();
+            let (chunks, got) = stream(&mut c, request(input.clone(), &params)).await.unwrap_or_else(|s| panic!("{backend} prompt {i}: {s}"));
+            assert_eq!(got.token_ids, want.tokens, "{backend}: prompt {i} ({params:?}) differs from the colocated run");
+            assert_eq!(chunks, got.token_ids, "streamed tokens equal the final list");
+            assert_eq!(got.prompt_tokens as usize, want.prompt_tokens.len());
+            assert_eq!(got.kv_backend, backend.as_str(), "the KV cache went through {backend}");
+            let t = got.timings.unwrap();
+            assert!(t.kv_bytes > 0 && t.first_token_ms > 0.0 && t.total_ms >= t.first_token_ms);
+        }
+    }
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_equals_colocated_tcp() {
+    equals_colocated(BackendKind::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_equals_colocated_ucx() {
+    equals_colocated(BackendKind::Ucx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_equals_colocated_nixl() {
+    equals_colocated(BackendKind::Nixl).await;
+}
+
+/// 32 concurrent streams of mixed lengths through 2 decode- and 2 prefill-servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_spread_and_complete() {
+    let (dep, _work) = deploy(BackendKind::Nixl, 2, 2, 64).await;
+    let all = prompts();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let input = all[i % all.len()].clone();
+        let params = SamplingParams { max_tokens: 8 + (i as u32 % 5) * 4, temperature: 0.7, seed: i as u64, ..Default::default() };
+        let router = dep.router.clone();
+        tasks.push(tokio::spawn(async move {
+            let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &params).unwrap().tokens;
+            let mut c = client(&router).await;
+            let (_, got) = stream(&mut c, request(input, &params)).await.unwrap();
+            assert_eq!(got.token_ids, want, "request {i}");
+            got.prefill_server
+        }));
+    }
+    let mut servers = std::collections::HashSet::new();
+    for t in tasks {
+        servers.insert(t.await.unwrap());
+    }
+    assert_eq!(servers.len(), 2, "requests spread over both prefill-servers: {servers:?}");
+    for d in &dep.decode {
+        assert_all_blocks_free(d).await;
+    }
+    stop_cleanly(dep).await;
+}
+
+async fn expect_code(c: &mut proto::v1::generation_client::GenerationClient<tonic::transport::Channel>, req: pb::GenerateRequest, code: Code, what: &str) {
+    match stream(c, req).await {
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            assert!(!s.message().is_empty(), "{what}: a message a person understands");
+        }
+        Ok(_) => panic!("{what}: accepted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_the_right_code() {
+    let (dep, _work) = deploy(BackendKind::Tcp, 1, 1, 1).await;
+    let mut c = client(&dep.router).await;
+    let ok = SamplingParams { max_tokens: 4, ..Default::default() };
+    expect_code(&mut c, request(Input::Text(String::new()), &ok), Code::InvalidArgument, "empty prompt").await;
+    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![] }), &ok), Code::InvalidArgument, "empty token ids").await;
+    expect_code(&mut c, pb::GenerateRequest { request_id: String::new(), input: None, sampling: None }, Code::InvalidArgument, "no input").await;
+    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![99_999] }), &ok), Code::InvalidArgument, "token outside the vocabulary").await;
+    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![5; 5000] }), &ok), Code::InvalidArgument, "prompt longer than the context").await;
+    for (what, p) in [
+        ("max_tokens 0", SamplingParams { max_tokens: 0, ..ok.clone() }),
+        ("max_tokens huge", SamplingParams { max_tokens: 1_000_000, ..ok.clone() }),
+        ("negative temperature", SamplingParams { temperature: -0.5, ..ok.clone() }),
+        ("top_p 0", SamplingParams { top_p: 0.0, ..ok.clone() }),
+    ] {
+        expect_code(&mut c, request(Input::Text("hello".into()), &p), Code::InvalidArgument, what).await;
+    }
+    // 1 MiB of KV cache is 128 blocks of 16 tokens: 3000 tokens cannot ever fit.
+    let big = SamplingParams { max_tokens: 2500, ignore_eos: true, ..Default::default() };
+    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![5; 600] }), &big), Code::ResourceExhausted, "more than the pool").await;
+    // The non-streaming form refuses the same way, and the daemon keeps serving.
+    let e = c.generate_once(request(Input::Text(String::new()), &ok)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let r = c.generate_once(request(Input::Text("still serving".into()), &ok)).await.unwrap().into_inner();
+    assert_eq!(r.completion_tokens, 4);
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}
+
+/// A client that goes away mid-stream: the sequence stops and its blocks are freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_stream_frees_its_blocks() {
+    use tokio_stream::StreamExt;
+    let (dep, _work) = deploy(BackendKind::Ucx, 1, 1, 64).await;
+    let mut c = client(&dep.router).await;
+    let p = SamplingParams { max_tokens: 3000, ignore_eos: true, ..Default::default() };
+    let mut s = c.generate(request(Input::Text("a long story".into()), &p)).await.unwrap().into_inner();
+    for _ in 0..5 {
+        s.next().await.unwrap().unwrap();
+    }
+    let busy = stats(&dep.decode[0]).await;
+    assert!(busy.free_blocks < busy.total_blocks, "the running sequence holds blocks");
+    drop(s);
+    drop(c);
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}
+
+fn kill9(child: &mut tokio::process::Child) {
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: killing our own child process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// A prefill-server killed: requests go to the other one; a decode-server killed:
+/// the router sends requests to the other one. Nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_daemons_are_routed_around() {
+    let (mut dep, _work) = deploy(BackendKind::Tcp, 2, 2, 64).await;
+    let p = SamplingParams { max_tokens: 6, ..Default::default() };
+    let mut c = client(&dep.router).await;
+    kill9(dep.child_mut("prefill-0").unwrap());
+    for i in 0..6 {
+        let (_, r) = stream(&mut c, request(Input::Text(format!("after the prefill kill {i}")), &p)).await.unwrap_or_else(|s| panic!("request {i}: {s}"));
+        assert_eq!(r.prefill_server, dep.prefill[1], "only the live prefill-server serves");
+    }
+    kill9(dep.child_mut("decode-0").unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..6 {
+        let (_, r) = stream(&mut c, request(Input::Text(format!("after the decode kill {i}")), &p)).await.unwrap_or_else(|s| panic!("request {i}: {s}"));
+        assert_eq!(r.completion_tokens, 6);
+    }
+    assert_all_blocks_free(&dep.decode[1]).await;
+    let codes = dep.stop().await;
+    for (name, code) in codes {
+        if name != "prefill-0" && name != "decode-0" {
+            assert_eq!(code, Some(0), "{name} exits 0 after SIGTERM");
+        }
+    }
+}
+
