@@ -57,6 +57,12 @@ PY
 fetch_wheel "$NIXL_WHEEL" "$DEPS/nixl" .nixl_cu13.mesonpy.libs/libnixl_capi.so
 fetch_wheel "$UCX_WHEEL" "$DEPS/ucx" libucx/include/ucp/api/ucp.h
 
+# The tests' foreign client: Python grpcio with stubs generated from proto/.
+if ! PYTHONPATH="$DEPS/py" python3 -c "import grpc, grpc_tools" 2>/dev/null; then
+  echo "setup: installing grpcio and grpcio-tools into $DEPS/py"
+  python3 -m pip install -q --disable-pip-version-check --target "$DEPS/py" grpcio grpcio-tools
+fi
+
 # Memory registration needs locked memory; warn (do not fail) when the limit is small.
 ml=$(ulimit -l)
 if [ "$ml" != unlimited ] && [ "$ml" -lt 65536 ]; then

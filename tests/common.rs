@@ -24,7 +24,14 @@ pub fn model() -> PathBuf {
 /// The colocated reference, in this process.
 pub fn reference_engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| Engine::load(&EngineConfig { model: model(), kv_cache_mib: 64, ..Default::default() }).unwrap())
+    E.get_or_init(|| {
+        Engine::load(&EngineConfig {
+            model: model(),
+            kv_cache_mib: 64,
+            ..Default::default()
+        })
+        .unwrap()
+    })
 }
 
 pub async fn deploy(backend: BackendKind, prefill: usize, decode: usize, kv_cache_mib: u64) -> (Deployment, tempfile::TempDir) {
@@ -41,7 +48,9 @@ pub async fn deploy(backend: BackendKind, prefill: usize, decode: usize, kv_cach
         workdir: Some(work.path().to_path_buf()),
         ready_timeout: 60,
     };
-    let dep = start(&args, work.path()).await.unwrap_or_else(|e| panic!("deployment failed: {e:#}"));
+    let dep = start(&args, work.path())
+        .await
+        .unwrap_or_else(|e| panic!("deployment failed: {e:#}"));
     (dep, work)
 }
 
@@ -63,7 +72,11 @@ pub fn wire(p: &SamplingParams) -> pb::SamplingParameters {
 }
 
 pub fn request(input: pb::generate_request::Input, p: &SamplingParams) -> pb::GenerateRequest {
-    pb::GenerateRequest { request_id: String::new(), input: Some(input), sampling: Some(wire(p)) }
+    pb::GenerateRequest {
+        request_id: String::new(),
+        input: Some(input),
+        sampling: Some(wire(p)),
+    }
 }
 
 /// Streams a request; returns the tokens seen in chunks and the final result.
@@ -82,7 +95,9 @@ pub async fn stream(c: &mut GenerationClient<Channel>, req: pb::GenerateRequest)
 }
 
 pub async fn stats(decode_url: &str) -> pb::StatsResponse {
-    let mut c = pb::decode_admin_client::DecodeAdminClient::connect(decode_url.to_string()).await.unwrap();
+    let mut c = pb::decode_admin_client::DecodeAdminClient::connect(decode_url.to_string())
+        .await
+        .unwrap();
     c.stats(pb::StatsRequest {}).await.unwrap().into_inner()
 }
 
@@ -96,7 +111,10 @@ pub async fn assert_all_blocks_free(decode_url: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s = stats(decode_url).await;
-    panic!("KV blocks leaked: {} free of {}, {} sequences", s.free_blocks, s.total_blocks, s.sequences);
+    panic!(
+        "KV blocks leaked: {} free of {}, {} sequences",
+        s.free_blocks, s.total_blocks, s.sequences
+    );
 }
 
 pub async fn stop_cleanly(dep: Deployment) {

@@ -5,8 +5,8 @@ use std::time::Duration;
 use e2e::*;
 use engine::SamplingParams;
 use kv_transfer::BackendKind;
-use proto::v1 as pb;
 use pb::generate_request::Input;
+use proto::v1 as pb;
 use tonic::Code;
 
 /// 20 prompts: text in several scripts, and token ids from 1 to 300 long.
@@ -40,8 +40,19 @@ fn prompt_ids(input: &Input) -> Vec<u32> {
 
 fn modes(i: usize) -> [SamplingParams; 2] {
     [
-        SamplingParams { max_tokens: 12, ..Default::default() },
-        SamplingParams { temperature: 1.3, top_k: 60, top_p: 0.95, repetition_penalty: 1.1, seed: 1000 + i as u64, max_tokens: 12, ..Default::default() },
+        SamplingParams {
+            max_tokens: 12,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 60,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            seed: 1000 + i as u64,
+            max_tokens: 12,
+            ..Default::default()
+        },
     ]
 }
 
@@ -51,8 +62,13 @@ async fn equals_colocated(backend: BackendKind) {
     for (i, input) in prompts().into_iter().enumerate() {
         for params in modes(i) {
             let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &params).unwrap();
-            let (chunks, got) = stream(&mut c, request(input.clone(), &params)).await.unwrap_or_else(|s| panic!("{backend} prompt {i}: {s}"));
-            assert_eq!(got.token_ids, want.tokens, "{backend}: prompt {i} ({params:?}) differs from the colocated run");
+            let (chunks, got) = stream(&mut c, request(input.clone(), &params))
+                .await
+                .unwrap_or_else(|s| panic!("{backend} prompt {i}: {s}"));
+            assert_eq!(
+                got.token_ids, want.tokens,
+                "{backend}: prompt {i} ({params:?}) differs from the colocated run"
+            );
             assert_eq!(chunks, got.token_ids, "streamed tokens equal the final list");
             assert_eq!(got.prompt_tokens as usize, want.prompt_tokens.len());
             assert_eq!(got.kv_backend, backend.as_str(), "the KV cache went through {backend}");
@@ -87,10 +103,17 @@ async fn concurrent_streams_spread_and_complete() {
     let mut tasks = Vec::new();
     for i in 0..32 {
         let input = all[i % all.len()].clone();
-        let params = SamplingParams { max_tokens: 8 + (i as u32 % 5) * 4, temperature: 0.7, seed: i as u64, ..Default::default() };
+        let params = SamplingParams {
+            max_tokens: 8 + (i as u32 % 5) * 4,
+            temperature: 0.7,
+            seed: i as u64,
+            ..Default::default()
+        };
         let router = dep.router.clone();
         tasks.push(tokio::spawn(async move {
-            let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &params).unwrap().tokens;
+            let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &params)
+                .unwrap()
+                .tokens;
             let mut c = client(&router).await;
             let (_, got) = stream(&mut c, request(input, &params)).await.unwrap();
             assert_eq!(got.token_ids, want, "request {i}");
@@ -108,7 +131,12 @@ async fn concurrent_streams_spread_and_complete() {
     stop_cleanly(dep).await;
 }
 
-async fn expect_code(c: &mut proto::v1::generation_client::GenerationClient<tonic::transport::Channel>, req: pb::GenerateRequest, code: Code, what: &str) {
+async fn expect_code(
+    c: &mut proto::v1::generation_client::GenerationClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+    code: Code,
+    what: &str,
+) {
     match stream(c, req).await {
         Err(s) => {
             assert_eq!(s.code(), code, "{what}: {}", s.message());
@@ -122,27 +150,96 @@ async fn expect_code(c: &mut proto::v1::generation_client::GenerationClient<toni
 async fn bad_input_is_refused_with_the_right_code() {
     let (dep, _work) = deploy(BackendKind::Tcp, 1, 1, 1).await;
     let mut c = client(&dep.router).await;
-    let ok = SamplingParams { max_tokens: 4, ..Default::default() };
-    expect_code(&mut c, request(Input::Text(String::new()), &ok), Code::InvalidArgument, "empty prompt").await;
-    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![] }), &ok), Code::InvalidArgument, "empty token ids").await;
-    expect_code(&mut c, pb::GenerateRequest { request_id: String::new(), input: None, sampling: None }, Code::InvalidArgument, "no input").await;
-    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![99_999] }), &ok), Code::InvalidArgument, "token outside the vocabulary").await;
-    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![5; 5000] }), &ok), Code::InvalidArgument, "prompt longer than the context").await;
+    let ok = SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    expect_code(
+        &mut c,
+        request(Input::Text(String::new()), &ok),
+        Code::InvalidArgument,
+        "empty prompt",
+    )
+    .await;
+    expect_code(
+        &mut c,
+        request(Input::TokenIds(pb::TokenIds { ids: vec![] }), &ok),
+        Code::InvalidArgument,
+        "empty token ids",
+    )
+    .await;
+    expect_code(
+        &mut c,
+        pb::GenerateRequest {
+            request_id: String::new(),
+            input: None,
+            sampling: None,
+        },
+        Code::InvalidArgument,
+        "no input",
+    )
+    .await;
+    expect_code(
+        &mut c,
+        request(Input::TokenIds(pb::TokenIds { ids: vec![99_999] }), &ok),
+        Code::InvalidArgument,
+        "token outside the vocabulary",
+    )
+    .await;
+    expect_code(
+        &mut c,
+        request(Input::TokenIds(pb::TokenIds { ids: vec![5; 5000] }), &ok),
+        Code::InvalidArgument,
+        "prompt longer than the context",
+    )
+    .await;
     for (what, p) in [
-        ("max_tokens 0", SamplingParams { max_tokens: 0, ..ok.clone() }),
-        ("max_tokens huge", SamplingParams { max_tokens: 1_000_000, ..ok.clone() }),
-        ("negative temperature", SamplingParams { temperature: -0.5, ..ok.clone() }),
+        (
+            "max_tokens 0",
+            SamplingParams {
+                max_tokens: 0,
+                ..ok.clone()
+            },
+        ),
+        (
+            "max_tokens huge",
+            SamplingParams {
+                max_tokens: 1_000_000,
+                ..ok.clone()
+            },
+        ),
+        (
+            "negative temperature",
+            SamplingParams {
+                temperature: -0.5,
+                ..ok.clone()
+            },
+        ),
         ("top_p 0", SamplingParams { top_p: 0.0, ..ok.clone() }),
     ] {
         expect_code(&mut c, request(Input::Text("hello".into()), &p), Code::InvalidArgument, what).await;
     }
     // 1 MiB of KV cache is 128 blocks of 16 tokens: 3000 tokens cannot ever fit.
-    let big = SamplingParams { max_tokens: 2500, ignore_eos: true, ..Default::default() };
-    expect_code(&mut c, request(Input::TokenIds(pb::TokenIds { ids: vec![5; 600] }), &big), Code::ResourceExhausted, "more than the pool").await;
+    let big = SamplingParams {
+        max_tokens: 2500,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    expect_code(
+        &mut c,
+        request(Input::TokenIds(pb::TokenIds { ids: vec![5; 600] }), &big),
+        Code::ResourceExhausted,
+        "more than the pool",
+    )
+    .await;
     // The non-streaming form refuses the same way, and the daemon keeps serving.
     let e = c.generate_once(request(Input::Text(String::new()), &ok)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let r = c.generate_once(request(Input::Text("still serving".into()), &ok)).await.unwrap().into_inner();
+    let r = c
+        .generate_once(request(Input::Text("still serving".into()), &ok))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.completion_tokens, 4);
     assert_all_blocks_free(&dep.decode[0]).await;
     stop_cleanly(dep).await;
@@ -154,8 +251,16 @@ async fn cancelled_stream_frees_its_blocks() {
     use tokio_stream::StreamExt;
     let (dep, _work) = deploy(BackendKind::Ucx, 1, 1, 64).await;
     let mut c = client(&dep.router).await;
-    let p = SamplingParams { max_tokens: 3000, ignore_eos: true, ..Default::default() };
-    let mut s = c.generate(request(Input::Text("a long story".into()), &p)).await.unwrap().into_inner();
+    let p = SamplingParams {
+        max_tokens: 3000,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut s = c
+        .generate(request(Input::Text("a long story".into()), &p))
+        .await
+        .unwrap()
+        .into_inner();
     for _ in 0..5 {
         s.next().await.unwrap().unwrap();
     }
@@ -178,17 +283,24 @@ fn kill9(child: &mut tokio::process::Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_daemons_are_routed_around() {
     let (mut dep, _work) = deploy(BackendKind::Tcp, 2, 2, 64).await;
-    let p = SamplingParams { max_tokens: 6, ..Default::default() };
+    let p = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
     let mut c = client(&dep.router).await;
     kill9(dep.child_mut("prefill-0").unwrap());
     for i in 0..6 {
-        let (_, r) = stream(&mut c, request(Input::Text(format!("after the prefill kill {i}")), &p)).await.unwrap_or_else(|s| panic!("request {i}: {s}"));
+        let (_, r) = stream(&mut c, request(Input::Text(format!("after the prefill kill {i}")), &p))
+            .await
+            .unwrap_or_else(|s| panic!("request {i}: {s}"));
         assert_eq!(r.prefill_server, dep.prefill[1], "only the live prefill-server serves");
     }
     kill9(dep.child_mut("decode-0").unwrap());
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..6 {
-        let (_, r) = stream(&mut c, request(Input::Text(format!("after the decode kill {i}")), &p)).await.unwrap_or_else(|s| panic!("request {i}: {s}"));
+        let (_, r) = stream(&mut c, request(Input::Text(format!("after the decode kill {i}")), &p))
+            .await
+            .unwrap_or_else(|s| panic!("request {i}: {s}"));
         assert_eq!(r.completion_tokens, 6);
     }
     assert_all_blocks_free(&dep.decode[1]).await;
@@ -200,3 +312,45 @@ async fn killed_daemons_are_routed_around() {
     }
 }
 
+/// A client that is not ours (Python grpcio, stubs generated from proto/) gets the
+/// same tokens as the colocated run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_gets_the_same_tokens() {
+    let (dep, _work) = deploy(BackendKind::Tcp, 1, 1, 64).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let prompt = "A client that is not ours, 你好";
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("tests/python_client.py"))
+        .args([dep.router.as_str(), prompt, "10"])
+        .env("PYTHONPATH", root.join(".deps/py"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client failed (run scripts/setup.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split("\"token_ids\": [")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .map(|s| {
+            s.split(',')
+                .filter(|x| !x.trim().is_empty())
+                .map(|x| x.trim().parse().unwrap())
+                .collect()
+        })
+        .expect("token ids in the output");
+    let want = engine::generate_local(
+        reference_engine(),
+        &reference_engine().tokenize(prompt).unwrap(),
+        &SamplingParams {
+            max_tokens: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(got, want.tokens);
+    stop_cleanly(dep).await;
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""A client that is not ours: Python grpcio, stubs generated from proto/ at run time.
+Sends one Generate to the given address and prints the generated token ids as JSON.
+
+  python_client.py ROUTER_ADDR PROMPT MAX_TOKENS
+"""
+import json, os, sys, tempfile
+
+from grpc_tools import protoc
+import grpc
+
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "proto")
+out = tempfile.mkdtemp()
+files = ["pdserve/v1/generate.proto", "pdserve/v1/internal.proto"]
+if protoc.main(["protoc", f"-I{root}", f"--python_out={out}", f"--grpc_python_out={out}"] + files) != 0:
+    sys.exit("protoc failed")
+sys.path.insert(0, out)
+from pdserve.v1 import generate_pb2 as pb, generate_pb2_grpc as rpc  # noqa: E402
+
+addr, prompt, max_tokens = sys.argv[1].removeprefix("http://"), sys.argv[2], int(sys.argv[3])
+stub = rpc.GenerationStub(grpc.insecure_channel(addr))
+req = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParameters(max_tokens=max_tokens))
+tokens, result = [], None
+for msg in stub.Generate(req, timeout=60):
+    if msg.HasField("chunk"):
+        tokens += list(msg.chunk.token_ids)
+    else:
+        result = msg.result
+assert result is not None, "no final result"
+assert tokens == list(result.token_ids), "chunks and result disagree"
+print(json.dumps({"token_ids": tokens, "finish_reason": pb.FinishReason.Name(result.finish_reason)}))
