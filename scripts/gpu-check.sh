@@ -13,8 +13,7 @@ SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
 ITERS=${ITERS:-20}
 
 prepare() {
-  scripts/setup.sh
-  cargo build --release -p pdserve --features cuda
+  scripts/build-cuda.sh
   # The device's Python is 3.12: the anchor needs that wheel's bindings (same C libraries).
   local w=.deps/wheels-py312
   if ! ls $w/nixl_cu13-*-cp312-*.whl >/dev/null 2>&1; then
@@ -23,16 +22,15 @@ prepare() {
   fi
   rm -rf .carry
   python3 scripts/pack-device.py --nixl-wheel $w/nixl_cu13-*-cp312-*.whl --ucx-dir .deps/ucx \
-    --bin target/release/pdserve --out .carry
+    --bin target/release/pdserve,target/release/prefill-server,target/release/decode-server,target/release/router --out .carry
 }
 
 remote() {
   local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out}
   mkdir -p $D $OUTDIR
-  tar xf .carry/nixl.tar.xz -C $D
-  tar xf .carry/ucx.tar.xz -C $D
-  xz -dc .carry/pdserve.xz > $D/pdserve && chmod +x $D/pdserve
+  remote_unpack
   export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/libucx/lib RUST_BACKTRACE=0
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   # Keep NVLink multicast off on shared multi-GPU hosts.
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUTDIR/gpu.txt
@@ -62,8 +60,51 @@ remote() {
     $OUTDIR/kvbench_tcp.json --protocols $OUTDIR/proto_ucx.txt $OUTDIR/proto_nixl.txt | tee $OUTDIR/summary.md
 }
 
+# The engine and the daemons on the GPU: a 1B-shape synthetic Llama in bf16, our engine
+# against transformers on the same weights, then router -> decode -> prefill on the one
+# GPU with each backend against our colocated run.
+engine_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out}
+  [ -x $D/pdserve ] || remote_unpack
+  export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/libucx/lib RUST_BACKTRACE=0
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  local M=/tmp/m1b
+  [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
+  local rows=$OUTDIR/engine_rows.txt; : > $rows
+  for p in 1 2 3; do
+    ids=$(python3 -c "print(','.join(str(3 + (i * 7919 + $p * 104729) % 120000) for i in range(40 * $p)))")
+    $D/pdserve generate --local --device cuda:0 --model $M --token-ids "$ids" --max-tokens 32 --ignore-eos --json > $OUTDIR/local_$p.json
+    python3 scripts/hf_reference.py $M --prompt-ids "$ids" --max-new-tokens 32 --json $OUTDIR/hf_$p.json > /dev/null
+    echo "prompt$p $(python3 -c "import json;a=json.load(open('$OUTDIR/local_$p.json'))['tokens'];b=json.load(open('$OUTDIR/hf_$p.json'))['tokens'];print('ours==transformers', a==b, sum(x==y for x,y in zip(a,b)), '/', len(b))")" | tee -a $rows
+    for b in nixl ucx tcp; do
+      rm -rf /tmp/up-$b; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --workdir /tmp/up-$b > /tmp/up-$b.url 2>/tmp/up-$b.err &
+      local up=$!
+      for _ in $(seq 1 600); do [ -s /tmp/up-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+      if [ -s /tmp/up-$b.url ]; then
+        $D/pdserve generate --router "$(head -1 /tmp/up-$b.url)" --token-ids "$ids" --max-tokens 32 --ignore-eos --json > $OUTDIR/disagg_${b}_$p.json || true
+        echo "prompt$p $b $(python3 -c "import json;a=json.load(open('$OUTDIR/local_$p.json'))['tokens'];r=json.load(open('$OUTDIR/disagg_${b}_$p.json'));print('disagg==colocated', r['token_ids']==a, 'kv_ms', round(r['timings']['kv_transfer_ms'],3), 'kv_bytes', r['timings']['kv_bytes'], 'prefill_ms', round(r['timings']['prefill_ms'],1))")" | tee -a $rows
+      else
+        echo "prompt$p $b up failed: $(tail -3 /tmp/up-$b.err)" | tee -a $rows
+        tail -20 /tmp/up-$b/*.log 2>/dev/null | tail -30
+      fi
+      kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+    done
+  done
+  python3 scripts/hf_reference.py $M --bench --json $OUTDIR/hf_bench.json > /dev/null || true
+  echo "== summary"; cat $rows; cat $OUTDIR/hf_bench.json 2>/dev/null; echo
+}
+
+remote_unpack() {
+  local D=/tmp/pdserve-gpu
+  mkdir -p $D
+  tar xf .carry/nixl.tar.xz -C $D
+  tar xf .carry/ucx.tar.xz -C $D
+  for b in pdserve prefill-server decode-server router; do xz -dc .carry/$b.xz > $D/$b && chmod +x $D/$b; done
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   remote) remote ;;
-  *) echo "usage: $0 prepare|remote" >&2; exit 2 ;;
+  engine) engine_remote ;;
+  *) echo "usage: $0 prepare|remote|engine" >&2; exit 2 ;;
 esac

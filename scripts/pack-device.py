@@ -32,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nixl-wheel", required=True)
     ap.add_argument("--ucx-dir", required=True)
-    ap.add_argument("--bin", required=True)
+    ap.add_argument("--bin", required=True, help="comma-separated binaries")
     ap.add_argument("--anchor", default="../shared/tools/nixl_anchor.py")
     ap.add_argument("--out", default=".carry")
     a = ap.parse_args()
@@ -69,10 +69,11 @@ def main():
                 # Only the versioned names the loader asks for (.so.0), and bundled libs.
                 if os.path.isfile(p) and (f.endswith(".so.0") or d == bundled) and "perftest" not in f and "gomp" not in f:
                     t.add(p, arcname=os.path.relpath(p, a.ucx_dir))
-    binxz = os.path.join(a.out, "pdserve.xz")
-    subprocess.run(["strip", "-o", os.path.join(tmp, "pdserve"), a.bin], check=True)
-    with open(binxz, "wb") as f:
-        subprocess.run(["xz", "-6", "-c", os.path.join(tmp, "pdserve")], stdout=f, check=True)
+    for b in a.bin.split(","):
+        name = os.path.basename(b)
+        subprocess.run(["strip", "-o", os.path.join(tmp, name), b], check=True)
+        with open(os.path.join(a.out, name + ".xz"), "wb") as f:
+            subprocess.run(["xz", "-6", "-T0", "-c", os.path.join(tmp, name)], stdout=f, check=True)
     if os.path.exists(a.anchor):
         shutil.copy(a.anchor, os.path.join(a.out, "nixl_anchor.py"))
     shutil.rmtree(tmp)

@@ -58,24 +58,11 @@ pub async fn client(url: &str) -> GenerationClient<Channel> {
     GenerationClient::connect(url.to_string()).await.unwrap()
 }
 
-pub fn wire(p: &SamplingParams) -> pb::SamplingParameters {
-    pb::SamplingParameters {
-        temperature: Some(p.temperature),
-        top_k: Some(p.top_k),
-        top_p: Some(p.top_p),
-        repetition_penalty: Some(p.repetition_penalty),
-        seed: Some(p.seed),
-        max_tokens: Some(p.max_tokens),
-        stop: p.stop.clone(),
-        ignore_eos: Some(p.ignore_eos),
-    }
-}
-
 pub fn request(input: pb::generate_request::Input, p: &SamplingParams) -> pb::GenerateRequest {
     pb::GenerateRequest {
         request_id: String::new(),
         input: Some(input),
-        sampling: Some(wire(p)),
+        sampling: Some(daemon::convert::sampling_to_wire(p)),
     }
 }
 

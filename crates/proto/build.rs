@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["pdserve/v1/generate.proto", "pdserve/v1/internal.proto"].map(|f| root.join(f));
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("pdserve_descriptor.bin"))
-        .compile_protos(&files, &[root.clone()])?;
+        .compile_protos(&files, std::slice::from_ref(&root))?;
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -474,13 +474,15 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     info!(%addr, "decode-server listening; loading model");
     let svc = DecodeService::new(cfg).await?;
     svc.spawn_handshakes();
+    let draining = Arc::new(AtomicBool::new(false));
     {
-        let (svc, reporter) = (svc.clone(), reporter.clone());
+        let (svc, reporter, draining) = (svc.clone(), reporter.clone(), draining.clone());
         tokio::spawn(async move {
-            // Serving once some prefill-server is handshaken; back to not serving if all are lost.
+            // Serving once some prefill-server is handshaken; back to not serving if all
+            // are lost, and for good once draining.
             let mut was = false;
             loop {
-                let now = svc.ready();
+                let now = svc.ready() && !draining.load(Ordering::Relaxed);
                 if now != was {
                     if now {
                         reporter.set_serving::<Svc>().await
@@ -498,8 +500,11 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     let drain_started = Arc::new(tokio::sync::Notify::new());
     {
         let drain_started = drain_started.clone();
+        let reporter = reporter.clone();
         tokio::spawn(async move {
             shutdown.await;
+            draining.store(true, Ordering::Relaxed);
+            reporter.set_not_serving::<Svc>().await;
             drain_started.notify_one();
             let _ = stop_tx.send(());
         });

@@ -111,14 +111,14 @@ impl ModelConfig {
         } else {
             return Err(format!("unsupported architecture {kind:?} (supported: llama, qwen2)"));
         };
-        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 && hf.head_dim.is_none() {
+        if hf.num_attention_heads == 0 || (!hf.hidden_size.is_multiple_of(hf.num_attention_heads) && hf.head_dim.is_none()) {
             return Err(format!(
                 "hidden_size {} does not split into {} heads",
                 hf.hidden_size, hf.num_attention_heads
             ));
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "{} attention heads are not a multiple of {num_kv_heads} key/value heads",
                 hf.num_attention_heads

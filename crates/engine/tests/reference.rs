@@ -50,6 +50,34 @@ fn compare(name: &str, ours: &[Vec<f32>], theirs: &[Vec<f32>]) {
     }
 }
 
+/// Runs a reference model greedily for every prompt length and compares with ours.
+/// `step(input_ids, position)` returns the reference's last-position logits.
+fn against_reference(
+    name: &str,
+    engine: &Engine,
+    salt: u32,
+    vocab: usize,
+    mut reset: impl FnMut(),
+    mut step: impl FnMut(&Tensor, usize) -> Vec<f32>,
+) {
+    let dev = Device::Cpu;
+    for (i, &len) in LENGTHS.iter().enumerate() {
+        reset();
+        let prompt = common::prompt(len, salt + i as u32, vocab);
+        let mut theirs = Vec::new();
+        let mut input = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        let mut pos = 0;
+        for _ in 0..STEPS {
+            let logits = step(&input, pos);
+            pos += input.dim(1).unwrap();
+            let next = engine::model::argmax(&logits);
+            theirs.push(logits);
+            input = Tensor::new(&[next], &dev).unwrap().unsqueeze(0).unwrap();
+        }
+        compare(&format!("{name} prompt {len}"), &ours(engine, &prompt), &theirs);
+    }
+}
+
 fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -70,27 +98,23 @@ fn llama_reference(preset: Preset) {
     // SAFETY: test-owned files, not modified while mapped.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files(&dir), DType::F32, &dev).unwrap() };
     let model = Llama::load(vb, &cfg).unwrap();
-    for (i, &len) in LENGTHS.iter().enumerate() {
-        let prompt = common::prompt(len, i as u32, cfg.vocab_size);
-        let mut cache = Cache::new(true, DType::F32, &cfg, &dev).unwrap();
-        let mut theirs = Vec::new();
-        let mut input = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-        let mut pos = 0;
-        for _ in 0..STEPS {
-            let logits: Vec<f32> = model
-                .forward(&input, pos, &mut cache)
+    let cache = std::cell::RefCell::new(Cache::new(true, DType::F32, &cfg, &dev).unwrap());
+    against_reference(
+        &format!("llama {preset:?}"),
+        &engine,
+        0,
+        cfg.vocab_size,
+        || *cache.borrow_mut() = Cache::new(true, DType::F32, &cfg, &dev).unwrap(),
+        |input, pos| {
+            model
+                .forward(input, pos, &mut cache.borrow_mut())
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
                 .to_vec1()
-                .unwrap();
-            pos += input.dim(1).unwrap();
-            let next = engine::model::argmax(&logits);
-            theirs.push(logits);
-            input = Tensor::new(&[next], &dev).unwrap().unsqueeze(0).unwrap();
-        }
-        compare(&format!("llama {preset:?} prompt {len}"), &ours(&engine, &prompt), &theirs);
-    }
+                .unwrap()
+        },
+    );
 }
 
 #[test]
@@ -113,30 +137,26 @@ fn qwen2_tiny_matches_candle_transformers() {
     let dev = Device::Cpu;
     // SAFETY: test-owned files, not modified while mapped.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files(&dir), DType::F32, &dev).unwrap() };
-    let mut model = ModelForCausalLM::new(&cfg, vb).unwrap();
-    for (i, &len) in LENGTHS.iter().enumerate() {
-        model.clear_kv_cache();
-        let prompt = common::prompt(len, 100 + i as u32, cfg.vocab_size);
-        let mut theirs = Vec::new();
-        let mut input = Tensor::new(prompt.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-        let mut pos = 0;
-        for _ in 0..STEPS {
-            let logits: Vec<f32> = model
-                .forward(&input, pos)
+    let model = std::cell::RefCell::new(ModelForCausalLM::new(&cfg, vb).unwrap());
+    against_reference(
+        "qwen2",
+        &engine,
+        100,
+        cfg.vocab_size,
+        || model.borrow_mut().clear_kv_cache(),
+        |input, pos| {
+            model
+                .borrow_mut()
+                .forward(input, pos)
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
                 .to_vec1()
-                .unwrap();
-            pos += input.dim(1).unwrap();
-            let next = engine::model::argmax(&logits);
-            theirs.push(logits);
-            input = Tensor::new(&[next], &dev).unwrap().unsqueeze(0).unwrap();
-        }
-        compare(&format!("qwen2 prompt {len}"), &ours(&engine, &prompt), &theirs);
-    }
+                .unwrap()
+        },
+    );
 }
 
 /// Seeded sampling through the engine repeats exactly.

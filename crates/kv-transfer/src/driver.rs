@@ -102,6 +102,14 @@ impl<C: Send + 'static> Driver<C> {
         })
     }
 
+    /// Sends a command that answers through a oneshot, and awaits the answer without
+    /// blocking the runtime (writes: the driver enforces their deadlines).
+    pub(crate) async fn ask<R: Send + 'static>(&self, make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R>>) -> C) -> Result<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| TransferError::Closed)?
+    }
+
     /// Stops the thread after it released everything.
     pub(crate) fn shutdown(&self) {
         drop(self.tx.lock().unwrap().take());

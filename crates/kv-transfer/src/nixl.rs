@@ -251,14 +251,8 @@ impl Nixl {
     }
 
     pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.driver.send(Cmd::Post {
-            id,
-            tag,
-            deadline: Instant::now() + deadline,
-            reply: tx,
-        })?;
-        rx.await.map_err(|_| TransferError::Closed)?
+        let deadline = Instant::now() + deadline;
+        self.driver.ask(|reply| Cmd::Post { id, tag, deadline, reply }).await
     }
 
     pub(crate) fn shutdown(&self) {

@@ -119,7 +119,7 @@ async fn remote(a: &Args, url: &str) -> anyhow::Result<i32> {
     let req = pb::GenerateRequest {
         request_id: a.request_id.clone().unwrap_or_default(),
         input: Some(input),
-        sampling: Some(daemon_free_sampling(&a.sampling())),
+        sampling: Some(daemon::convert::sampling_to_wire(&a.sampling())),
     };
     let mut client = pb::generation_client::GenerationClient::connect(url.to_string()).await?;
     let mut stream = match client.generate(req).await {
@@ -176,22 +176,9 @@ async fn remote(a: &Args, url: &str) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn daemon_free_sampling(p: &SamplingParams) -> proto::v1::SamplingParameters {
-    proto::v1::SamplingParameters {
-        temperature: Some(p.temperature),
-        top_k: Some(p.top_k),
-        top_p: Some(p.top_p),
-        repetition_penalty: Some(p.repetition_penalty),
-        seed: Some(p.seed),
-        max_tokens: Some(p.max_tokens),
-        stop: p.stop.clone(),
-        ignore_eos: Some(p.ignore_eos),
-    }
-}
-
 /// The final result as JSON (the fields a script wants).
 pub fn result_json(r: &proto::v1::GenerateResult) -> serde_json::Value {
-    let t = r.timings.clone().unwrap_or_default();
+    let t = r.timings.unwrap_or_default();
     serde_json::json!({
         "request_id": r.request_id,
         "finish_reason": r.finish_reason().as_str_name(),

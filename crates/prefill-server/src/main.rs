@@ -1,32 +1,4 @@
-//! `prefill-server`: load config, build the service, serve until SIGTERM.
-use clap::Parser;
-
-#[derive(Parser)]
-#[command(version, about = "pdserve prefill daemon")]
-struct Args {
-    /// TOML config (see configs/prefill.toml); PDSERVE_* variables override it.
-    #[arg(long, env = "PDSERVE_CONFIG")]
-    config: Option<std::path::PathBuf>,
-}
-
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    daemon::init_tracing();
-    let cfg: prefill_server::PrefillConfig = match daemon::load_config(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("prefill-server: {e}");
-            std::process::exit(64);
-        }
-    };
-    let rt = tokio::runtime::Runtime::new()?;
-    let code = match rt.block_on(prefill_server::serve(cfg, daemon::shutdown_signal())) {
-        Ok(()) => 0,
-        Err(e) => {
-            tracing::error!("prefill-server: {e:#}");
-            1
-        }
-    };
-    drop(rt);
-    kv_transfer::exit_now(code)
+//! `prefill-server`: load config, build, serve until SIGTERM (see `daemon::main`).
+fn main() {
+    daemon::main::<prefill_server::PrefillConfig, _, _>("prefill-server", prefill_server::serve)
 }

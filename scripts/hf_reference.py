@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""transformers (PyTorch) on the same model directory: greedy tokens and logits, the
+correctness reference for pdserve's engine on the GPU, and its speed for comparison.
+
+  hf_reference.py MODEL_DIR --prompt-ids 1,2,3 --max-new-tokens 32 --json out.json
+  hf_reference.py MODEL_DIR --bench            # prefill tok/s at 512/2048, decode tok/s at batch 1/8/32
+"""
+import argparse, json, time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("--prompt-ids", default="")
+ap.add_argument("--max-new-tokens", type=int, default=32)
+ap.add_argument("--json")
+ap.add_argument("--bench", action="store_true")
+a = ap.parse_args()
+m = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
+
+@torch.no_grad()
+def greedy(ids, n):
+    x = torch.tensor([ids], device="cuda")
+    out = m.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n, output_logits=True, return_dict_in_generate=True)
+    toks = out.sequences[0, len(ids):].tolist()
+    logits = [l[0].float().cpu() for l in out.logits]
+    return toks, logits
+
+res = {}
+if a.prompt_ids:
+    ids = [int(t) for t in a.prompt_ids.split(",")]
+    toks, logits = greedy(ids, a.max_new_tokens)
+    res["tokens"] = toks
+    res["first_logits_top5"] = torch.topk(logits[0], 5).indices.tolist()
+    torch.save(torch.stack(logits), (a.json or "ref") + ".logits.pt")
+if a.bench:
+    def timed(f, reps=3):
+        f(); torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps
+    b = {}
+    with torch.no_grad():
+        for n in (512, 2048):
+            x = torch.randint(3, 1000, (1, n), device="cuda")
+            b[f"prefill_{n}_tok_s"] = n / timed(lambda: m(x))
+        for bs in (1, 8, 32):
+            x = torch.randint(3, 1000, (bs, 128), device="cuda")
+            steps = 64
+            dt = timed(lambda: m.generate(x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False), reps=1)
+            b[f"decode_b{bs}_tok_s"] = bs * steps / dt
+    res["bench"] = b
+print(json.dumps(res))
+if a.json:
+    json.dump(res, open(a.json, "w"))
