@@ -94,6 +94,41 @@ engine_remote() {
   echo "== summary"; cat $rows; cat $OUTDIR/hf_bench.json 2>/dev/null; echo
 }
 
+# Warm figures: one deployment per backend on the one GPU, six requests with a 512-token
+# prompt; the first (JIT, first-use IPC set-up) is left out of the table.
+warm_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
+  [ -x $D/pdserve ] || remote_unpack
+  export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/libucx/lib RUST_BACKTRACE=0
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
+  : > $OUTDIR/warm.jsonl
+  for b in nixl ucx tcp; do
+    rm -rf /tmp/w-$b; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 8192 --workdir /tmp/w-$b > /tmp/w-$b.url 2>/tmp/w-$b.err &
+    local up=$!
+    for _ in $(seq 1 600); do [ -s /tmp/w-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+    for i in 1 2 3 4 5 6; do
+      ids=$(python3 -c "print(','.join(str(3 + (j * 7919 + $i * 31) % 120000) for j in range(512)))")
+      $D/pdserve generate --router "$(head -1 /tmp/w-$b.url)" --token-ids "$ids" --max-tokens 16 --ignore-eos --json \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); r['backend']='$b'; r['i']=$i; r.pop('token_ids'); r.pop('text'); print(json.dumps(r))" >> $OUTDIR/warm.jsonl
+    done
+    kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+  done
+  python3 - $OUTDIR/warm.jsonl <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print("| backend | prompt tokens | KV bytes | prefill ms | KV transfer ms | transfer GB/s | first token ms | mean ITL ms | transfer share of TTFT |")
+print("|---|---|---|---|---|---|---|---|---|")
+for b in ("nixl", "ucx", "tcp"):
+    w = [r for r in rows if r["backend"] == b and r["i"] > 1]
+    if not w:
+        print(f"| {b} | failed |"); continue
+    med = lambda k: statistics.median(r["timings"][k] for r in w)
+    kv = w[0]["timings"]["kv_bytes"]
+    print(f"| {b} | {w[0]['prompt_tokens']} | {kv} | {med('prefill_ms'):.1f} | {med('kv_transfer_ms'):.3f} | {kv / med('kv_transfer_ms') / 1e6:.1f} | {med('first_token_ms'):.1f} | {med('mean_inter_token_ms'):.2f} | {100 * med('kv_transfer_ms') / med('first_token_ms'):.1f}% |")
+PY
+}
+
 remote_unpack() {
   local D=/tmp/pdserve-gpu
   mkdir -p $D
@@ -106,5 +141,6 @@ case "${1:-}" in
   prepare) prepare ;;
   remote) remote ;;
   engine) engine_remote ;;
-  *) echo "usage: $0 prepare|remote|engine" >&2; exit 2 ;;
+  warm) warm_remote ;;
+  *) echo "usage: $0 prepare|remote|engine|warm" >&2; exit 2 ;;
 esac

@@ -101,9 +101,16 @@ impl KvPools {
         let shape = (layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim);
         let mut k = Vec::with_capacity(layout.num_layers);
         let mut v = Vec::with_capacity(layout.num_layers);
+        let zeros = || -> Result<Tensor> {
+            #[cfg(feature = "cuda")]
+            if device.is_cuda() {
+                return crate::memory::ipc_zeros(shape, dtype, device);
+            }
+            Ok(Tensor::zeros(shape, dtype, device)?)
+        };
         for _ in 0..layout.num_layers {
-            k.push(Tensor::zeros(shape, dtype, device)?);
-            v.push(Tensor::zeros(shape, dtype, device)?);
+            k.push(zeros()?);
+            v.push(zeros()?);
         }
         Ok(KvPools { layout, k, v })
     }
