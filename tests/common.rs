@@ -35,6 +35,16 @@ pub fn reference_engine() -> &'static Engine {
 }
 
 pub async fn deploy(backend: BackendKind, prefill: usize, decode: usize, kv_cache_mib: u64) -> (Deployment, tempfile::TempDir) {
+    deploy_with(backend, prefill, decode, kv_cache_mib, 30_000).await
+}
+
+pub async fn deploy_with(
+    backend: BackendKind,
+    prefill: usize,
+    decode: usize,
+    kv_cache_mib: u64,
+    queue_deadline_ms: u64,
+) -> (Deployment, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let args = Args {
         model: Some(model()),
@@ -45,6 +55,7 @@ pub async fn deploy(backend: BackendKind, prefill: usize, decode: usize, kv_cach
         device: "cpu".into(),
         kv_cache_mib,
         local_prefill_below: 0,
+        queue_deadline_ms,
         workdir: Some(work.path().to_path_buf()),
         ready_timeout: 60,
     };

@@ -354,3 +354,128 @@ async fn python_grpcio_client_gets_the_same_tokens() {
     assert_eq!(got, want.tokens);
     stop_cleanly(dep).await;
 }
+
+/// An incompatible peer is refused at the handshake, with the difference named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_peers_are_refused_at_handshake() {
+    let (dep, _work) = deploy(BackendKind::Tcp, 1, 1, 8).await;
+    let mut p = pb::prefill_client::PrefillClient::connect(dep.prefill[0].clone()).await.unwrap();
+    let layout = engine::Engine::load(&engine::EngineConfig {
+        model: model(),
+        kv_cache_mib: 8,
+        ..Default::default()
+    })
+    .unwrap()
+    .layout()
+    .clone();
+    let wire = |l: &engine::KvLayout| daemon::convert::layout_to_wire(l);
+    let req = |layout: pb::KvLayout, backend: &str, md: Vec<u8>| pb::HandshakeRequest {
+        peer_name: "test".into(),
+        layout: Some(layout),
+        backend: backend.into(),
+        transfer_metadata: md,
+        pool_regions: (1..=2 * layout_layers()).collect(),
+    };
+    let other_model = engine::KvLayout {
+        model_fingerprint: layout.model_fingerprint ^ 1,
+        ..layout.clone()
+    };
+    let e = p.handshake(req(wire(&other_model), "tcp", vec![])).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("fingerprint"), "{}", e.message());
+    let other_blocks = engine::KvLayout {
+        block_size: 32,
+        ..layout.clone()
+    };
+    let e = p.handshake(req(wire(&other_blocks), "tcp", vec![])).await.unwrap_err();
+    assert!(
+        e.code() == Code::FailedPrecondition && e.message().contains("block size 16 vs 32"),
+        "{}",
+        e.message()
+    );
+    let e = p.handshake(req(wire(&layout), "ucx", vec![])).await.unwrap_err();
+    assert!(
+        e.code() == Code::FailedPrecondition && e.message().contains("backend mismatch"),
+        "{}",
+        e.message()
+    );
+    let e = p.handshake(req(wire(&layout), "tcp", b"garbage".to_vec())).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    stop_cleanly(dep).await;
+}
+
+fn layout_layers() -> u32 {
+    2
+}
+
+/// More requests than KV blocks: the late one waits up to the queue deadline, then gets
+/// RESOURCE_EXHAUSTED; the running one finishes and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_blocks_ends_at_the_queue_deadline() {
+    use tokio_stream::StreamExt;
+    // 1 MiB: 128 blocks of 16 tokens.
+    let (dep, _work) = deploy_with(BackendKind::Tcp, 1, 1, 1, 300).await;
+    let mut c = client(&dep.router).await;
+    let big = SamplingParams {
+        max_tokens: 1900,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut a = c
+        .generate(request(Input::Text("hold most of the cache".into()), &big))
+        .await
+        .unwrap()
+        .into_inner();
+    a.next().await.unwrap().unwrap();
+    let t = std::time::Instant::now();
+    let small = SamplingParams {
+        max_tokens: 200,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let e = stream(&mut c, request(Input::Text("no room for me".into()), &small))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "it waited for blocks first ({:?})",
+        t.elapsed()
+    );
+    let mut n = 1;
+    while let Some(item) = a.next().await {
+        if let Some(pb::generate_response::Kind::Result(r)) = item.unwrap().kind {
+            assert_eq!(r.completion_tokens, 1900);
+        }
+        n += 1;
+    }
+    assert!(n > 1900);
+    let (_, r) = stream(&mut c, request(Input::Text("now there is room".into()), &small))
+        .await
+        .unwrap();
+    assert_eq!(r.completion_tokens, 200);
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}
+
+/// A message over the size limit is refused by the limit, and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused() {
+    let (dep, _work) = deploy(BackendKind::Tcp, 1, 1, 8).await;
+    let mut c = client(&dep.router).await;
+    let p = SamplingParams {
+        max_tokens: 2,
+        ..Default::default()
+    };
+    let huge = "x".repeat(20 << 20);
+    let e = stream(&mut c, request(Input::Text(huge), &p)).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{:?}: {}",
+        e.code(),
+        e.message()
+    );
+    let (_, r) = stream(&mut c, request(Input::Text("small".into()), &p)).await.unwrap();
+    assert_eq!(r.completion_tokens, 2);
+    stop_cleanly(dep).await;
+}

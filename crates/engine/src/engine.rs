@@ -94,7 +94,7 @@ impl Engine {
             )));
         }
         let layout = KvLayout {
-            model_fingerprint: c.fingerprint(),
+            model_fingerprint: dir.fingerprint,
             num_layers: c.num_layers,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,

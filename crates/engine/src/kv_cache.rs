@@ -46,7 +46,7 @@ impl KvLayout {
         let mut diffs = Vec::new();
         if self.model_fingerprint != peer.model_fingerprint {
             diffs.push(format!(
-                "model config fingerprint {:#x} vs {:#x} (a different model or config)",
+                "model fingerprint {:#x} vs {:#x} (different weights or config)",
                 self.model_fingerprint, peer.model_fingerprint
             ));
         }

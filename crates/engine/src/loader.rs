@@ -35,6 +35,8 @@ pub struct ModelDir {
     pub config: ModelConfig,
     pub tokenizer: PathBuf,
     pub(crate) index: TensorIndex,
+    /// Identifies the weights: peers refuse each other when it differs.
+    pub fingerprint: u64,
 }
 
 impl ModelDir {
@@ -53,11 +55,13 @@ impl ModelDir {
         }
         let files = weight_files(root)?;
         let index = read_headers(files)?;
+        let fingerprint = weights_fingerprint(&config, &index.files)?;
         Ok(ModelDir {
             root: root.to_path_buf(),
             config,
             tokenizer,
             index,
+            fingerprint,
         })
     }
 }
@@ -144,4 +148,32 @@ fn read_headers(files: Vec<PathBuf>) -> Result<TensorIndex> {
         }
     }
     Ok(TensorIndex { files, entries })
+}
+
+/// The config's fingerprint mixed with each weight file's size and 64 KiB sampled from
+/// its start, middle and end: two checkpoints of one shape (a base model and its
+/// fine-tune) differ here, so their daemons refuse to share KV caches.
+fn weights_fingerprint(config: &ModelConfig, files: &[PathBuf]) -> Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut h = config.fingerprint();
+    let mut mix = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    for path in files {
+        let mut f = std::fs::File::open(path).map_err(|e| EngineError::model(path, format!("cannot open: {e}")))?;
+        let len = f
+            .metadata()
+            .map_err(|e| EngineError::model(path, format!("cannot stat: {e}")))?
+            .len();
+        mix(&len.to_le_bytes());
+        for at in [0, len / 2, len.saturating_sub(buf.len() as u64)] {
+            f.seek(SeekFrom::Start(at)).map_err(|e| EngineError::model(path, e.to_string()))?;
+            let n = f.read(&mut buf).map_err(|e| EngineError::model(path, e.to_string()))?;
+            mix(&buf[..n]);
+        }
+    }
+    Ok(h)
 }

@@ -148,3 +148,45 @@ fn continuous_batch_equals_each_alone() {
     }
     assert_eq!(e.free_blocks(), start_free);
 }
+
+/// Stop strings end generation, are left out of the text, and the reason says so.
+#[test]
+fn stop_strings_stop() {
+    let e = common::engine(Arch::Llama, Preset::Tiny, 8);
+    let prompt = e.tokenize("The quick brown fox").unwrap();
+    let free = generate_local(&e, &prompt, &params(3, 40, 1.5)).unwrap();
+    let chars: Vec<char> = free.text.chars().filter(|c| *c != '\u{FFFD}').collect();
+    assert!(chars.len() > 4, "the model must produce some text: {:?}", free.text);
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = free.text.find(&stop).unwrap();
+    let stopped = generate_local(
+        &e,
+        &prompt,
+        &SamplingParams {
+            stop: vec![stop.clone()],
+            ..params(3, 40, 1.5)
+        },
+    )
+    .unwrap();
+    assert_eq!(stopped.finish_reason, engine::FinishReason::Stop);
+    assert_eq!(stopped.text, free.text[..cut], "text up to the stop string {stop:?}");
+    assert!(stopped.tokens.len() < free.tokens.len());
+}
+
+/// Two checkpoints of one shape (other weights) have different KV layouts' fingerprints.
+#[test]
+fn other_weights_other_fingerprint() {
+    let a = common::engine(Arch::Llama, Preset::Tiny, 1);
+    let b = common::engine(Arch::Llama, Preset::Tiny, 1);
+    assert!(a.layout().check_compatible(b.layout()).is_ok());
+    let dir = tempfile::tempdir().unwrap();
+    engine::synth::synthesize(Arch::Llama, Preset::Tiny, 99, dir.path()).unwrap();
+    let c = engine::Engine::load(&engine::EngineConfig {
+        model: dir.path().to_path_buf(),
+        kv_cache_mib: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let why = a.layout().check_compatible(c.layout()).unwrap_err();
+    assert!(why.contains("fingerprint"), "{why}");
+}

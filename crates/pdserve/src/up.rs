@@ -34,6 +34,9 @@ pub struct Args {
     /// Prompts shorter than this are prefilled on the decode-server (0: never).
     #[arg(long, default_value_t = 0)]
     pub local_prefill_below: usize,
+    /// How long a request may wait for KV blocks on a decode-server, ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub queue_deadline_ms: u64,
     /// Where configs, logs and the synthetic model go (default: a temporary folder).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
@@ -155,8 +158,8 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\nprefill_servers = [{peers}]\nlocal_prefill_below = {}\n\n{engine_section}",
-                a.local_prefill_below
+                "listen = \"{addr}\"\nprefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\n\n{engine_section}",
+                a.local_prefill_below, a.queue_deadline_ms
             ),
         )?);
         decode.push(format!("http://{addr}"));
