@@ -172,29 +172,28 @@ pub struct RouterApi(pub Arc<Router>);
 
 type EventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl pb::generation_server::Generation for RouterApi {
-    type GenerateStream = EventStream;
-
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let mut r = req.into_inner();
-        Router::prepare(&mut r);
+impl RouterApi {
+    /// Sends `req` to the healthy decode-servers in policy order until one takes it; a
+    /// server that cannot be reached is marked unhealthy and the next one tried. The
+    /// returned guard keeps the server's outstanding count until it is dropped.
+    async fn route<T, F, Fut>(&self, mut req: pb::GenerateRequest, call: F) -> Result<(T, Outstanding), Status>
+    where
+        F: Fn(GenerationClient<Channel>, pb::GenerateRequest) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        Router::prepare(&mut req);
         let mut last = Status::unavailable("no healthy decode-server");
         for b in self.0.candidates() {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
             let guard = Outstanding(b.clone());
-            let mut client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-            match client.generate(r.clone()).await {
+            let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+            match call(client, req.clone()).await {
                 Ok(resp) => {
-                    info!(request_id = %r.request_id, decode = %b.url, "routed");
-                    let stream = resp.into_inner().map(move |item| {
-                        let _held = &guard;
-                        item
-                    });
-                    return Ok(Response::new(Box::pin(stream)));
+                    info!(request_id = %req.request_id, decode = %b.url, "routed");
+                    return Ok((resp.into_inner(), guard));
                 }
                 Err(s) if unreachable(&s) => {
-                    warn!(request_id = %r.request_id, decode = %b.url, error = %s.message(), "decode-server unreachable; trying another");
+                    warn!(request_id = %req.request_id, decode = %b.url, error = %s.message(), "decode-server unreachable; trying another");
                     b.healthy.store(false, Ordering::Relaxed);
                     last = s;
                 }
@@ -203,25 +202,27 @@ impl pb::generation_server::Generation for RouterApi {
         }
         Err(last)
     }
+}
+
+#[tonic::async_trait]
+impl pb::generation_server::Generation for RouterApi {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let (stream, guard) = self.route(req.into_inner(), |mut c, r| async move { c.generate(r).await }).await?;
+        // The decode-server counts as busy with this request until the stream ends.
+        let stream = stream.map(move |item| {
+            let _held = &guard;
+            item
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn generate_once(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResult>, Status> {
-        let mut r = req.into_inner();
-        Router::prepare(&mut r);
-        let mut last = Status::unavailable("no healthy decode-server");
-        for b in self.0.candidates() {
-            b.outstanding.fetch_add(1, Ordering::Relaxed);
-            let _guard = Outstanding(b.clone());
-            let mut client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-            match client.generate_once(r.clone()).await {
-                Ok(resp) => return Ok(resp),
-                Err(s) if unreachable(&s) => {
-                    b.healthy.store(false, Ordering::Relaxed);
-                    last = s;
-                }
-                Err(s) => return Err(s),
-            }
-        }
-        Err(last)
+        let (result, _guard) = self
+            .route(req.into_inner(), |mut c, r| async move { c.generate_once(r).await })
+            .await?;
+        Ok(Response::new(result))
     }
 }
 
