@@ -45,6 +45,17 @@ pub async fn deploy_with(
     kv_cache_mib: u64,
     queue_deadline_ms: u64,
 ) -> (Deployment, tempfile::TempDir) {
+    deploy_full(backend, prefill, decode, kv_cache_mib, queue_deadline_ms, 0).await
+}
+
+pub async fn deploy_full(
+    backend: BackendKind,
+    prefill: usize,
+    decode: usize,
+    kv_cache_mib: u64,
+    queue_deadline_ms: u64,
+    local_prefill_below: usize,
+) -> (Deployment, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let args = Args {
         model: Some(model()),
@@ -54,7 +65,7 @@ pub async fn deploy_with(
         router_addr: None,
         device: "cpu".into(),
         kv_cache_mib,
-        local_prefill_below: 0,
+        local_prefill_below,
         queue_deadline_ms,
         workdir: Some(work.path().to_path_buf()),
         ready_timeout: 60,

@@ -479,3 +479,108 @@ async fn oversized_messages_are_refused() {
     assert_eq!(r.completion_tokens, 2);
     stop_cleanly(dep).await;
 }
+
+/// Prompts under `local_prefill_below` are prefilled on the decode-server (no transfer),
+/// with the same tokens; longer ones still go to the prefill-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_prompts_are_prefilled_locally() {
+    let (dep, _work) = deploy_full(BackendKind::Tcp, 1, 1, 64, 30_000, 20).await;
+    let mut c = client(&dep.router).await;
+    let p = SamplingParams {
+        max_tokens: 8,
+        ..Default::default()
+    };
+    for (len, local) in [(5usize, true), (19, true), (20, false), (60, false)] {
+        let ids: Vec<u32> = (0..len as u32).map(|i| 3 + i * 13 % 400).collect();
+        let want = engine::generate_local(reference_engine(), &ids, &p).unwrap().tokens;
+        let (_, r) = stream(&mut c, request(Input::TokenIds(pb::TokenIds { ids }), &p)).await.unwrap();
+        assert_eq!(r.token_ids, want, "prompt {len}");
+        assert_eq!(r.prefill_server == "local", local, "prompt {len} prefilled at {}", r.prefill_server);
+        assert_eq!(r.timings.unwrap().kv_bytes == 0, local);
+    }
+    stop_cleanly(dep).await;
+}
+
+/// A bad config stops a daemon at start, exit code 64, naming the key and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_fails_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, text, expect) in [
+        ("router", "listen = \"127.0.0.1:1\"\ndecode_servers = []\n", "decode_servers"),
+        ("router", "listen = \"nowhere\"\n", "listen"),
+        ("decode-server", "max_batch = \"many\"\n", "max_batch"),
+        ("prefill-server", "[transfer]\nbackend = \"carrier-pigeon\"\n", "backend"),
+        ("prefill-server", "[engine]\nblock_sise = 16\n", "block_sise"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = tokio::process::Command::new(pdserve::up::binary(bin).unwrap())
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bin} with {text:?}: {err}");
+        assert!(err.contains(expect), "{bin}: the error names {expect:?}: {err}");
+    }
+}
+
+/// A prefill-server killed and started again: the decode-server handshakes with it
+/// again and requests succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_prefill_server_is_used_again() {
+    let (mut dep, work) = deploy(BackendKind::Ucx, 1, 1, 64).await;
+    let mut c = client(&dep.router).await;
+    let p = SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    stream(&mut c, request(Input::Text("before".into()), &p)).await.unwrap();
+    kill9(dep.child_mut("prefill-0").unwrap());
+    let e = stream(&mut c, request(Input::Text("while it is down".into()), &p))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert_all_blocks_free(&dep.decode[0]).await;
+    let mut again = tokio::process::Command::new(pdserve::up::binary("prefill-server").unwrap())
+        .arg("--config")
+        .arg(work.path().join("prefill-0.toml"))
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok((_, r)) = stream(&mut c, request(Input::Text("after the restart".into()), &p)).await {
+            assert_eq!(r.prefill_server, dep.prefill[0]);
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "requests succeed once the prefill-server is back");
+    kill9(&mut again);
+    let _ = dep.stop().await;
+}
+
+/// A request carrying a field the API does not define is refused, not silently trimmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_are_refused() {
+    let (dep, _work) = deploy(BackendKind::Tcp, 1, 1, 8).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("tests/python_client.py"))
+        .args([dep.router.as_str(), "hello", "2", "--unknown-field"])
+        .env("PYTHONPATH", root.join(".deps/py"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"INVALID_ARGUMENT\"") && text.contains("does not know"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop_cleanly(dep).await;
+}

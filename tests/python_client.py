@@ -18,7 +18,18 @@ sys.path.insert(0, out)
 from pdserve.v1 import generate_pb2 as pb, generate_pb2_grpc as rpc  # noqa: E402
 
 addr, prompt, max_tokens = sys.argv[1].removeprefix("http://"), sys.argv[2], int(sys.argv[3])
-stub = rpc.GenerationStub(grpc.insecure_channel(addr))
+channel = grpc.insecure_channel(addr)
+if len(sys.argv) > 4 and sys.argv[4] == "--unknown-field":
+    # The same request with one field no version of the API defines (number 999, varint 1).
+    raw = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParameters(max_tokens=max_tokens)).SerializeToString()
+    call = channel.unary_unary("/pdserve.v1.Generation/GenerateOnce", request_serializer=lambda b: b, response_deserializer=pb.GenerateResult.FromString)
+    try:
+        call(raw + b"\xb8\x3e\x01", timeout=30)
+        print(json.dumps({"code": "OK"}))
+    except grpc.RpcError as e:
+        print(json.dumps({"code": e.code().name, "details": e.details()}))
+    sys.exit(0)
+stub = rpc.GenerationStub(channel)
 req = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParameters(max_tokens=max_tokens))
 tokens, result = [], None
 for msg in stub.Generate(req, timeout=60):

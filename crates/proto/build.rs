@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let files = ["pdserve/v1/generate.proto", "pdserve/v1/internal.proto"].map(|f| root.join(f));
     tonic_prost_build::configure()
+        .codec_path("crate::codec::StrictCodec")
         .file_descriptor_set_path(out.join("pdserve_descriptor.bin"))
         .compile_protos(&files, std::slice::from_ref(&root))?;
     for f in &files {

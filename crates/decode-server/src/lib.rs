@@ -304,7 +304,8 @@ impl DecodeService {
                         warn!(url = %peer.url, code = ?s.code(), message = s.message(), "prefill-server failed; marking it unhealthy");
                         peer.healthy.store(false, Ordering::Relaxed);
                         *peer.conn.lock().await = None;
-                        last = s;
+                        // However the prefill-server failed, to the client it is unavailable.
+                        last = Status::unavailable(format!("prefill-server {} failed: {:?}: {}", peer.url, s.code(), s.message()));
                     }
                     Err(s) => return Err(s),
                 }

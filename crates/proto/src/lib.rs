@@ -2,6 +2,8 @@
 //! daemons' internal service (`Prefill`), generated from `proto/`.
 #![allow(clippy::all)]
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("pdserve.v1");
 }
