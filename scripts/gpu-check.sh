@@ -129,6 +129,17 @@ for b in ("nixl", "ucx", "tcp"):
 PY
 }
 
+# The engine alone against transformers on the same 1B-shape weights and GPU.
+speed_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
+  [ -x $D/pdserve ] || remote_unpack
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
+  python3 scripts/hf_reference.py $M --bench --json $OUTDIR/hf_bench.json > /dev/null
+  $D/pdserve enginebench --model $M --device cuda:0 --json $OUTDIR/enginebench.json
+  echo "transformers: $(cat $OUTDIR/hf_bench.json)"
+}
+
 remote_unpack() {
   local D=/tmp/pdserve-gpu
   mkdir -p $D
@@ -142,5 +153,6 @@ case "${1:-}" in
   remote) remote ;;
   engine) engine_remote ;;
   warm) warm_remote ;;
-  *) echo "usage: $0 prepare|remote|engine|warm" >&2; exit 2 ;;
+  speed) speed_remote ;;
+  *) echo "usage: $0 prepare|remote|engine|warm|speed" >&2; exit 2 ;;
 esac

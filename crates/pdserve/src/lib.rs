@@ -1,4 +1,5 @@
 //! The `pdserve` command line's commands, one module each.
+pub mod enginebench;
 pub mod generate;
 pub mod kvbench;
 pub mod model;
@@ -27,6 +28,8 @@ pub enum Command {
     Model(model::Command),
     /// Generate text: from a running router (`--router`), or in this process (`--local`).
     Generate(generate::Args),
+    /// Measure the engine alone: prefill and decode throughput.
+    Enginebench(enginebench::Args),
     /// Measure KV-transfer bandwidth and latency between two processes, per backend.
     Kvbench(kvbench::Args),
     /// The target process that `kvbench` starts (internal).
@@ -41,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Model(c) => model::run(c),
         Command::Generate(a) => generate::run(a).await,
         Command::Kvbench(a) => kvbench::run(a).await,
+        Command::Enginebench(a) => enginebench::run(a).await,
         Command::KvbenchTarget(a) => kvbench::run_target(a).await,
     }
 }
