@@ -105,14 +105,48 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<impl
 /// The gRPC limits every daemon applies to incoming messages.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Polls `f` until it returns true or `deadline` passes.
-pub async fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < end {
-        if f() {
-            return true;
+/// Accepted connections of `listener`, with Nagle off (token streams are small writes).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Keeps `S`'s gRPC health in step with `ready()`, checked every 100 ms.
+pub fn report_readiness<S: tonic::server::NamedService>(
+    reporter: tonic_health::server::HealthReporter,
+    name: &'static str,
+    ready: impl Fn() -> bool + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut was = false;
+        loop {
+            let now = ready();
+            if now != was {
+                if now {
+                    reporter.set_serving::<S>().await
+                } else {
+                    reporter.set_not_serving::<S>().await
+                }
+                tracing::info!(ready = now, "{name} readiness changed");
+                was = now;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    });
+}
+
+/// Registers the engine's KV pools with the data plane: K then V for every layer.
+pub fn register_pools(engine: &engine::Engine, agent: &kv_transfer::Agent) -> anyhow::Result<Vec<kv_transfer::Registration>> {
+    let pools = engine.pools();
+    let mut regs = Vec::new();
+    for r in pools.regions()? {
+        let kind = match r.device {
+            None => kv_transfer::MemKind::Dram,
+            Some(d) => kv_transfer::MemKind::Vram { device: d },
+        };
+        // SAFETY: the range is one KV pool tensor's storage, which lives as long as
+        // `pools` (the owner handed over) and is never reallocated.
+        let mem = unsafe { kv_transfer::Memory::from_raw(r.addr as usize, r.len as usize, kind, pools.clone()) };
+        regs.push(agent.register(mem)?);
     }
-    f()
+    Ok(regs)
 }

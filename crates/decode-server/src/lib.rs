@@ -132,7 +132,7 @@ impl DecodeService {
         let engine_cfg = cfg.engine.clone();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&engine_cfg)).await??);
         let agent = Agent::start(&cfg.transfer).await?;
-        let regions = prefill_server::register_pools(&engine, &agent)?;
+        let regions = daemon::register_pools(&engine, &agent)?;
         let region_ids = regions.iter().map(|r| r.id().0).collect();
         info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
         let peers = cfg
@@ -475,26 +475,13 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     info!(%addr, "decode-server listening; loading model");
     let svc = DecodeService::new(cfg).await?;
     svc.spawn_handshakes();
+    // Serving once some prefill-server is handshaken; back to not serving if all are
+    // lost, and for good once draining.
     let draining = Arc::new(AtomicBool::new(false));
     {
-        let (svc, reporter, draining) = (svc.clone(), reporter.clone(), draining.clone());
-        tokio::spawn(async move {
-            // Serving once some prefill-server is handshaken; back to not serving if all
-            // are lost, and for good once draining.
-            let mut was = false;
-            loop {
-                let now = svc.ready() && !draining.load(Ordering::Relaxed);
-                if now != was {
-                    if now {
-                        reporter.set_serving::<Svc>().await
-                    } else {
-                        reporter.set_not_serving::<Svc>().await
-                    }
-                    info!(ready = now, "decode-server readiness changed");
-                    was = now;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        let (svc, draining) = (svc.clone(), draining.clone());
+        daemon::report_readiness::<Svc>(reporter.clone(), "decode-server", move || {
+            svc.ready() && !draining.load(Ordering::Relaxed)
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -517,12 +504,9 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         .add_service(
             pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        .serve_with_incoming_shutdown(daemon::incoming(listener), async {
+            let _ = stop_rx.await;
+        });
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r?,

@@ -457,15 +457,20 @@ impl Agent {
 
     /// Stops the backend (closing endpoints and connections, releasing registrations).
     pub fn shutdown(&self) {
-        match &self.inner.backend {
+        self.inner.shutdown();
+    }
+}
+
+impl Inner {
+    /// Idempotent: every backend's shutdown does nothing the second time.
+    fn shutdown(&self) {
+        match &self.backend {
             Backend::Tcp(t) => t.shutdown(),
             Backend::Ucx(u) => u.shutdown(),
             Backend::Nixl(n) => n.shutdown(),
         }
     }
-}
 
-impl Inner {
     fn peer(&self, id: u64) -> Result<Arc<Peer>> {
         self.peers
             .lock()
@@ -531,10 +536,6 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        match &self.backend {
-            Backend::Tcp(t) => t.shutdown(),
-            Backend::Ucx(u) => u.shutdown(),
-            Backend::Nixl(n) => n.shutdown(),
-        }
+        self.shutdown();
     }
 }

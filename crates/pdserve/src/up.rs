@@ -239,7 +239,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         a.backend,
         workdir.display()
     );
-    daemon_signal().await;
+    daemon::shutdown_signal().await;
     let codes = dep.stop().await;
     let bad: Vec<String> = codes
         .iter()
@@ -252,14 +252,5 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         eprintln!("pdserve up: daemons exited badly: {}", bad.join(", "));
         Ok(1)
-    }
-}
-
-async fn daemon_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

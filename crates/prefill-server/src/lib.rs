@@ -12,7 +12,7 @@ use daemon::config::Validate;
 use daemon::convert;
 use daemon::status::{from_engine, from_transfer};
 use engine::{Engine, EngineConfig, block_runs, sample};
-use kv_transfer::{Agent, MemKind, Memory, PeerId, Registration, Segment, TransferConfig};
+use kv_transfer::{Agent, PeerId, Registration, Segment, TransferConfig};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -58,23 +58,6 @@ impl Validate for PrefillConfig {
     }
 }
 
-/// Registers the engine's KV pools with the data plane: K then V for every layer.
-pub fn register_pools(engine: &Engine, agent: &Agent) -> anyhow::Result<Vec<Registration>> {
-    let pools = engine.pools();
-    let mut regs = Vec::new();
-    for r in pools.regions()? {
-        let kind = match r.device {
-            None => MemKind::Dram,
-            Some(d) => MemKind::Vram { device: d },
-        };
-        // SAFETY: the range is one KV pool tensor's storage, which lives as long as
-        // `pools` (the owner handed over) and is never reallocated.
-        let mem = unsafe { Memory::from_raw(r.addr as usize, r.len as usize, kind, pools.clone()) };
-        regs.push(agent.register(mem)?);
-    }
-    Ok(regs)
-}
-
 struct Session {
     name: String,
     peer: PeerId,
@@ -98,7 +81,7 @@ impl PrefillService {
         let engine_cfg = cfg.engine.clone();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&engine_cfg)).await??);
         let agent = Agent::start(&cfg.transfer).await?;
-        let regions = register_pools(&engine, &agent)?;
+        let regions = daemon::register_pools(&engine, &agent)?;
         info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
         Ok(Arc::new(PrefillService {
             engine,
@@ -290,13 +273,9 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
         .add_service(health)
         .add_service(daemon::reflection())
         .add_service(server)
-        .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown)
+        .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
         .await?;
     svc.agent.shutdown();
     info!("prefill-server stopped");
     Ok(())
-}
-
-fn tokio_stream_listener(l: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
 }

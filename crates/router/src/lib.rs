@@ -237,22 +237,8 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
     type Svc = pb::generation_server::GenerationServer<RouterApi>;
     reporter.set_not_serving::<Svc>().await;
     {
-        let (router, reporter) = (router.clone(), reporter.clone());
-        tokio::spawn(async move {
-            let mut was = false;
-            loop {
-                let now = router.any_healthy();
-                if now != was {
-                    if now {
-                        reporter.set_serving::<Svc>().await
-                    } else {
-                        reporter.set_not_serving::<Svc>().await
-                    }
-                    was = now;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
+        let router = router.clone();
+        daemon::report_readiness::<Svc>(reporter.clone(), "router", move || router.any_healthy());
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, backends = cfg.decode_servers.len(), "router listening");
@@ -260,10 +246,7 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
         .add_service(health)
         .add_service(daemon::reflection())
         .add_service(pb::generation_server::GenerationServer::new(RouterApi(router)).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
         .await?;
     info!("router stopped");
     Ok(())

@@ -48,10 +48,12 @@ impl Ucp {
             .unwrap_or_else(|| dir.join("libucp.so"));
         // SAFETY: loading UCX runs its constructors, which only initialise UCX's own
         // global state; RTLD_LOCAL keeps its symbols out of the global namespace.
-        let lib = unsafe { libloading::os::unix::Library::open(Some(&path), libc_flags()) }.map_err(|e| LoadError::Open {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let lib =
+            unsafe { libloading::os::unix::Library::open(Some(&path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL) }
+                .map_err(|e| LoadError::Open {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
         // SAFETY: every symbol is looked up by the name and signature bindgen took from ucp.h.
         let ucp = unsafe { Ucp::from_library(lib) }.map_err(|e| LoadError::Open {
             path: path.clone(),
@@ -77,9 +79,4 @@ impl Ucp {
         unsafe { self.ucp_get_version(&mut a, &mut b, &mut c) };
         (a, b, c)
     }
-}
-
-fn libc_flags() -> std::os::raw::c_int {
-    // RTLD_NOW | RTLD_LOCAL on Linux.
-    0x2
 }
