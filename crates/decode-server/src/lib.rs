@@ -218,6 +218,21 @@ impl DecodeService {
             .cloned()
     }
 
+    /// Handshakes, in order, with the not-yet-handshaken peers outside `skip`; the first that answers.
+    async fn handshake_any(&self, skip: &[String]) -> Option<Arc<PrefillPeer>> {
+        for peer in self
+            .peers
+            .iter()
+            .filter(|p| !p.healthy.load(Ordering::Relaxed) && !skip.contains(&p.url))
+        {
+            match self.handshake(peer).await {
+                Ok(()) => return Some(peer.clone()),
+                Err(e) => warn!(url = %peer.url, error = %e, "prefill-server handshake on demand failed"),
+            }
+        }
+        None
+    }
+
     fn max_prompt(&self) -> usize {
         if self.cfg.max_prompt_tokens == 0 {
             self.engine.max_model_len()
@@ -288,8 +303,17 @@ impl DecodeService {
         let local = self.peers.is_empty() || prompt.len() < self.cfg.local_prefill_below;
         if !local {
             let mut last = Status::unavailable("no prefill-server is reachable");
+            let mut tried: Vec<String> = Vec::new();
             for _attempt in 0..2 {
-                let Some(peer) = self.pick_peer() else { break };
+                let peer = match self.pick_peer().filter(|p| !tried.contains(&p.url)) {
+                    Some(p) => p,
+                    // None handshaken (yet): handshake now rather than wait for the background loop.
+                    None => match self.handshake_any(&tried).await {
+                        Some(p) => p,
+                        None => break,
+                    },
+                };
+                tried.push(peer.url.clone());
                 match self.remote_prefill(&peer, id, prompt, blocks, params).await {
                     Ok(r) => return Ok((r.first_token, r, peer.url.clone())),
                     Err(s)

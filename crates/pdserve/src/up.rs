@@ -208,7 +208,35 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // A decode-server serves once one prefill-server is handshaken; a deployment is up when all are.
+    for url in &dep.decode {
+        loop {
+            if handshaken(url).await == Some(dep.prefill.len()) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{url} has not handshaken all prefill-servers after {}s (logs in {})",
+                    a.ready_timeout,
+                    workdir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Ok(dep)
+}
+
+/// How many prefill-servers the decode-server at `url` has handshaken.
+async fn handshaken(url: &str) -> Option<usize> {
+    let mut c = proto::v1::decode_admin_client::DecodeAdminClient::connect(url.to_string())
+        .await
+        .ok()?;
+    let r = tokio::time::timeout(Duration::from_secs(1), c.stats(proto::v1::StatsRequest {}))
+        .await
+        .ok()?
+        .ok()?;
+    Some(r.into_inner().healthy_prefill_servers as usize)
 }
 
 /// Whether `url` answers its gRPC health check with SERVING for `service`.
