@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up of a fresh Debian machine for building, testing and running pdserve.
 # Idempotent: re-running only installs what is missing.
-#   - apt: clang/libclang (bindgen for nixl-sys and ucx-sys), pkg-config, python3-pip
+#   - apt: clang/libclang (bindgen for nixl-sys and ucx-sys), pkg-config, python3-pip,
+#     systemd (systemd-analyze verify of the units), fonts-dejavu-core (bench plots)
 #   - PyPI wheels (C libraries only, --no-deps): nixl-cu13 (NIXL + its own UCX with
 #     IB/EFA/CUDA transports) and libucx-cu13 (UCX 1.22 with CUDA, headers included),
 #     unpacked under .deps/ where the build and the binaries find them by default.
@@ -19,6 +20,8 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The font `pdserve bench --plot` draws its text with.
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -159,6 +159,16 @@ fn fill_source(src: &Buf, seed: u64, len: u64) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
+    let rows = measure(&args).await?;
+    print!("{}", table(&rows));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if rows.iter().all(|r| r.verified) { 0 } else { 1 })
+}
+
+/// Every backend at every size.
+pub async fn measure(args: &Args) -> anyhow::Result<Vec<Row>> {
     let sizes = parse_sizes(&args.sizes).map_err(anyhow::Error::msg)?;
     if sizes.is_empty() || args.iters == 0 {
         bail!("need at least one size and one iteration");
@@ -170,21 +180,18 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let mut rows = Vec::new();
     for &backend in &args.backend {
         rows.extend(
-            bench_backend(&args, backend, &src, &layouts, dst_len)
+            bench_backend(args, backend, &src, &layouts, dst_len)
                 .await
                 .with_context(|| format!("{backend} backend"))?,
         );
     }
-    print_table(&rows);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(if rows.iter().all(|r| r.verified) { 0 } else { 1 })
+    Ok(rows)
 }
 
 async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[Layout], dst_len: u64) -> anyhow::Result<Vec<Row>> {
     let deadline = Duration::from_millis(args.deadline_ms);
-    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    // `pdserve` itself, also when a test or another command calls this.
+    let mut cmd = tokio::process::Command::new(crate::up::binary("pdserve")?);
     cmd.arg("kvbench-target")
         .args(["--backend", backend.as_str()])
         .args(["--mem", if args.mem == Mem::Vram { "vram" } else { "dram" }])
@@ -262,12 +269,14 @@ async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[
     Ok(rows)
 }
 
-fn print_table(rows: &[Row]) {
-    println!("| backend | mem | size | segments | median ms | p99 ms | GB/s | prepare µs | verified |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+/// The Markdown table of the rows.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| backend | mem | size | segments | median ms | p99 ms | GB/s | prepare µs | verified |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
     for r in rows {
-        println!(
-            "| {} | {:?} | {} | {} | {:.4} | {:.4} | {:.2} | {:.1} | {} |",
+        s += &format!(
+            "| {} | {:?} | {} | {} | {:.4} | {:.4} | {:.2} | {:.1} | {} |\n",
             r.backend,
             r.mem,
             human(r.bytes),
@@ -279,6 +288,7 @@ fn print_table(rows: &[Row]) {
             if r.verified { "yes" } else { "NO" }
         );
     }
+    s
 }
 
 pub async fn run_target(a: TargetArgs) -> anyhow::Result<i32> {

@@ -1,4 +1,5 @@
 //! The `pdserve` command line's commands, one module each.
+pub mod bench;
 pub mod enginebench;
 pub mod generate;
 pub mod kvbench;
@@ -30,6 +31,9 @@ pub enum Command {
     Generate(generate::Args),
     /// Measure the engine alone: prefill and decode throughput.
     Enginebench(enginebench::Args),
+    /// Load a running router (closed or open loop) and report TTFT, TPOT, ITL, end to end,
+    /// throughput and goodput; `bench compare` puts deployments side by side.
+    Bench(Box<bench::Args>),
     /// Measure KV-transfer bandwidth and latency between two processes, per backend.
     Kvbench(kvbench::Args),
     /// The target process that `kvbench` starts (internal).
@@ -44,6 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Model(c) => model::run(c),
         Command::Generate(a) => generate::run(a).await,
         Command::Kvbench(a) => kvbench::run(a).await,
+        Command::Bench(a) => bench::run(*a).await,
         Command::Enginebench(a) => enginebench::run(a).await,
         Command::KvbenchTarget(a) => kvbench::run_target(a).await,
     }

@@ -1,0 +1,344 @@
+//! `pdserve bench compare`: one workload against a colocated deployment and the
+//! disaggregated ones (per KV backend), in turn; the table of where the time goes and
+//! what share of it the KV transfer takes, then `kvbench` at the workload's KV sizes.
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use kv_transfer::BackendKind;
+use serde::Serialize;
+
+use super::workload::WorkloadArgs;
+use super::{Level, LoadArgs, measure, sweep_table, write_outputs};
+use crate::{kvbench, up};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A running deployment to measure, as NAME=ROUTER_URL (e.g. nixl=http://10.0.0.5:8000);
+    /// repeat it. A NAME of `colocated` is the baseline of the last column.
+    #[arg(long = "target", value_parser = parse_target)]
+    pub targets: Vec<(String, String)>,
+    /// Or start these deployments on this machine, one at a time (daemons on loopback):
+    /// colocated, tcp, nixl, ucx.
+    #[arg(long, value_delimiter = ',')]
+    pub local: Vec<String>,
+    /// Model for `--local` (default: the synthetic tiny model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Device for `--local` daemons: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// KV cache per `--local` daemon, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mib: u64,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// After the table: `pdserve kvbench` at the workload's KV sizes, for these backends.
+    #[arg(long, value_delimiter = ',', default_value = "nixl,ucx,tcp")]
+    pub kvbench: Vec<BackendKind>,
+    /// Skip that kvbench.
+    #[arg(long)]
+    pub no_kvbench: bool,
+    /// Host (dram) or GPU (vram) memory for that kvbench; default: vram for a cuda device.
+    #[arg(long, value_enum)]
+    pub kvbench_mem: Option<kvbench::Mem>,
+    /// Write every measurement here as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draw latency against load, a line per deployment, into this file (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+fn parse_target(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s.split_once('=').ok_or_else(|| format!("{s:?}: want NAME=URL"))?;
+    if name.is_empty() || url.is_empty() {
+        return Err(format!("{s:?}: want NAME=URL"));
+    }
+    Ok((name.to_string(), url.to_string()))
+}
+
+/// A line of the table: one deployment at one prompt length, means over its requests.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub method: String,
+    pub input_len: String,
+    pub requests: usize,
+    pub failed: usize,
+    pub prefill_ms: f64,
+    pub transfer_ms: f64,
+    pub decode_ms: f64,
+    pub total_ms: f64,
+    pub ttft_ms: f64,
+    pub kv_bytes: f64,
+    /// Transfer time over server total time.
+    pub transfer_share: f64,
+    /// Transfer time over time to first token.
+    pub ttft_share: f64,
+    /// Total time against the colocated run at the same prompt length (+0.05 = 5% slower).
+    pub vs_colocated: Option<f64>,
+    pub ttft_vs_colocated: Option<f64>,
+}
+
+fn method_name(name: &str) -> String {
+    match name {
+        "colocated" => "Colocated (one daemon)".into(),
+        "tcp" => "Disaggregated + TCP".into(),
+        "nixl" => "Disaggregated + NIXL".into(),
+        "ucx" => "Disaggregated + UCX".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The rows at the first load level of each deployment and prompt length.
+pub fn rows(levels: &[Level]) -> Vec<Row> {
+    let first_load = levels.first().map(|l| l.load.clone()).unwrap_or_default();
+    let mut rows: Vec<Row> = levels
+        .iter()
+        .filter(|l| l.load == first_load)
+        .map(|l| {
+            let s = &l.summary;
+            let share = |x: f64, of: f64| if of > 0.0 { x / of } else { 0.0 };
+            Row {
+                method: l.target.clone(),
+                input_len: l.input_len.clone(),
+                requests: s.requests,
+                failed: s.failed,
+                prefill_ms: s.prefill_ms.mean,
+                transfer_ms: s.kv_transfer_ms.mean,
+                decode_ms: s.decode_ms.mean,
+                total_ms: s.server_total_ms.mean,
+                ttft_ms: s.ttft_ms.mean,
+                kv_bytes: s.mean_kv_bytes,
+                transfer_share: share(s.kv_transfer_ms.mean, s.server_total_ms.mean),
+                ttft_share: share(s.kv_transfer_ms.mean, s.ttft_ms.mean),
+                vs_colocated: None,
+                ttft_vs_colocated: None,
+            }
+        })
+        .collect();
+    let base: Vec<(String, f64, f64)> = rows
+        .iter()
+        .filter(|r| r.method == "colocated")
+        .map(|r| (r.input_len.clone(), r.total_ms, r.ttft_ms))
+        .collect();
+    for r in &mut rows {
+        if let Some((_, total, ttft)) = base.iter().find(|b| b.0 == r.input_len)
+            && r.method != "colocated"
+        {
+            r.vs_colocated = Some(r.total_ms / total - 1.0);
+            r.ttft_vs_colocated = Some(r.ttft_ms / ttft - 1.0);
+        }
+    }
+    rows
+}
+
+/// The seed's words for a transfer share.
+pub fn verdict(share: f64) -> &'static str {
+    if share < 0.05 {
+        "negligible"
+    } else if share < 0.15 {
+        "acceptable"
+    } else {
+        "significant"
+    }
+}
+
+pub fn table(rows: &[Row]) -> String {
+    let pct = |v: Option<f64>| v.map(|v| format!("{:+.1}%", v * 100.0)).unwrap_or_else(|| "-".into());
+    let mut s = String::from(
+        "| Method | Input | Prefill ms | Transfer ms | Decode ms | Total ms | TTFT ms | Transfer share | Share of TTFT | vs colocated | TTFT vs colocated |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let colocated = r.method == "colocated";
+        let dash_or = |v: String| if colocated { "-".to_string() } else { v };
+        s += &format!(
+            "| {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |\n",
+            method_name(&r.method),
+            r.input_len,
+            r.prefill_ms,
+            dash_or(format!("{:.3}", r.transfer_ms)),
+            r.decode_ms,
+            r.total_ms,
+            r.ttft_ms,
+            dash_or(format!("{:.2}%", r.transfer_share * 100.0)),
+            dash_or(format!("{:.2}%", r.ttft_share * 100.0)),
+            pct(r.vs_colocated),
+            pct(r.ttft_vs_colocated),
+        );
+    }
+    s += "\n";
+    for r in rows.iter().filter(|r| r.method != "colocated") {
+        s += &format!(
+            "- {}, input {}: the KV transfer ({:.0} bytes a request) is {:.2}% of total inference time: {}.\n",
+            method_name(&r.method),
+            r.input_len,
+            r.kv_bytes,
+            r.transfer_share * 100.0,
+            verdict(r.transfer_share)
+        );
+    }
+    s
+}
+
+fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result<up::Args> {
+    let (backend, prefill) = match name {
+        "colocated" => (BackendKind::Tcp, 0),
+        other => (
+            other
+                .parse::<BackendKind>()
+                .map_err(|e| anyhow::anyhow!("--local {other}: {e} (want colocated, tcp, nixl or ucx)"))?,
+            1,
+        ),
+    };
+    Ok(up::Args {
+        model: a.model.clone(),
+        backend,
+        prefill,
+        decode: 1,
+        router_addr: None,
+        device: a.device.clone(),
+        kv_cache_mib: a.kv_cache_mib,
+        local_prefill_below: 0,
+        queue_deadline_ms: 30_000,
+        workdir: Some(workdir.to_path_buf()),
+        ready_timeout: 300,
+    })
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    if a.targets.is_empty() == a.local.is_empty() {
+        bail!("give either --target NAME=URL (repeated) or --local colocated,tcp,nixl,ucx");
+    }
+    let mut levels = Vec::new();
+    for (name, url) in &a.targets {
+        levels.extend(
+            measure(name, url, &a.workload, &a.load)
+                .await
+                .with_context(|| format!("measuring {name}"))?,
+        );
+    }
+    for name in &a.local {
+        let work = tempfile::Builder::new().prefix(&format!("pdserve-compare-{name}-")).tempdir()?;
+        let args = local_args(&a, name, work.path())?;
+        eprintln!("bench compare: starting {name} (logs in {})", work.path().display());
+        let dep = up::start(&args, work.path())
+            .await
+            .with_context(|| format!("starting the {name} deployment"))?;
+        let measured = measure(name, &dep.router, &a.workload, &a.load).await;
+        let codes = dep.stop().await;
+        let levels_here = measured.with_context(|| format!("measuring {name} (logs in {})", work.path().display()))?;
+        if let Some((daemon, code)) = codes.iter().find(|(_, c)| *c != Some(0)) {
+            bail!("{name}: {daemon} exited with {code:?} (logs in {})", work.path().display());
+        }
+        levels.extend(levels_here);
+    }
+    let rows = rows(&levels);
+    println!("## {}, {}\n", a.workload.describe(a.workload.input_lens()[0]), levels[0].load);
+    println!("{}", table(&rows));
+    let by_load = a.load.levels()?.len() > 1;
+    if by_load {
+        println!("{}", sweep_table(&levels));
+    }
+    let kv = kv_sizes(&rows);
+    let kv_rows = if a.no_kvbench || a.kvbench.is_empty() || kv.is_empty() {
+        Vec::new()
+    } else {
+        let mem = a.kvbench_mem.unwrap_or(if a.device.starts_with("cuda") {
+            kvbench::Mem::Vram
+        } else {
+            kvbench::Mem::Dram
+        });
+        let kb = kvbench::Args {
+            backend: a.kvbench.clone(),
+            mem,
+            device: 0,
+            target_device: 0,
+            sizes: kv.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
+            iters: 20,
+            warmup: 3,
+            segments: 1,
+            deadline_ms: 60_000,
+            json: None,
+        };
+        println!("### KV transfer alone (pdserve kvbench, {mem:?}, the workload's KV bytes per request)\n");
+        let r = kvbench::measure(&kb).await.context("kvbench at the workload's KV sizes")?;
+        println!("{}", kvbench::table(&r));
+        r
+    };
+    let doc = serde_json::json!({ "rows": rows, "levels": levels, "kvbench": kv_rows });
+    write_outputs(a.json.as_deref(), a.plot.as_deref(), &doc, &levels)?;
+    let failed = rows.iter().any(|r| r.failed > 0) || kv_rows.iter().any(|r| !r.verified);
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// The distinct KV sizes the disaggregated runs moved (bytes a request, whole).
+fn kv_sizes(rows: &[Row]) -> Vec<u64> {
+    let mut v: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.kv_bytes > 0.0)
+        .map(|r| r.kv_bytes.round() as u64)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::stats::{Record, Slo, Summary};
+
+    fn level(target: &str, prefill: f64, transfer: f64, total: f64) -> Level {
+        let r = Record {
+            input_tokens: 8,
+            output_tokens: 4,
+            ttft_ms: prefill + transfer + 1.0,
+            prefill_ms: prefill,
+            kv_transfer_ms: transfer,
+            kv_bytes: if transfer > 0.0 { 4096 } else { 0 },
+            server_first_token_ms: prefill + transfer + 1.0,
+            server_total_ms: total,
+            ..Default::default()
+        };
+        Level {
+            target: target.into(),
+            workload: String::new(),
+            input_len: "8".into(),
+            load: "concurrency 1".into(),
+            summary: Summary::of(&[r], 1.0, Slo::default()),
+            requests: vec![],
+        }
+    }
+
+    #[test]
+    fn rows_compare_with_colocated_and_judge_the_share() {
+        let levels = [
+            level("colocated", 10.0, 0.0, 100.0),
+            level("nixl", 10.0, 1.0, 101.0),
+            level("tcp", 10.0, 20.0, 125.0),
+        ];
+        let rows = rows(&levels);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].vs_colocated, None);
+        assert!((rows[1].vs_colocated.unwrap() - 0.01).abs() < 1e-12);
+        assert!((rows[1].transfer_share - 1.0 / 101.0).abs() < 1e-12);
+        assert!((rows[2].transfer_share - 0.16).abs() < 1e-12);
+        assert!((rows[2].ttft_vs_colocated.unwrap() - 20.0 / 11.0).abs() < 1e-12);
+        let t = table(&rows);
+        assert!(t.contains("| Disaggregated + NIXL | 8 |"), "{t}");
+        assert!(t.contains("is 0.99% of total inference time: negligible"), "{t}");
+        assert!(t.contains("is 16.00% of total inference time: significant"), "{t}");
+        assert_eq!(verdict(0.10), "acceptable");
+        assert_eq!(kv_sizes(&rows), vec![4096]);
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(parse_target("nixl=http://h:1").unwrap(), ("nixl".into(), "http://h:1".into()));
+        assert!(parse_target("http://h:1").is_err());
+        assert!(parse_target("=x").is_err());
+    }
+}

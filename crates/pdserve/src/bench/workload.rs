@@ -1,0 +1,230 @@
+//! The requests a benchmark sends: random token prompts of fixed or uniformly drawn
+//! lengths, or prompts from a JSONL file; the same seed gives the same workload.
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use proto::v1 as pb;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A length: `512` (fixed) or `256:1024` (uniform, both ends included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LenRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl std::str::FromStr for LenRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("bad length {p:?} (want N or MIN:MAX)"))
+        };
+        let (min, max) = match s.split_once(':') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => (parse(s)?, parse(s)?),
+        };
+        if min == 0 || min > max {
+            return Err(format!("length {s:?}: need 1 <= MIN <= MAX"));
+        }
+        Ok(LenRange { min, max })
+    }
+}
+
+impl std::fmt::Display for LenRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}:{}", self.min, self.max)
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Requests to send (per load level).
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Prompt length in tokens: N, or MIN:MAX drawn uniformly; several, comma-separated,
+    /// are measured one after the other.
+    #[arg(long, default_value = "128", value_delimiter = ',')]
+    pub input_len: Vec<LenRange>,
+    /// Tokens to generate: N, or MIN:MAX drawn uniformly (EOS is ignored, so every
+    /// request generates exactly this many).
+    #[arg(long, default_value = "32")]
+    pub output_len: LenRange,
+    /// Prompts from a JSONL file instead: one object per line with `prompt` (text) or
+    /// `token_ids`, and optionally `output_len`; used in order, round robin.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Random prompt token ids are drawn below this (the model's vocabulary size or less).
+    #[arg(long, default_value_t = 512)]
+    pub vocab: u32,
+    /// Seed for prompts, lengths, arrivals and sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+}
+
+/// One request of the workload.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    pub input: pb::generate_request::Input,
+    /// Prompt tokens when known before sending (token prompts); text prompts learn it from the answer.
+    pub input_tokens: Option<usize>,
+    pub output_len: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct Line {
+    prompt: Option<String>,
+    token_ids: Option<Vec<u32>>,
+    output_len: Option<usize>,
+}
+
+impl WorkloadArgs {
+    /// The requests for one of the prompt lengths (ignored with `--prompts`).
+    pub fn build(&self, input_len: LenRange) -> anyhow::Result<Vec<Prompt>> {
+        if self.requests == 0 {
+            bail!("--requests must be at least 1");
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let draw = |r: LenRange, rng: &mut ChaCha8Rng| rng.random_range(r.min..=r.max);
+        match &self.prompts {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let mut lines = Vec::new();
+                for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                    let line: Line = serde_json::from_str(l).with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+                    let (input, input_tokens) = match (line.prompt, line.token_ids) {
+                        (Some(t), None) => (pb::generate_request::Input::Text(t), None),
+                        (None, Some(ids)) => {
+                            let n = ids.len();
+                            (pb::generate_request::Input::TokenIds(pb::TokenIds { ids }), Some(n))
+                        }
+                        _ => bail!("{}:{}: give exactly one of `prompt` and `token_ids`", path.display(), i + 1),
+                    };
+                    lines.push((input, input_tokens, line.output_len));
+                }
+                if lines.is_empty() {
+                    bail!("{} has no prompts", path.display());
+                }
+                Ok((0..self.requests)
+                    .map(|i| {
+                        let (input, input_tokens, out) = lines[i % lines.len()].clone();
+                        let output_len = out.unwrap_or_else(|| draw(self.output_len, &mut rng));
+                        Prompt {
+                            input,
+                            input_tokens,
+                            output_len,
+                        }
+                    })
+                    .collect())
+            }
+            None => {
+                if self.vocab < 2 {
+                    bail!("--vocab must be at least 2");
+                }
+                Ok((0..self.requests)
+                    .map(|_| {
+                        let n = draw(input_len, &mut rng);
+                        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(1..self.vocab)).collect();
+                        Prompt {
+                            input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
+                            input_tokens: Some(n),
+                            output_len: draw(self.output_len, &mut rng),
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// The prompt lengths to measure: one pass for a prompts file.
+    pub fn input_lens(&self) -> Vec<LenRange> {
+        if self.prompts.is_some() {
+            vec![LenRange { min: 1, max: 1 }]
+        } else {
+            self.input_len.clone()
+        }
+    }
+
+    pub fn describe(&self, input_len: LenRange) -> String {
+        match &self.prompts {
+            Some(p) => format!("{} requests from {}, output {}", self.requests, p.display(), self.output_len),
+            None => format!(
+                "{} requests, input {input_len} tokens, output {} tokens",
+                self.requests, self.output_len
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> WorkloadArgs {
+        WorkloadArgs {
+            requests: 50,
+            input_len: vec!["5:9".parse().unwrap()],
+            output_len: "3".parse().unwrap(),
+            prompts: None,
+            vocab: 100,
+            seed: 7,
+            temperature: 0.0,
+        }
+    }
+
+    #[test]
+    fn lengths_parse_and_are_checked() {
+        assert_eq!("512".parse::<LenRange>().unwrap(), LenRange { min: 512, max: 512 });
+        assert_eq!("2:8".parse::<LenRange>().unwrap(), LenRange { min: 2, max: 8 });
+        assert!("0".parse::<LenRange>().is_err());
+        assert!("9:2".parse::<LenRange>().is_err());
+        assert!("x".parse::<LenRange>().is_err());
+    }
+
+    #[test]
+    fn random_workload_is_seeded_and_within_bounds() {
+        let a = args().build(args().input_len[0]).unwrap();
+        let b = args().build(args().input_len[0]).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        for p in &a {
+            let n = p.input_tokens.unwrap();
+            assert!((5..=9).contains(&n));
+            assert_eq!(p.output_len, 3);
+            let pb::generate_request::Input::TokenIds(ids) = &p.input else {
+                panic!()
+            };
+            assert_eq!(ids.ids.len(), n);
+            assert!(ids.ids.iter().all(|&t| (1..100).contains(&t)));
+        }
+        assert!(a.iter().any(|p| p.input_tokens == Some(5)) && a.iter().any(|p| p.input_tokens == Some(9)));
+    }
+
+    #[test]
+    fn jsonl_prompts_are_used_in_order_and_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(&path, "{\"prompt\": \"hello\", \"output_len\": 4}\n\n{\"token_ids\": [1, 2, 3]}\n").unwrap();
+        let w = WorkloadArgs {
+            prompts: Some(path.clone()),
+            requests: 3,
+            ..args()
+        };
+        let p = w.build(w.input_len[0]).unwrap();
+        assert!(matches!(&p[0].input, pb::generate_request::Input::Text(t) if t == "hello"));
+        assert_eq!((p[0].output_len, p[0].input_tokens), (4, None));
+        assert_eq!((p[1].output_len, p[1].input_tokens), (3, Some(3)));
+        assert!(matches!(&p[2].input, pb::generate_request::Input::Text(_)));
+        std::fs::write(&path, "{\"prompt\": \"a\"}\n{\"nothing\": 1}\n").unwrap();
+        let e = w.build(w.input_len[0]).unwrap_err().to_string();
+        assert!(e.contains("p.jsonl:2"), "{e}");
+    }
+}

@@ -1,0 +1,131 @@
+//! `pdserve bench` and `pdserve bench compare` as a user runs them: the real binary
+//! starting real deployments on loopback, its JSON read back.
+use std::process::Command;
+
+use e2e::model;
+
+fn pdserve() -> Command {
+    Command::new(pdserve::up::binary("pdserve").unwrap())
+}
+
+/// Every row of the compare table is filled from measurements, the JSON parses, and
+/// the disaggregated rows moved the KV bytes the model's shape says they must.
+#[test]
+fn bench_compare_fills_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("compare.json");
+    let plot = dir.path().join("compare.svg");
+    let out = pdserve()
+        .args(["bench", "compare", "--local", "colocated,tcp,nixl,ucx", "--requests", "4"])
+        .args(["--input-len", "24,40", "--output-len", "5", "--concurrency", "1,2", "--quiet"])
+        .args(["--vocab", "500", "--kvbench", "tcp,ucx"])
+        .arg("--model")
+        .arg(model())
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for method in [
+        "Colocated (one daemon)",
+        "Disaggregated + TCP",
+        "Disaggregated + NIXL",
+        "Disaggregated + UCX",
+    ] {
+        assert!(stdout.contains(&format!("| {method} | 24 |")), "{method} missing:\n{stdout}");
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    // Four deployments by two prompt lengths; load levels beyond the first are in `levels`.
+    assert_eq!(rows.len(), 8);
+    assert_eq!(doc["levels"].as_array().unwrap().len(), 16);
+    // The tiny model: 2 layers x (K and V) x 2 KV heads x 16 dims x 4 bytes = 256 bytes a
+    // token, moved in whole 16-token blocks.
+    let per_token = 2 * 2 * 2 * 16 * 4;
+    for r in rows {
+        assert_eq!(r["requests"], 4);
+        assert_eq!(r["failed"], 0, "{r}");
+        assert!(
+            r["prefill_ms"].as_f64().unwrap() > 0.0 && r["total_ms"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        assert!(r["decode_ms"].as_f64().unwrap() > 0.0, "{r}");
+        let input: u64 = r["input_len"].as_str().unwrap().parse().unwrap();
+        let expect_kv = if r["method"] == "colocated" {
+            0
+        } else {
+            input.div_ceil(16) * 16 * per_token
+        };
+        assert_eq!(r["kv_bytes"].as_f64().unwrap() as u64, expect_kv, "{r}");
+        if r["method"] == "colocated" {
+            assert!(r["vs_colocated"].is_null());
+        } else {
+            assert!(r["transfer_ms"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["vs_colocated"].is_f64(), "{r}");
+        }
+    }
+    let kv = doc["kvbench"].as_array().unwrap();
+    assert_eq!(kv.len(), 4, "tcp and ucx at two KV sizes");
+    assert!(kv.iter().all(|r| r["verified"] == true));
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("nixl, input 40"));
+}
+
+/// The load generator alone: an open loop against a running router; a bad argument is
+/// a clear error, not a run.
+#[test]
+fn bench_open_loop_counts_every_request() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (dep, _work) = rt.block_on(e2e::deploy(kv_transfer::BackendKind::Ucx, 1, 1, 64));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = pdserve()
+        .args(["bench", "--router", &dep.router, "--rate", "50", "--requests", "12", "--quiet"])
+        .args([
+            "--input-len",
+            "8:30",
+            "--output-len",
+            "3:6",
+            "--slo-ttft-ms",
+            "60000",
+            "--slo-tpot-ms",
+            "60000",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| TTFT ms |"), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let level = &doc["levels"][0];
+    let reqs = level["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 12);
+    for r in reqs {
+        assert!(r["error"].is_null(), "{r}");
+        let n = r["output_tokens"].as_u64().unwrap();
+        assert!((3..=6).contains(&n), "{r}");
+        assert_eq!(r["itl_ms"].as_array().unwrap().len() as u64, n - 1);
+        assert!(r["ttft_ms"].as_f64().unwrap() <= r["e2e_ms"].as_f64().unwrap());
+        assert_eq!(r["kv_backend"], "ucx");
+    }
+    // Arrivals are spread over time, not sent at once.
+    assert!(reqs[11]["sent_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(level["summary"]["completed"], 12);
+    assert_eq!(level["summary"]["slo_attainment"], 1.0);
+
+    let bad = pdserve()
+        .args(["bench", "--router", &dep.router, "--input-len", "9:2"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("MIN <= MAX"));
+    rt.block_on(async {
+        for (name, code) in dep.stop().await {
+            assert_eq!(code, Some(0), "{name} exits 0");
+        }
+    });
+}
