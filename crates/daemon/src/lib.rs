@@ -4,6 +4,7 @@
 pub mod config;
 pub mod convert;
 pub mod status;
+pub mod systemd;
 
 use std::time::Duration;
 
@@ -86,6 +87,7 @@ pub async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),
     }
+    systemd::stopping();
 }
 
 /// A request id for requests that came without one.

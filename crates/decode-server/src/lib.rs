@@ -499,6 +499,7 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     info!(%addr, "decode-server listening; loading model");
     let svc = DecodeService::new(cfg).await?;
     svc.spawn_handshakes();
+    daemon::systemd::ready("decode-server: model loaded, KV pools registered; health SERVING once a prefill-server is handshaken");
     // Serving once some prefill-server is handshaken; back to not serving if all are
     // lost, and for good once draining.
     let draining = Arc::new(AtomicBool::new(false));

@@ -268,6 +268,7 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
     let svc = PrefillService::new(cfg).await?;
     reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillService>>().await;
     info!("prefill-server ready");
+    daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
     let server = pb::prefill_server::PrefillServer::from_arc(svc.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .add_service(health)

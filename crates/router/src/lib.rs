@@ -242,6 +242,7 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, backends = cfg.decode_servers.len(), "router listening");
+    daemon::systemd::ready("router: listening");
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(daemon::reflection())
