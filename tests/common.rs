@@ -69,6 +69,7 @@ pub async fn deploy_full(
         queue_deadline_ms,
         workdir: Some(work.path().to_path_buf()),
         ready_timeout: 60,
+        metrics_port: None,
     };
     let dep = start(&args, work.path())
         .await

@@ -144,6 +144,26 @@ fn exec_start(unit: &str) -> Vec<String> {
     line.split_whitespace().map(String::from).collect()
 }
 
+/// GET /metrics on 127.0.0.1:`port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of the first sample of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -188,14 +208,20 @@ fn units_exec_start_with_shipped_configs_serves_a_request() {
     // The shipped configs name models/tiny under the working directory, as install.sh makes it.
     engine::synth::synthesize(engine::Arch::Llama, engine::synth::Preset::Tiny, 0, &state.join("models/tiny")).unwrap();
     let (p, d, r) = (free_port(), free_port(), free_port());
-    let prefill_env = HashMap::from([("PDSERVE_LISTEN", format!("127.0.0.1:{p}"))]);
+    let (pm, dm, rm) = (free_port(), free_port(), free_port());
+    let prefill_env = HashMap::from([
+        ("PDSERVE_LISTEN", format!("127.0.0.1:{p}")),
+        ("PDSERVE_METRICS_LISTEN", format!("127.0.0.1:{pm}")),
+    ]);
     let decode_env = HashMap::from([
         ("PDSERVE_LISTEN", format!("127.0.0.1:{d}")),
         ("PDSERVE_PREFILL_SERVERS", format!("http://127.0.0.1:{p}")),
+        ("PDSERVE_METRICS_LISTEN", format!("127.0.0.1:{dm}")),
     ]);
     let router_env = HashMap::from([
         ("PDSERVE_LISTEN", format!("127.0.0.1:{r}")),
         ("PDSERVE_DECODE_SERVERS", format!("http://127.0.0.1:{d}")),
+        ("PDSERVE_METRICS_LISTEN", format!("127.0.0.1:{rm}")),
     ]);
     let mut daemons = Vec::new();
     for (unit, env) in [
@@ -271,6 +297,43 @@ fn units_exec_start_with_shipped_configs_serves_a_request() {
         .unwrap();
         assert_eq!(result.token_ids, want.tokens, "the units' deployment equals the colocated run");
         assert_eq!(result.kv_backend, "tcp", "the shipped configs use the tcp backend");
+        let kv_bytes = result.timings.unwrap().kv_bytes;
+        // What an operator scrapes, after that one request.
+        let decode = scrape(dm);
+        assert_eq!(
+            sample(&decode, "pdserve_time_to_first_token_seconds_count", &[]),
+            Some(1.0),
+            "{decode}"
+        );
+        assert_eq!(sample(&decode, "pdserve_inter_token_latency_seconds_count", &[]), Some(7.0));
+        assert_eq!(sample(&decode, "pdserve_requests_total", &["outcome=\"ok\""]), Some(1.0));
+        assert_eq!(sample(&decode, "pdserve_generation_tokens_total", &[]), Some(8.0));
+        assert_eq!(
+            sample(&decode, "pdserve_kv_blocks_free", &[]),
+            sample(&decode, "pdserve_kv_blocks_total", &[])
+        );
+        assert_eq!(sample(&decode, "pdserve_num_requests_waiting", &[]), Some(0.0));
+        let prefill = scrape(pm);
+        assert_eq!(
+            sample(&prefill, "pdserve_kv_transfer_bytes_total", &["backend=\"tcp\""]),
+            Some(kv_bytes as f64),
+            "{prefill}"
+        );
+        assert_eq!(
+            sample(&prefill, "pdserve_kv_transfer_duration_seconds_count", &["backend=\"tcp\""]),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&prefill, "pdserve_kv_registered_regions", &[]),
+            Some(4.0),
+            "K and V of the tiny model's 2 layers"
+        );
+        let router = scrape(rm);
+        assert_eq!(
+            sample(&router, "pdserve_requests_total", &["outcome=\"ok\"", "daemon=\"router\""]),
+            Some(1.0),
+            "{router}"
+        );
     });
     // SIGTERM, as `systemctl stop` sends: each exits 0 and says STOPPING=1 first.
     for (unit, mut d, sock) in daemons.into_iter().rev() {

@@ -3,6 +3,7 @@
 //! status codes (the service edge).
 pub mod config;
 pub mod convert;
+pub mod metrics;
 pub mod status;
 pub mod systemd;
 
@@ -150,5 +151,8 @@ pub fn register_pools(engine: &engine::Engine, agent: &kv_transfer::Agent) -> an
         let mem = unsafe { kv_transfer::Memory::from_raw(r.addr as usize, r.len as usize, kind, pools.clone()) };
         regs.push(agent.register(mem)?);
     }
+    ::metrics::gauge!(metrics::REGIONS).set(agent.registered_regions() as f64);
+    ::metrics::gauge!(metrics::BLOCKS_TOTAL).set(engine.total_blocks() as f64);
+    ::metrics::gauge!(metrics::BLOCKS_FREE).set(engine.free_blocks() as f64);
     Ok(regs)
 }

@@ -32,6 +32,8 @@ use scheduler::{Event, Job, Scheduler};
 pub struct DecodeConfig {
     /// gRPC address to serve on (client API and health).
     pub listen: String,
+    /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
+    pub metrics_listen: String,
     pub engine: EngineConfig,
     pub transfer: TransferConfig,
     /// Prefill-servers, as `http://host:port`. Empty: prefill locally.
@@ -58,6 +60,7 @@ impl Default for DecodeConfig {
     fn default() -> Self {
         DecodeConfig {
             listen: "127.0.0.1:50051".into(),
+            metrics_listen: String::new(),
             engine: EngineConfig::default(),
             transfer: TransferConfig::default(),
             prefill_servers: vec!["http://127.0.0.1:50061".into()],
@@ -389,6 +392,7 @@ impl DecodeService {
 
     async fn run(self: Arc<Self>, id: String, prompt: Vec<u32>, params: engine::SamplingParams, tx: mpsc::UnboundedSender<Event>) {
         let received = Instant::now();
+        let waiting = daemon::metrics::GaugeGuard::new(daemon::metrics::QUEUE_DEPTH);
         let seq = self.engine.next_sequence_id();
         let blocks = match self.admit(seq, prompt.len() + params.max_tokens as usize).await {
             Ok(b) => b,
@@ -403,7 +407,10 @@ impl DecodeService {
             armed: true,
         };
         let queue_ms = received.elapsed().as_secs_f64() * 1e3;
-        match self.prefill(&id, &prompt, &blocks, &params).await {
+        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+        let prefilled = self.prefill(&id, &prompt, &blocks, &params).await;
+        drop(waiting);
+        match prefilled {
             Ok((first, r, server)) => {
                 reservation.armed = false;
                 self.scheduler.submit(Job::new(
@@ -444,9 +451,10 @@ impl pb::generation_server::Generation for DecodeApi {
             r.request_id = daemon::new_request_id();
         }
         let span = info_span!("generate", request_id = %r.request_id);
-        let (prompt, params) = span
-            .in_scope(|| self.0.validate(&r))
-            .inspect_err(|s| span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "refused")))?;
+        let (prompt, params) = span.in_scope(|| self.0.validate(&r)).inspect_err(|s| {
+            span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "refused"));
+            daemon::metrics::request_done(Err(s.code()));
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(self.0.clone().run(r.request_id.clone(), prompt, params, tx).instrument(span));
         use tokio_stream::StreamExt;
@@ -454,10 +462,16 @@ impl pb::generation_server::Generation for DecodeApi {
             Event::Chunk(c) => Ok(pb::GenerateResponse {
                 kind: Some(pb::generate_response::Kind::Chunk(c)),
             }),
-            Event::Done(res) => Ok(pb::GenerateResponse {
-                kind: Some(pb::generate_response::Kind::Result(res)),
-            }),
-            Event::Failed(s) => Err(s),
+            Event::Done(res) => {
+                daemon::metrics::request_done(Ok(()));
+                Ok(pb::GenerateResponse {
+                    kind: Some(pb::generate_response::Kind::Result(res)),
+                })
+            }
+            Event::Failed(s) => {
+                daemon::metrics::request_done(Err(s.code()));
+                Err(s)
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -496,6 +510,7 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     type Svc = pb::generation_server::GenerationServer<DecodeApi>;
     reporter.set_not_serving::<Svc>().await;
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    daemon::metrics::install(&cfg.metrics_listen, "decode-server")?;
     info!(%addr, "decode-server listening; loading model");
     let svc = DecodeService::new(cfg).await?;
     svc.spawn_handshakes();

@@ -86,9 +86,13 @@ impl Job {
         let now = Instant::now();
         if self.generated() == 1 {
             self.first_token_ms = self.received.elapsed().as_secs_f64() * 1e3;
+            metrics::histogram!(daemon::metrics::TTFT).record(self.first_token_ms / 1e3);
         } else {
-            self.itl_sum_ms += now.duration_since(self.last_token).as_secs_f64() * 1e3;
+            let gap = now.duration_since(self.last_token).as_secs_f64();
+            self.itl_sum_ms += gap * 1e3;
+            metrics::histogram!(daemon::metrics::ITL).record(gap);
         }
+        metrics::counter!(daemon::metrics::GENERATED_TOKENS).increment(1);
         self.last_token = now;
         let (text, finish) = match self.stream.push(engine, &self.tokens, &self.params) {
             Ok(x) => x,
@@ -127,6 +131,8 @@ impl Job {
                 self.backend.clone()
             },
         };
+        metrics::histogram!(daemon::metrics::E2E).record(self.received.elapsed().as_secs_f64());
+        metrics::histogram!(daemon::metrics::QUEUE_TIME).record((self.queue_ms + self.prefill.queue_ms) / 1e3);
         info!(request_id = %self.id, tokens = n, reason = reason.as_str(), "finished");
         let _ = self.tx.send(Event::Done(result));
         true
@@ -179,6 +185,7 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
     let mut offset = 0usize;
     let finish = |job: Job| {
         engine.release(job.seq);
+        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(engine.free_blocks() as f64);
         freed.notify_waiters();
     };
     loop {
@@ -222,6 +229,8 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
         }
         // Step: up to max_batch sequences, rotating so none starves.
         let n = running.len().min(max_batch);
+        metrics::gauge!(daemon::metrics::RUNNING).set(running.len() as f64);
+        metrics::histogram!(daemon::metrics::BATCH_SIZE).record(n as f64);
         offset %= running.len();
         let picked: Vec<usize> = (0..n).map(|i| (offset + i) % running.len()).collect();
         offset += n;
@@ -248,6 +257,9 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
                 done.sort_unstable_by(|a, b| b.cmp(a));
                 for i in done {
                     finish(running.swap_remove(i));
+                }
+                if running.is_empty() {
+                    metrics::gauge!(daemon::metrics::RUNNING).set(0.0);
                 }
             }
             Err(e) => {

@@ -43,6 +43,10 @@ pub struct Args {
     /// How long to wait for every daemon to become healthy, seconds.
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
+    /// Serve Prometheus metrics from this port on: the router here, then each
+    /// decode-server, then each prefill-server on the following ports.
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -140,13 +144,17 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             .with_context(|| format!("starting {bin}"))?;
         Ok((name.to_string(), child))
     };
+    let metrics = |offset: usize| match a.metrics_port {
+        Some(p) => format!("metrics_listen = \"127.0.0.1:{}\"\n", p as usize + offset),
+        None => String::new(),
+    };
     let mut prefill = Vec::new();
     for i in 0..a.prefill {
         let addr = format!("127.0.0.1:{}", free_port()?);
         children.push(spawn(
             &format!("prefill-{i}"),
             "prefill-server",
-            format!("listen = \"{addr}\"\n\n{engine_section}"),
+            format!("listen = \"{addr}\"\n{}\n{engine_section}", metrics(1 + a.decode + i)),
         )?);
         prefill.push(format!("http://{addr}"));
     }
@@ -158,8 +166,10 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\nprefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\n\n{engine_section}",
-                a.local_prefill_below, a.queue_deadline_ms
+                "listen = \"{addr}\"\n{}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\n\n{engine_section}",
+                metrics(1 + i),
+                a.local_prefill_below,
+                a.queue_deadline_ms
             ),
         )?);
         decode.push(format!("http://{addr}"));
@@ -172,7 +182,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     children.push(spawn(
         "router",
         "router",
-        format!("listen = \"{router_addr}\"\ndecode_servers = [{ds}]\n"),
+        format!("listen = \"{router_addr}\"\n{}decode_servers = [{ds}]\n", metrics(0)),
     )?);
     let mut dep = Deployment {
         router: format!("http://{router_addr}"),

@@ -23,6 +23,8 @@ use tracing::{Instrument, info, info_span, warn};
 pub struct PrefillConfig {
     /// gRPC address to serve on.
     pub listen: String,
+    /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
+    pub metrics_listen: String,
     pub engine: EngineConfig,
     pub transfer: TransferConfig,
     /// Longest prompt accepted, in tokens (0: the model's maximum).
@@ -35,6 +37,7 @@ impl Default for PrefillConfig {
     fn default() -> Self {
         PrefillConfig {
             listen: "127.0.0.1:50061".into(),
+            metrics_listen: String::new(),
             engine: EngineConfig::default(),
             transfer: TransferConfig::default(),
             max_prompt_tokens: 0,
@@ -161,7 +164,16 @@ impl PrefillService {
                 .write(session.peer, &segs, req.notify_tag)
                 .await
                 .map_err(|e| from_transfer(&e))?;
-            let kv_transfer_ms = t.elapsed().as_secs_f64() * 1e3;
+            let secs = t.elapsed().as_secs_f64();
+            let kv_transfer_ms = secs * 1e3;
+            let backend = self.agent.backend().as_str();
+            metrics::histogram!(daemon::metrics::PREFILL_TIME).record(prefill_ms / 1e3);
+            metrics::counter!(daemon::metrics::PROMPT_TOKENS).increment(tokens.len() as u64);
+            metrics::counter!(daemon::metrics::KV_BYTES, "backend" => backend).increment(bytes);
+            metrics::histogram!(daemon::metrics::KV_TIME, "backend" => backend).record(secs);
+            if secs > 0.0 {
+                metrics::histogram!(daemon::metrics::KV_BANDWIDTH, "backend" => backend).record(bytes as f64 / secs);
+            }
             info!(tokens = tokens.len(), segments = segs.len(), bytes, prefill_ms, kv_transfer_ms, peer = %session.name, "prefilled");
             Ok(pb::PrefillResponse {
                 first_token: first,
@@ -245,12 +257,14 @@ impl pb::prefill_server::Prefill for PrefillService {
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
+        let _waiting = daemon::metrics::GaugeGuard::new(daemon::metrics::QUEUE_DEPTH);
         let r = req.into_inner();
         let span = info_span!("prefill", request_id = %r.request_id);
         let out = PrefillService::prefill(self, r).instrument(span.clone()).await;
         if let Err(s) = &out {
             span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "prefill failed"));
         }
+        daemon::metrics::request_done(out.as_ref().map(|_| ()).map_err(|s| s.code()));
         out.map(Response::new)
     }
 }
@@ -264,6 +278,7 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
         .set_not_serving::<pb::prefill_server::PrefillServer<PrefillService>>()
         .await;
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    daemon::metrics::install(&cfg.metrics_listen, "prefill-server")?;
     info!(%addr, "prefill-server listening; loading model");
     let svc = PrefillService::new(cfg).await?;
     reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillService>>().await;

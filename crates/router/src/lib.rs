@@ -29,6 +29,8 @@ pub enum Policy {
 pub struct RouterConfig {
     /// gRPC address clients connect to.
     pub listen: String,
+    /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
+    pub metrics_listen: String,
     /// Decode-servers, as `http://host:port`.
     pub decode_servers: Vec<String>,
     /// `round_robin` or `least_outstanding`.
@@ -43,6 +45,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             listen: "127.0.0.1:50050".into(),
+            metrics_listen: String::new(),
             decode_servers: vec!["http://127.0.0.1:50051".into()],
             policy: Policy::RoundRobin,
             health_interval_ms: 500,
@@ -87,6 +90,7 @@ struct Outstanding(Arc<Backend>);
 impl Drop for Outstanding {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(daemon::metrics::OUTSTANDING, "decode" => self.0.url.clone()).decrement(1.0);
     }
 }
 
@@ -185,6 +189,7 @@ impl RouterApi {
         let mut last = Status::unavailable("no healthy decode-server");
         for b in self.0.candidates() {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
+            metrics::gauge!(daemon::metrics::OUTSTANDING, "decode" => b.url.clone()).increment(1.0);
             let guard = Outstanding(b.clone());
             let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
             match call(client, req.clone()).await {
@@ -197,9 +202,13 @@ impl RouterApi {
                     b.healthy.store(false, Ordering::Relaxed);
                     last = s;
                 }
-                Err(s) => return Err(s),
+                Err(s) => {
+                    daemon::metrics::request_done(Err(s.code()));
+                    return Err(s);
+                }
             }
         }
+        daemon::metrics::request_done(Err(last.code()));
         Err(last)
     }
 }
@@ -213,6 +222,13 @@ impl pb::generation_server::Generation for RouterApi {
         // The decode-server counts as busy with this request until the stream ends.
         let stream = stream.map(move |item| {
             let _held = &guard;
+            match &item {
+                Ok(pb::GenerateResponse {
+                    kind: Some(pb::generate_response::Kind::Result(_)),
+                }) => daemon::metrics::request_done(Ok(())),
+                Err(s) => daemon::metrics::request_done(Err(s.code())),
+                _ => {}
+            }
             item
         });
         Ok(Response::new(Box::pin(stream)))
@@ -222,6 +238,7 @@ impl pb::generation_server::Generation for RouterApi {
         let (result, _guard) = self
             .route(req.into_inner(), |mut c, r| async move { c.generate_once(r).await })
             .await?;
+        daemon::metrics::request_done(Ok(()));
         Ok(Response::new(result))
     }
 }
@@ -229,6 +246,7 @@ impl pb::generation_server::Generation for RouterApi {
 pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let addr: SocketAddr = cfg.listen.parse()?;
     let router = Router::new(&cfg)?;
+    daemon::metrics::install(&cfg.metrics_listen, "router")?;
     router.spawn_health_checks(
         Duration::from_millis(cfg.health_interval_ms),
         Duration::from_millis(cfg.connect_timeout_ms),

@@ -205,6 +205,7 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         queue_deadline_ms: 30_000,
         workdir: Some(workdir.to_path_buf()),
         ready_timeout: 300,
+        metrics_port: None,
     })
 }
 

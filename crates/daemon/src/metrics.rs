@@ -1,0 +1,107 @@
+//! Prometheus metrics: what an operator watches, named as vLLM and TGI name theirs.
+//! Each daemon serves them at `http://<metrics_listen>/metrics` (off when empty), with
+//! a `daemon` label. The `metrics` facade records; `metrics-exporter-prometheus` serves.
+use std::net::SocketAddr;
+
+use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub const REQUESTS: &str = "pdserve_requests_total";
+pub const TTFT: &str = "pdserve_time_to_first_token_seconds";
+pub const ITL: &str = "pdserve_inter_token_latency_seconds";
+pub const E2E: &str = "pdserve_e2e_request_latency_seconds";
+pub const QUEUE_TIME: &str = "pdserve_request_queue_time_seconds";
+pub const PREFILL_TIME: &str = "pdserve_request_prefill_time_seconds";
+pub const GENERATED_TOKENS: &str = "pdserve_generation_tokens_total";
+pub const PROMPT_TOKENS: &str = "pdserve_prompt_tokens_total";
+pub const QUEUE_DEPTH: &str = "pdserve_num_requests_waiting";
+pub const RUNNING: &str = "pdserve_num_requests_running";
+pub const BATCH_SIZE: &str = "pdserve_batch_size";
+pub const BLOCKS_FREE: &str = "pdserve_kv_blocks_free";
+pub const BLOCKS_TOTAL: &str = "pdserve_kv_blocks_total";
+pub const REGIONS: &str = "pdserve_kv_registered_regions";
+pub const KV_BYTES: &str = "pdserve_kv_transfer_bytes_total";
+pub const KV_TIME: &str = "pdserve_kv_transfer_duration_seconds";
+pub const KV_BANDWIDTH: &str = "pdserve_kv_transfer_bandwidth_bytes_per_second";
+pub const OUTSTANDING: &str = "pdserve_router_outstanding_requests";
+
+const SECONDS: [f64; 20] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+];
+const BANDWIDTH: [f64; 12] = [1e7, 1e8, 5e8, 1e9, 2.5e9, 5e9, 1e10, 2.5e10, 5e10, 1e11, 2.5e11, 1e12];
+const BATCH: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics_listen: {0:?} is not host:port")]
+    Address(String),
+    #[error("cannot serve metrics on {0}: {1}")]
+    Serve(String, String),
+}
+
+/// Starts the `/metrics` endpoint on `listen` (nothing when empty). Call inside the runtime.
+pub fn install(listen: &str, daemon: &str) -> Result<(), MetricsError> {
+    if listen.is_empty() {
+        return Ok(());
+    }
+    let addr: SocketAddr = listen.parse().map_err(|_| MetricsError::Address(listen.to_string()))?;
+    let serve_err = |e: &dyn std::fmt::Display| MetricsError::Serve(listen.to_string(), e.to_string());
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .add_global_label("daemon", daemon)
+        .set_buckets(&SECONDS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(KV_BANDWIDTH.into()), &BANDWIDTH))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH))
+        .map_err(|e| serve_err(&e))?
+        .install()
+        .map_err(|e| serve_err(&e))?;
+    describe();
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Requests finished, by outcome (ok or the gRPC code)");
+    describe_histogram!(TTFT, Unit::Seconds, "Time to first token, from receipt of the request");
+    describe_histogram!(ITL, Unit::Seconds, "Time between consecutive output tokens");
+    describe_histogram!(E2E, Unit::Seconds, "Time from receipt of the request to its last token");
+    describe_histogram!(QUEUE_TIME, Unit::Seconds, "Time waiting for KV blocks before prefill");
+    describe_histogram!(PREFILL_TIME, Unit::Seconds, "Prefill compute time");
+    describe_counter!(GENERATED_TOKENS, "Output tokens generated");
+    describe_counter!(PROMPT_TOKENS, "Prompt tokens prefilled");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting for KV blocks or their prefill");
+    describe_gauge!(RUNNING, "Sequences in the decode batch");
+    describe_histogram!(BATCH_SIZE, "Sequences per decode step");
+    describe_gauge!(BLOCKS_FREE, "Free KV-cache blocks");
+    describe_gauge!(BLOCKS_TOTAL, "KV-cache blocks in the pools");
+    describe_gauge!(REGIONS, "Memory regions registered with the data plane (the KV pools only)");
+    describe_counter!(KV_BYTES, Unit::Bytes, "KV-cache bytes written to decode-servers, by backend");
+    describe_histogram!(KV_TIME, Unit::Seconds, "Duration of one request's KV write, by backend");
+    describe_histogram!(KV_BANDWIDTH, "Bytes per second of one request's KV write, by backend");
+    describe_gauge!(OUTSTANDING, "Requests in flight through the router");
+}
+
+/// Counts a finished request: `ok` or the gRPC code's name.
+pub fn request_done(outcome: Result<(), tonic::Code>) {
+    let label = match outcome {
+        Ok(()) => "ok".to_string(),
+        Err(code) => format!("{code:?}").to_lowercase(),
+    };
+    ::metrics::counter!(REQUESTS, "outcome" => label).increment(1);
+}
+
+/// Adds one to a gauge until dropped.
+pub struct GaugeGuard(&'static str);
+
+impl GaugeGuard {
+    pub fn new(name: &'static str) -> GaugeGuard {
+        ::metrics::gauge!(name).increment(1.0);
+        GaugeGuard(name)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        ::metrics::gauge!(self.0).decrement(1.0);
+    }
+}
