@@ -23,6 +23,8 @@ prepare() {
   rm -rf .carry
   python3 scripts/pack-device.py --nixl-wheel $w/nixl_cu13-*-cp312-*.whl --ucx-dir .deps/ucx \
     --bin target/release/pdserve,target/release/prefill-server,target/release/decode-server,target/release/router --out .carry
+  # The device has no fonts; the bench plots need one.
+  cp /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf .carry/
 }
 
 remote() {
@@ -60,38 +62,54 @@ remote() {
     $OUTDIR/kvbench_tcp.json --protocols $OUTDIR/proto_ucx.txt $OUTDIR/proto_nixl.txt | tee $OUTDIR/summary.md
 }
 
-# The engine and the daemons on the GPU: a 1B-shape synthetic Llama in bf16, our engine
-# against transformers on the same weights, then router -> decode -> prefill on the one
-# GPU with each backend against our colocated run.
+# The engine and the daemons on the GPU: a 1B-shape synthetic Llama in bf16; for 10
+# prompts, our engine in one process against transformers on the same weights, then
+# router -> decode -> prefill on the one GPU with each backend against our one-process run.
 engine_remote() {
-  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out}
-  [ -x $D/pdserve ] || remote_unpack
-  export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/libucx/lib RUST_BACKTRACE=0
-  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  local M=/tmp/m1b
-  [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
-  local rows=$OUTDIR/engine_rows.txt; : > $rows
-  for p in 1 2 3; do
-    ids=$(python3 -c "print(','.join(str(3 + (i * 7919 + $p * 104729) % 120000) for i in range(40 * $p)))")
-    $D/pdserve generate --local --device cuda:0 --model $M --token-ids "$ids" --max-tokens 32 --ignore-eos --json > $OUTDIR/local_$p.json
-    python3 scripts/hf_reference.py $M --prompt-ids "$ids" --max-new-tokens 32 --json $OUTDIR/hf_$p.json > /dev/null
-    echo "prompt$p $(python3 -c "import json;a=json.load(open('$OUTDIR/local_$p.json'))['tokens'];b=json.load(open('$OUTDIR/hf_$p.json'))['tokens'];print('ours==transformers', a==b, sum(x==y for x,y in zip(a,b)), '/', len(b))")" | tee -a $rows
-    for b in nixl ucx tcp; do
-      rm -rf /tmp/up-$b; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --workdir /tmp/up-$b > /tmp/up-$b.url 2>/tmp/up-$b.err &
-      local up=$!
-      for _ in $(seq 1 600); do [ -s /tmp/up-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
-      if [ -s /tmp/up-$b.url ]; then
-        $D/pdserve generate --router "$(head -1 /tmp/up-$b.url)" --token-ids "$ids" --max-tokens 32 --ignore-eos --json > $OUTDIR/disagg_${b}_$p.json || true
-        echo "prompt$p $b $(python3 -c "import json;a=json.load(open('$OUTDIR/local_$p.json'))['tokens'];r=json.load(open('$OUTDIR/disagg_${b}_$p.json'));print('disagg==colocated', r['token_ids']==a, 'kv_ms', round(r['timings']['kv_transfer_ms'],3), 'kv_bytes', r['timings']['kv_bytes'], 'prefill_ms', round(r['timings']['prefill_ms'],1))")" | tee -a $rows
-      else
-        echo "prompt$p $b up failed: $(tail -3 /tmp/up-$b.err)" | tee -a $rows
-        tail -20 /tmp/up-$b/*.log 2>/dev/null | tail -30
-      fi
-      kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
-    done
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b N=${PROMPTS:-10}
+  gpu_env
+  python3 -c "
+for p in range(1, $N + 1):
+    print(','.join(str(3 + (i * 7919 + p * 104729) % 120000) for i in range(40 * p)))" > $OUTDIR/prompts.txt
+  python3 scripts/hf_reference.py $M --prompts-file $OUTDIR/prompts.txt --max-new-tokens 32 --json $OUTDIR/hf_tokens.json > /dev/null
+  : > $OUTDIR/local.jsonl
+  while read -r ids; do
+    $D/pdserve generate --local --device cuda:0 --model $M --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/local.jsonl
+  done < $OUTDIR/prompts.txt
+  for b in nixl ucx tcp; do
+    : > $OUTDIR/disagg_$b.jsonl
+    rm -rf /tmp/up-$b; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --workdir /tmp/up-$b > /tmp/up-$b.url 2>/tmp/up-$b.err &
+    local up=$!
+    for _ in $(seq 1 600); do [ -s /tmp/up-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+    if [ -s /tmp/up-$b.url ]; then
+      while read -r ids; do
+        $D/pdserve generate --router "$(head -1 /tmp/up-$b.url)" --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/disagg_$b.jsonl || echo '{}' >> $OUTDIR/disagg_$b.jsonl
+      done < $OUTDIR/prompts.txt
+    else
+      echo "$b: up failed: $(tail -3 /tmp/up-$b.err)"; tail -20 /tmp/up-$b/*.log 2>/dev/null | tail -30
+    fi
+    kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
   done
-  python3 scripts/hf_reference.py $M --bench --json $OUTDIR/hf_bench.json > /dev/null || true
-  echo "== summary"; cat $rows; cat $OUTDIR/hf_bench.json 2>/dev/null; echo
+  python3 - $OUTDIR <<'PY' | tee $OUTDIR/tokens.md
+import json, sys
+d = sys.argv[1]
+hf = json.load(open(f"{d}/hf_tokens.json"))["all_tokens"]
+local = [json.loads(l)["tokens"] for l in open(f"{d}/local.jsonl")]
+print("| prompt | tokens in | ours == transformers | " + " | ".join(f"{b} == ours (KV ms)" for b in ("nixl", "ucx", "tcp")) + " |")
+print("|---|---|---|---|---|---|")
+ok = True
+for i, (h, l) in enumerate(zip(hf, local)):
+    cells = []
+    for b in ("nixl", "ucx", "tcp"):
+        rows = [json.loads(x) for x in open(f"{d}/disagg_{b}.jsonl")]
+        r = rows[i] if i < len(rows) else {}
+        same = r.get("token_ids") == l
+        ok &= same
+        cells.append(f"{same} ({r.get('timings', {}).get('kv_transfer_ms', float('nan')):.3f})")
+    ok &= h == l
+    print(f"| {i + 1} | {40 * (i + 1)} | {h == l} ({sum(x == y for x, y in zip(h, l))}/{len(h)}) | " + " | ".join(cells) + " |")
+print(f"\ntoken equality: {'PASS' if ok else 'FAIL'} ({len(local)} prompts, 32 greedy tokens each)")
+PY
 }
 
 # Warm figures: one deployment per backend on the one GPU, six requests with a 512-token
@@ -140,6 +158,62 @@ speed_remote() {
   echo "transformers: $(cat $OUTDIR/hf_bench.json)"
 }
 
+# The compare table on the GPU: colocated and disaggregated (nixl, ucx, tcp), one
+# deployment at a time on the one GPU, a 1B-shape Llama in bf16, prompts of 512, 2048
+# and 8192 tokens; latency against load from the concurrency sweep.
+bench_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
+  gpu_env
+  $D/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:0 --model $M --kv-cache-mib 8192 \
+    --input-len "${INPUTS:-512,2048,8192}" --output-len "${OUTPUT_LEN:-64}" --requests "${REQUESTS:-8}" \
+    --concurrency "${CONCURRENCY:-1,4}" --vocab 120000 --quiet --kvbench nixl,ucx,tcp \
+    --json $OUTDIR/compare.json --plot $OUTDIR/compare.svg | tee $OUTDIR/compare.md
+  gzip -f $OUTDIR/compare.json
+}
+
+# 1,000 requests through one deployment on the GPU: VRAM per process, registered regions
+# and free KV blocks must be the same before and after.
+leak_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b b=${BACKEND:-nixl}
+  gpu_env
+  rm -rf /tmp/leak; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --metrics-port 19400 \
+    --workdir /tmp/leak > /tmp/leak.url 2>/tmp/leak.err &
+  local up=$!
+  for _ in $(seq 1 600); do [ -s /tmp/leak.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+  local router; router=$(head -1 /tmp/leak.url)
+  snap() { # <name>
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | sort > $OUTDIR/leak_vram_$1.txt
+    for p in 19401 19402; do curl -s localhost:$p/metrics; done \
+      | grep -E "^pdserve_(kv_registered_regions|kv_blocks_free|kv_blocks_total|requests_total)" > $OUTDIR/leak_metrics_$1.txt
+  }
+  $D/pdserve bench --router "$router" --requests 20 --input-len 16:600 --output-len 1:16 --concurrency 8 --vocab 120000 --quiet > /dev/null
+  snap before
+  $D/pdserve bench --router "$router" --requests ${LEAK_REQUESTS:-1000} --input-len 16:600 --output-len 1:16 \
+    --concurrency 16 --vocab 120000 --quiet --json $OUTDIR/leak_bench.json | tee $OUTDIR/leak_bench.md
+  sleep 1; snap after
+  kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+  gzip -f $OUTDIR/leak_bench.json
+  echo "== VRAM before / after"; paste $OUTDIR/leak_vram_before.txt $OUTDIR/leak_vram_after.txt
+  echo "== metrics before / after (requests_total grows; the rest must not change)"
+  diff $OUTDIR/leak_metrics_before.txt $OUTDIR/leak_metrics_after.txt | grep -v requests_total || true
+  if cmp -s $OUTDIR/leak_vram_before.txt $OUTDIR/leak_vram_after.txt \
+     && diff <(grep -v requests_total $OUTDIR/leak_metrics_before.txt) <(grep -v requests_total $OUTDIR/leak_metrics_after.txt) >/dev/null; then
+    echo "leak check: PASS (VRAM, registered regions and free blocks unchanged after ${LEAK_REQUESTS:-1000} requests)"
+  else
+    echo "leak check: FAIL"
+  fi
+}
+
+gpu_env() {
+  local D=/tmp/pdserve-gpu M=/tmp/m1b
+  [ -x $D/pdserve ] || remote_unpack
+  export PDSERVE_NIXL_LIB_DIR=$D/.nixl_cu13.mesonpy.libs PDSERVE_UCX_LIB_DIR=$D/libucx/lib RUST_BACKTRACE=0
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export PDSERVE_PLOT_FONT=$PWD/.carry/DejaVuSans.ttf
+  mkdir -p ${OUT:-/tmp/gpu-out}
+  [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
+}
+
 remote_unpack() {
   local D=/tmp/pdserve-gpu
   mkdir -p $D
@@ -154,5 +228,7 @@ case "${1:-}" in
   engine) engine_remote ;;
   warm) warm_remote ;;
   speed) speed_remote ;;
-  *) echo "usage: $0 prepare|remote|engine|warm|speed" >&2; exit 2 ;;
+  bench) bench_remote ;;
+  leak) leak_remote ;;
+  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak" >&2; exit 2 ;;
 esac

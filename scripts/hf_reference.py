@@ -3,6 +3,7 @@
 correctness reference for pdserve's engine on the GPU, and its speed for comparison.
 
   hf_reference.py MODEL_DIR --prompt-ids 1,2,3 --max-new-tokens 32 --json out.json
+  hf_reference.py MODEL_DIR --prompts-file prompts.txt --max-new-tokens 32 --json out.json
   hf_reference.py MODEL_DIR --bench            # prefill tok/s at 512/2048, decode tok/s at batch 1/8/32
 """
 import argparse, json, time
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("--prompt-ids", default="")
+ap.add_argument("--prompts-file", help="one prompt per line, comma-separated token ids: greedy tokens for each")
 ap.add_argument("--max-new-tokens", type=int, default=32)
 ap.add_argument("--json")
 ap.add_argument("--bench", action="store_true")
@@ -34,6 +36,8 @@ if a.prompt_ids:
     res["tokens"] = toks
     res["first_logits_top5"] = torch.topk(logits[0], 5).indices.tolist()
     torch.save(torch.stack(logits), (a.json or "ref") + ".logits.pt")
+if a.prompts_file:
+    res["all_tokens"] = [greedy([int(t) for t in l.split(",")], a.max_new_tokens)[0] for l in open(a.prompts_file) if l.strip()]
 if a.bench:
     def timed(f, reps=3):
         f(); torch.cuda.synchronize()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs pdserve on this node for systemd: binaries into $PREFIX/bin (router as
-# pdserve-router), the units into /etc/systemd/system, default configs into /etc/pdserve
+# pdserve-router), NIXL's and UCX's libraries (from scripts/setup.sh's wheels) into
+# /usr/lib/pdserve/{nixl,ucx} where the daemons look by default, the units into
+# /etc/systemd/system, default configs into /etc/pdserve
 # (existing ones are kept), a `pdserve` system user owning /var/lib/pdserve, and the
 # synthetic tiny model there (the shipped configs' default model) unless one exists.
 #   sudo scripts/install.sh [--bin-dir target/release] [--prefix /usr/local] [--strip]
@@ -34,7 +36,7 @@ if [ "$MODE" = uninstall ]; then
   fi
   for b in "${BINS[@]}"; do rm -f "$ROOT$PREFIX/bin/$(installed_name "$b")"; done
   for u in "${UNITS[@]}"; do rm -f "$ROOT/etc/systemd/system/$u"; done
-  rm -rf "$ROOT$PREFIX/share/doc/pdserve"
+  rm -rf "$ROOT$PREFIX/share/doc/pdserve" "$ROOT/usr/lib/pdserve"
   if [ -n "$PURGE" ]; then rm -rf "$ROOT/etc/pdserve" "$ROOT/var/lib/pdserve"; fi
   if [ -z "$ROOT" ] && id pdserve >/dev/null 2>&1; then userdel pdserve || true; fi
   live && systemctl daemon-reload
@@ -55,6 +57,19 @@ for c in prefill decode router; do
   [ -e "$ROOT/etc/pdserve/$c.toml" ] || install -m 0644 "configs/$c.toml" "$ROOT/etc/pdserve/$c.toml"
 done
 install -m 0644 README.md configs/README.md "$ROOT$PREFIX/share/doc/pdserve/" 2>/dev/null || install -m 0644 README.md "$ROOT$PREFIX/share/doc/pdserve/"
+# The libraries keep the wheels' relative layout (their RPATHs point at sibling folders).
+DEPS=${PDSERVE_DEPS_DIR:-.deps}
+if [ -e "$DEPS/nixl/.nixl_cu13.mesonpy.libs/libnixl_capi.so" ] && [ -d "$DEPS/ucx/libucx/lib" ]; then
+  rm -rf "$ROOT/usr/lib/pdserve"; install -d "$ROOT/usr/lib/pdserve/nixl-wheel" "$ROOT/usr/lib/pdserve/ucx-wheel"
+  cp -a "$DEPS/nixl/.nixl_cu13.mesonpy.libs" "$DEPS/nixl/nixl_cu13.libs" "$ROOT/usr/lib/pdserve/nixl-wheel/"
+  cp -a "$DEPS/ucx/libucx" "$ROOT/usr/lib/pdserve/ucx-wheel/"
+  [ -d "$DEPS/ucx/libucx_cu13.libs" ] && cp -a "$DEPS/ucx/libucx_cu13.libs" "$ROOT/usr/lib/pdserve/ucx-wheel/"
+  rm -rf "$ROOT"/usr/lib/pdserve/ucx-wheel/libucx/lib/*.a
+  ln -sfn nixl-wheel/.nixl_cu13.mesonpy.libs "$ROOT/usr/lib/pdserve/nixl"
+  ln -sfn ucx-wheel/libucx/lib "$ROOT/usr/lib/pdserve/ucx"
+else
+  echo "install.sh: no NIXL/UCX libraries in $DEPS (run scripts/setup.sh); only the tcp backend will work" >&2
+fi
 [ -e "$ROOT/var/lib/pdserve/models/tiny/config.json" ] || "$BIN_DIR/pdserve" model synth --preset tiny --out "$ROOT/var/lib/pdserve/models/tiny" >/dev/null
 if [ -z "$ROOT" ]; then
   for g in video render; do getent group $g >/dev/null || groupadd --system $g; done

@@ -120,9 +120,20 @@ fn install_script_lays_out_and_removes_everything() {
         "etc/systemd/system/pdserve-prefill@.service",
         "etc/pdserve/decode.toml",
         "var/lib/pdserve/models/tiny/config.json",
+        "usr/lib/pdserve/nixl/libnixl_capi.so",
+        "usr/lib/pdserve/ucx/libucp.so.0",
     ] {
         assert!(root.join(f).exists(), "{f} not installed");
     }
+    // The installed binaries work with the installed NIXL and UCX libraries.
+    let out = Command::new(root.join("usr/local/bin/pdserve"))
+        .args(["kvbench", "--backend", "nixl,ucx", "--sizes", "64KiB", "--iters", "2", "--warmup", "1"])
+        .env("PDSERVE_NIXL_LIB_DIR", root.join("usr/lib/pdserve/nixl"))
+        .env("PDSERVE_UCX_LIB_DIR", root.join("usr/lib/pdserve/ucx"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.matches("| yes |").count() == 2, "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     // An operator's edited config survives a re-install.
     std::fs::write(root.join("etc/pdserve/decode.toml"), "listen = \"0.0.0.0:9\"\n").unwrap();
     run(&["--bin-dir", built.to_str().unwrap(), "--strip"]);
@@ -132,6 +143,7 @@ fn install_script_lays_out_and_removes_everything() {
     );
     run(&["--uninstall"]);
     assert!(!root.join("usr/local/bin/decode-server").exists() && !root.join("etc/systemd/system/pdserve-decode.service").exists());
+    assert!(!root.join("usr/lib/pdserve").exists());
     assert!(root.join("etc/pdserve/decode.toml").exists(), "--uninstall keeps configs");
     run(&["--purge"]);
     assert!(!root.join("etc/pdserve").exists() && !root.join("var/lib/pdserve").exists());

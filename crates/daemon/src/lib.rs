@@ -20,6 +20,7 @@ where
     F: FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    kv_transfer::process_defaults();
     let mut args = std::env::args().skip(1);
     let mut path = std::env::var_os("PDSERVE_CONFIG").map(std::path::PathBuf::from);
     while let Some(a) = args.next() {

@@ -695,3 +695,17 @@ impl Work for UcxWork {
         }
     }
 }
+
+/// UCX (ours and the one inside NIXL) patches the CUDA driver's allocation calls to learn
+/// the memory type of every pointer. pdserve registers its KV pools once, with explicit
+/// memory types, so it needs none of that, and the patched calls slow every candle
+/// allocation: on the lent H100 the decode steps of a 1B model took 45% longer with
+/// them (docs/benchmarks.md). Unless the operator chose a mode, turn them off. Call at
+/// the start of `main`, before any other thread exists.
+pub fn process_defaults() {
+    if std::env::var_os("UCX_MEM_CUDA_HOOK_MODE").is_none() {
+        // SAFETY: called first thing in `main`, while the process has a single thread, so
+        // nothing reads the environment concurrently.
+        unsafe { std::env::set_var("UCX_MEM_CUDA_HOOK_MODE", "none") };
+    }
+}

@@ -2,6 +2,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    kv_transfer::process_defaults();
     let cli = pdserve::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
