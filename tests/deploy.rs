@@ -127,13 +127,27 @@ fn install_script_lays_out_and_removes_everything() {
     }
     // The installed binaries work with the installed NIXL and UCX libraries.
     let out = Command::new(root.join("usr/local/bin/pdserve"))
-        .args(["kvbench", "--backend", "nixl,ucx", "--sizes", "64KiB", "--iters", "2", "--warmup", "1"])
+        .args([
+            "kvbench",
+            "--backend",
+            "nixl,ucx",
+            "--sizes",
+            "64KiB",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+        ])
         .env("PDSERVE_NIXL_LIB_DIR", root.join("usr/lib/pdserve/nixl"))
         .env("PDSERVE_UCX_LIB_DIR", root.join("usr/lib/pdserve/ucx"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.matches("| yes |").count() == 2, "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.matches("| yes |").count() == 2,
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // An operator's edited config survives a re-install.
     std::fs::write(root.join("etc/pdserve/decode.toml"), "listen = \"0.0.0.0:9\"\n").unwrap();
     run(&["--bin-dir", built.to_str().unwrap(), "--strip"]);
@@ -365,5 +379,46 @@ fn units_exec_start_with_shipped_configs_serves_a_request() {
             std::thread::sleep(Duration::from_millis(50));
         };
         assert_eq!(status.code(), Some(0), "{unit} exits 0 after SIGTERM");
+    }
+}
+
+/// `pdserve doctor` on this machine: every backend's real write succeeds and is
+/// reported; a missing requirement is exit code 1 with its name; JSON parses.
+#[test]
+fn doctor_reports_backends_and_enforces_requirements() {
+    let exe = pdserve::up::binary("pdserve").unwrap();
+    let out = Command::new(&exe).args(["doctor", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = |n: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {n} check"))
+    };
+    for b in ["nixl", "ucx", "tcp"] {
+        let c = by_name(&format!("write through {b}"));
+        assert_eq!(c["status"], "ok", "{c}");
+        assert!(c["detail"].as_str().unwrap().contains("bytes verified"));
+    }
+    assert_eq!(by_name("NIXL")["status"], "ok");
+    assert!(
+        by_name("UCX")["detail"].as_str().unwrap().contains("cuda_ipc"),
+        "the libucx-cu13 wheel has CUDA transports"
+    );
+    for name in ["RDMA devices", "GPUDirect RDMA", "memlock limit", "GPUs and driver"] {
+        by_name(name);
+    }
+    // This CI machine has no RDMA NIC: requiring one fails and says so.
+    if by_name("RDMA devices")["status"] != "ok" {
+        let out = Command::new(&exe)
+            .args(["doctor", "--require", "rdma", "--backend", "tcp"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("required but not ready: rdma"));
     }
 }

@@ -1,5 +1,6 @@
 //! The `pdserve` command line's commands, one module each.
 pub mod bench;
+pub mod doctor;
 pub mod enginebench;
 pub mod generate;
 pub mod kvbench;
@@ -29,6 +30,9 @@ pub enum Command {
     Model(model::Command),
     /// Generate text: from a running router (`--router`), or in this process (`--local`).
     Generate(generate::Args),
+    /// Check this node: RDMA devices, GPUDirect, GPUs, NIXL/UCX and their transports,
+    /// memlock, and a real write through each data-plane backend.
+    Doctor(doctor::Args),
     /// Measure the engine alone: prefill and decode throughput.
     Enginebench(enginebench::Args),
     /// Load a running router (closed or open loop) and report TTFT, TPOT, ITL, end to end,
@@ -49,6 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Generate(a) => generate::run(a).await,
         Command::Kvbench(a) => kvbench::run(a).await,
         Command::Bench(a) => bench::run(*a).await,
+        Command::Doctor(a) => doctor::run(a).await,
         Command::Enginebench(a) => enginebench::run(a).await,
         Command::KvbenchTarget(a) => kvbench::run_target(a).await,
     }
