@@ -7,6 +7,10 @@
 #                                  # kvbench --mem vram per backend, NIXL's Python API on the
 #                                  # same machine, the UCX protocol that carried the bytes;
 #                                  # a short table last. Results under $OUT (or /tmp/gpu-out).
+#   scripts/gpu-check.sh engine    # 10 prompts: ours == transformers, disaggregated == one process (nixl, ucx, tcp)
+#   scripts/gpu-check.sh bench     # pdserve bench compare at 512/2048/8192 tokens, with the plot
+#   scripts/gpu-check.sh leak      # 1,000 requests: VRAM, registered regions, free blocks unchanged
+#   scripts/gpu-check.sh doctor    # pdserve doctor, with the UCX protocol of VRAM writes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
@@ -184,9 +188,10 @@ leak_remote() {
   snap() { # <name>
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | sort > $OUTDIR/leak_vram_$1.txt
     for p in 19401 19402; do curl -s localhost:$p/metrics; done \
-      | grep -E "^pdserve_(kv_registered_regions|kv_blocks_free|kv_blocks_total|requests_total)" > $OUTDIR/leak_metrics_$1.txt
+      | grep -E "^pdserve_(kv_registered_regions|kv_blocks_free|kv_blocks_total|requests_total)" | sort > $OUTDIR/leak_metrics_$1.txt
   }
-  $D/pdserve bench --router "$router" --requests 20 --input-len 16:600 --output-len 1:16 --concurrency 8 --vocab 120000 --quiet > /dev/null
+  # Warm up with the same load first: the CUDA memory pools grow to their high-water mark.
+  $D/pdserve bench --router "$router" --requests 300 --input-len 16:600 --output-len 1:16 --concurrency 16 --vocab 120000 --seed 1 --quiet > /dev/null
   snap before
   $D/pdserve bench --router "$router" --requests ${LEAK_REQUESTS:-1000} --input-len 16:600 --output-len 1:16 \
     --concurrency 16 --vocab 120000 --quiet --json $OUTDIR/leak_bench.json | tee $OUTDIR/leak_bench.md
@@ -202,6 +207,14 @@ leak_remote() {
   else
     echo "leak check: FAIL"
   fi
+}
+
+# pdserve doctor on the GPU machine: which protocol carries VRAM-to-VRAM writes.
+doctor_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out}
+  gpu_env
+  $D/pdserve doctor | tee $OUTDIR/doctor.txt
+  $D/pdserve doctor --json > $OUTDIR/doctor.json
 }
 
 gpu_env() {
@@ -230,5 +243,6 @@ case "${1:-}" in
   speed) speed_remote ;;
   bench) bench_remote ;;
   leak) leak_remote ;;
-  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak" >&2; exit 2 ;;
+  doctor) doctor_remote ;;
+  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor" >&2; exit 2 ;;
 esac

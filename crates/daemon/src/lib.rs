@@ -6,6 +6,7 @@ pub mod convert;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
+pub mod tls;
 
 use std::time::Duration;
 

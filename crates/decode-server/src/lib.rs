@@ -21,7 +21,7 @@ use proto::v1::prefill_client::PrefillClient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -34,6 +34,10 @@ pub struct DecodeConfig {
     pub listen: String,
     /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
     pub metrics_listen: String,
+    /// TLS and mutual TLS on the gRPC port and to peers (see configs/README.md).
+    pub tls: daemon::tls::TlsConfig,
+    /// Bearer token the client API requires (empty: none).
+    pub auth_token: String,
     pub engine: EngineConfig,
     pub transfer: TransferConfig,
     /// Prefill-servers, as `http://host:port`. Empty: prefill locally.
@@ -61,6 +65,8 @@ impl Default for DecodeConfig {
         DecodeConfig {
             listen: "127.0.0.1:50051".into(),
             metrics_listen: String::new(),
+            tls: Default::default(),
+            auth_token: String::new(),
             engine: EngineConfig::default(),
             transfer: TransferConfig::default(),
             prefill_servers: vec!["http://127.0.0.1:50061".into()],
@@ -78,6 +84,7 @@ impl Default for DecodeConfig {
 
 impl Validate for DecodeConfig {
     fn validate(&self) -> Result<(), String> {
+        self.tls.validate().map_err(|e| e.to_string())?;
         self.listen
             .parse::<SocketAddr>()
             .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
@@ -169,7 +176,10 @@ impl DecodeService {
     }
 
     async fn handshake(&self, peer: &PrefillPeer) -> Result<(), String> {
-        let ch = Endpoint::from_shared(peer.url.clone())
+        let ch = self
+            .cfg
+            .tls
+            .endpoint(&peer.url)
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
@@ -512,6 +522,7 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     daemon::metrics::install(&cfg.metrics_listen, "decode-server")?;
     info!(%addr, "decode-server listening; loading model");
+    let (server, token) = (cfg.tls.server()?, daemon::tls::BearerToken::new(&cfg.auth_token));
     let svc = DecodeService::new(cfg).await?;
     svc.spawn_handshakes();
     daemon::systemd::ready("decode-server: model loaded, KV pools registered; health SERVING once a prefill-server is handshaken");
@@ -537,13 +548,13 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
             let _ = stop_tx.send(());
         });
     }
-    let server = tonic::transport::Server::builder()
+    let api = pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+    let mut server = server;
+    let server = server
         .add_service(health)
         .add_service(daemon::reflection())
         .add_service(pb::decode_admin_server::DecodeAdminServer::new(DecodeApi(svc.clone())))
-        .add_service(
-            pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(api, token))
         .serve_with_incoming_shutdown(daemon::incoming(listener), async {
             let _ = stop_rx.await;
         });

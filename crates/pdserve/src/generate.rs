@@ -10,6 +10,8 @@ pub struct Args {
     /// Router (or decode-server) URL, e.g. http://127.0.0.1:50050.
     #[arg(long, conflicts_with = "local")]
     pub router: Option<String>,
+    #[command(flatten)]
+    pub client: crate::client::ClientArgs,
     /// Run the model in this process (the colocated reference).
     #[arg(long)]
     pub local: bool,
@@ -121,8 +123,8 @@ async fn remote(a: &Args, url: &str) -> anyhow::Result<i32> {
         input: Some(input),
         sampling: Some(daemon::convert::sampling_to_wire(&a.sampling())),
     };
-    let mut client = pb::generation_client::GenerationClient::connect(url.to_string()).await?;
-    let mut stream = match client.generate(req).await {
+    let mut client = a.client.connect(url).await?;
+    let mut stream = match client.generate(a.client.request(req)).await {
         Ok(s) => s.into_inner(),
         Err(s) => {
             eprintln!("error: {:?}: {}", s.code(), s.message());

@@ -197,7 +197,10 @@ async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[
         .args(["--mem", if args.mem == Mem::Vram { "vram" } else { "dram" }])
         .args(["--bytes", &dst_len.to_string()])
         .args(["--device", &args.target_device.to_string()])
-        .args(["--deadline-ms", &args.deadline_ms.to_string()]);
+        .args(["--deadline-ms", &args.deadline_ms.to_string()])
+        // UCX prints its protocol tables on stdout, which is the target's line protocol;
+        // the initiator (this process) is where the write's protocol is chosen anyway.
+        .env_remove("UCX_PROTO_INFO");
     let mut target = TargetProcess::spawn(cmd, deadline).await.context("starting the target process")?;
     let cfg = TransferConfig {
         backend,

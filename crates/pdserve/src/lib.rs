@@ -1,5 +1,6 @@
 //! The `pdserve` command line's commands, one module each.
 pub mod bench;
+pub mod client;
 pub mod doctor;
 pub mod enginebench;
 pub mod generate;

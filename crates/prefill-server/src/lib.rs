@@ -25,6 +25,8 @@ pub struct PrefillConfig {
     pub listen: String,
     /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
     pub metrics_listen: String,
+    /// TLS and mutual TLS on the gRPC port and to peers (see configs/README.md).
+    pub tls: daemon::tls::TlsConfig,
     pub engine: EngineConfig,
     pub transfer: TransferConfig,
     /// Longest prompt accepted, in tokens (0: the model's maximum).
@@ -38,6 +40,7 @@ impl Default for PrefillConfig {
         PrefillConfig {
             listen: "127.0.0.1:50061".into(),
             metrics_listen: String::new(),
+            tls: Default::default(),
             engine: EngineConfig::default(),
             transfer: TransferConfig::default(),
             max_prompt_tokens: 0,
@@ -48,6 +51,7 @@ impl Default for PrefillConfig {
 
 impl Validate for PrefillConfig {
     fn validate(&self) -> Result<(), String> {
+        self.tls.validate().map_err(|e| e.to_string())?;
         self.listen
             .parse::<SocketAddr>()
             .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
@@ -280,15 +284,17 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
     let listener = tokio::net::TcpListener::bind(addr).await?;
     daemon::metrics::install(&cfg.metrics_listen, "prefill-server")?;
     info!(%addr, "prefill-server listening; loading model");
+    let server = cfg.tls.server()?;
     let svc = PrefillService::new(cfg).await?;
     reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillService>>().await;
     info!("prefill-server ready");
     daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
-    let server = pb::prefill_server::PrefillServer::from_arc(svc.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let prefill = pb::prefill_server::PrefillServer::from_arc(svc.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+    let mut server = server;
+    server
         .add_service(health)
         .add_service(daemon::reflection())
-        .add_service(server)
+        .add_service(prefill)
         .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
         .await?;
     svc.agent.shutdown();

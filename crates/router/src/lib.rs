@@ -11,6 +11,7 @@ use proto::v1 as pb;
 use proto::v1::generation_client::GenerationClient;
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -31,6 +32,10 @@ pub struct RouterConfig {
     pub listen: String,
     /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
     pub metrics_listen: String,
+    /// TLS and mutual TLS on the gRPC port and to peers (see configs/README.md).
+    pub tls: daemon::tls::TlsConfig,
+    /// Bearer token the client API requires (empty: none).
+    pub auth_token: String,
     /// Decode-servers, as `http://host:port`.
     pub decode_servers: Vec<String>,
     /// `round_robin` or `least_outstanding`.
@@ -46,6 +51,8 @@ impl Default for RouterConfig {
         RouterConfig {
             listen: "127.0.0.1:50050".into(),
             metrics_listen: String::new(),
+            tls: Default::default(),
+            auth_token: String::new(),
             decode_servers: vec!["http://127.0.0.1:50051".into()],
             policy: Policy::RoundRobin,
             health_interval_ms: 500,
@@ -56,6 +63,7 @@ impl Default for RouterConfig {
 
 impl Validate for RouterConfig {
     fn validate(&self) -> Result<(), String> {
+        self.tls.validate().map_err(|e| e.to_string())?;
         self.listen
             .parse::<SocketAddr>()
             .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
@@ -83,6 +91,8 @@ pub struct Router {
     backends: Vec<Arc<Backend>>,
     policy: Policy,
     rr: AtomicUsize,
+    /// Sent to the decode-servers (which check the same token).
+    token: daemon::tls::BearerToken,
 }
 
 /// Decrements a backend's outstanding count when the response stream ends.
@@ -101,10 +111,7 @@ impl Router {
             .decode_servers
             .iter()
             .map(|u| {
-                let channel = Endpoint::from_shared(u.clone())?
-                    .connect_timeout(timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                let channel = cfg.tls.endpoint(u)?.connect_timeout(timeout).tcp_nodelay(true).connect_lazy();
                 Ok(Arc::new(Backend {
                     url: u.clone(),
                     channel,
@@ -115,6 +122,7 @@ impl Router {
             .collect::<anyhow::Result<_>>()?;
         Ok(Arc::new(Router {
             backends,
+            token: daemon::tls::BearerToken::new(&cfg.auth_token),
             policy: cfg.policy,
             rr: AtomicUsize::new(0),
         }))
@@ -182,7 +190,7 @@ impl RouterApi {
     /// returned guard keeps the server's outstanding count until it is dropped.
     async fn route<T, F, Fut>(&self, mut req: pb::GenerateRequest, call: F) -> Result<(T, Outstanding), Status>
     where
-        F: Fn(GenerationClient<Channel>, pb::GenerateRequest) -> Fut,
+        F: Fn(GenerationClient<Channel>, Request<pb::GenerateRequest>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         Router::prepare(&mut req);
@@ -192,7 +200,9 @@ impl RouterApi {
             metrics::gauge!(daemon::metrics::OUTSTANDING, "decode" => b.url.clone()).increment(1.0);
             let guard = Outstanding(b.clone());
             let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-            match call(client, req.clone()).await {
+            let mut request = Request::new(req.clone());
+            self.0.token.attach(&mut request);
+            match call(client, request).await {
                 Ok(resp) => {
                     info!(request_id = %req.request_id, decode = %b.url, "routed");
                     return Ok((resp.into_inner(), guard));
@@ -261,10 +271,12 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, backends = cfg.decode_servers.len(), "router listening");
     daemon::systemd::ready("router: listening");
-    tonic::transport::Server::builder()
+    let api = pb::generation_server::GenerationServer::new(RouterApi(router)).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+    cfg.tls
+        .server()?
         .add_service(health)
         .add_service(daemon::reflection())
-        .add_service(pb::generation_server::GenerationServer::new(RouterApi(router)).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES))
+        .add_service(InterceptedService::new(api, daemon::tls::BearerToken::new(&cfg.auth_token)))
         .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
         .await?;
     info!("router stopped");

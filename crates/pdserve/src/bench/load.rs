@@ -4,13 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::v1 as pb;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::stats::Record;
 use super::workload::Prompt;
@@ -34,22 +33,14 @@ impl std::fmt::Display for Load {
 }
 
 /// What every request of a run shares.
+#[derive(Clone)]
 pub struct Shot {
     pub client: pb::generation_client::GenerationClient<Channel>,
     pub seed: u64,
     pub temperature: f32,
     pub timeout: Duration,
     pub label: String,
-}
-
-pub async fn connect(url: &str) -> anyhow::Result<pb::generation_client::GenerationClient<Channel>> {
-    let ch = Endpoint::from_shared(url.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    Ok(pb::generation_client::GenerationClient::new(ch).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES))
+    pub client_args: crate::client::ClientArgs,
 }
 
 /// Runs the prompts under `load`; returns every request's record (in workload order) and
@@ -70,8 +61,7 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
         Load::Closed(c) => {
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..c.max(1) {
-                let (client, prompts, bar, next) = (shot.client.clone(), prompts.clone(), bar.clone(), next.clone());
-                let (seed, temperature, timeout) = (shot.seed, shot.temperature, shot.timeout);
+                let (shot, prompts, bar, next) = (shot.clone(), prompts.clone(), bar.clone(), next.clone());
                 tasks.spawn(async move {
                     let mut out = Vec::new();
                     loop {
@@ -79,7 +69,7 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
                         if i >= prompts.len() {
                             return out;
                         }
-                        out.push(one(client.clone(), i, &prompts[i], start, seed, temperature, timeout).await);
+                        out.push(one(&shot, i, &prompts[i], start).await);
                         bar.inc(1);
                     }
                 });
@@ -91,10 +81,9 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
             let mut at = 0.0f64;
             for i in 0..prompts.len() {
                 tokio::time::sleep_until((start + Duration::from_secs_f64(at)).into()).await;
-                let (client, prompts, bar) = (shot.client.clone(), prompts.clone(), bar.clone());
-                let (seed, temperature, timeout) = (shot.seed, shot.temperature, shot.timeout);
+                let (shot, prompts, bar) = (shot.clone(), prompts.clone(), bar.clone());
                 tasks.spawn(async move {
-                    let r = one(client, i, &prompts[i], start, seed, temperature, timeout).await;
+                    let r = one(&shot, i, &prompts[i], start).await;
                     bar.inc(1);
                     vec![r]
                 });
@@ -114,15 +103,8 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
 }
 
 /// Sends one request and streams its answer, timing it on the client's clock.
-async fn one(
-    mut client: pb::generation_client::GenerationClient<Channel>,
-    index: usize,
-    p: &Prompt,
-    start: Instant,
-    seed: u64,
-    temperature: f32,
-    timeout: Duration,
-) -> Record {
+async fn one(shot: &Shot, index: usize, p: &Prompt, start: Instant) -> Record {
+    let (mut client, seed, temperature, timeout) = (shot.client.clone(), shot.seed, shot.temperature, shot.timeout);
     let mut rec = Record {
         index,
         request_id: format!("bench-{seed}-{index}"),
@@ -144,7 +126,7 @@ async fn one(
     rec.sent_s = (t0 - start).as_secs_f64();
     let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
     let body = async {
-        let mut s = client.generate(req).await?.into_inner();
+        let mut s = client.generate(shot.client_args.request(req)).await?.into_inner();
         let mut last: Option<Instant> = None;
         while let Some(msg) = s.next().await {
             match msg?.kind {

@@ -36,8 +36,10 @@ pub enum Sub {
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// The router (or a decode-server) to load.
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    #[arg(long, default_value = "http://127.0.0.1:50050")]
     pub router: String,
+    #[command(flatten)]
+    pub client: crate::client::ClientArgs,
     #[command(flatten)]
     pub workload: WorkloadArgs,
     #[command(flatten)]
@@ -113,9 +115,16 @@ pub struct Level {
 }
 
 /// Measures `target` (a router URL) under every prompt length and load level.
-pub async fn measure(target: &str, url: &str, w: &WorkloadArgs, l: &LoadArgs) -> anyhow::Result<Vec<Level>> {
+pub async fn measure(
+    target: &str,
+    url: &str,
+    client: &crate::client::ClientArgs,
+    w: &WorkloadArgs,
+    l: &LoadArgs,
+) -> anyhow::Result<Vec<Level>> {
     let shot = Shot {
-        client: load::connect(url).await?,
+        client: client.connect(url).await?,
+        client_args: client.clone(),
         seed: w.seed,
         temperature: w.temperature,
         timeout: Duration::from_secs(l.timeout_s),
@@ -211,7 +220,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         return compare::run(c).await;
     }
     let r = a.run;
-    let levels = measure("router", &r.router, &r.workload, &r.load).await?;
+    let levels = measure("router", &r.router, &r.client, &r.workload, &r.load).await?;
     for l in &levels {
         println!("### {}, {}\n\n{}", l.workload, l.load, l.summary.markdown());
     }
