@@ -701,7 +701,9 @@ impl Work for UcxWork {
 /// memory types, so it needs none of that, and the patched calls slow every candle
 /// allocation: on the lent H100 the decode steps of a 1B model took 45% longer with
 /// them (docs/benchmarks.md). Unless the operator chose a mode, turn them off. Call at
-/// the start of `main`, before any other thread exists.
+/// the start of `main`, before any other thread exists. With the hooks off, initialise
+/// CUDA (allocate or bind the device) before starting an `Agent`: UCX looks for CUDA once,
+/// when its context is created.
 pub fn process_defaults() {
     if std::env::var_os("UCX_MEM_CUDA_HOOK_MODE").is_none() {
         // SAFETY: called first thing in `main`, while the process has a single thread, so

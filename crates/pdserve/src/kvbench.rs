@@ -300,8 +300,10 @@ pub async fn run_target(a: TargetArgs) -> anyhow::Result<i32> {
         deadline_ms: a.deadline_ms,
         ..Default::default()
     };
-    let agent = Agent::start(&cfg).await?;
+    // GPU memory first: UCX decides at start-up whether CUDA is there, and without its
+    // allocation hooks (kv_transfer::process_defaults) it does not look again.
     let buf = Buf::new(a.mem, a.device, a.bytes as usize)?;
+    let agent = Agent::start(&cfg).await?;
     let mem = buf.readback();
     mem.fill(kv_transfer::bench::POISON);
     let reg = agent.register(buf.memory())?;
