@@ -190,22 +190,26 @@ leak_remote() {
     for p in 19401 19402; do curl -s localhost:$p/metrics; done \
       | grep -E "^pdserve_(kv_registered_regions|kv_blocks_free|kv_blocks_total|requests_total)" | sort > $OUTDIR/leak_metrics_$1.txt
   }
-  # Warm up with the same load first: the CUDA memory pools grow to their high-water mark.
+  # Warm up with the same load first: the CUDA memory pools and cuBLAS workspaces grow
+  # to their high-water mark. Then two rounds: a leak grows with every round.
   $D/pdserve bench --router "$router" --requests 300 --input-len 16:600 --output-len 1:16 --concurrency 16 --vocab 120000 --seed 1 --quiet > /dev/null
-  snap before
-  $D/pdserve bench --router "$router" --requests ${LEAK_REQUESTS:-1000} --input-len 16:600 --output-len 1:16 \
-    --concurrency 16 --vocab 120000 --quiet --json $OUTDIR/leak_bench.json | tee $OUTDIR/leak_bench.md
-  sleep 1; snap after
+  snap warm
+  for round in 1 2; do
+    $D/pdserve bench --router "$router" --requests ${LEAK_REQUESTS:-1000} --input-len 16:600 --output-len 1:16 \
+      --concurrency 16 --vocab 120000 --seed $((round + 1)) --quiet --json $OUTDIR/leak_bench_$round.json | tee $OUTDIR/leak_bench_$round.md
+    sleep 1; snap round$round
+  done
   kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
-  gzip -f $OUTDIR/leak_bench.json
-  echo "== VRAM before / after"; paste $OUTDIR/leak_vram_before.txt $OUTDIR/leak_vram_after.txt
-  echo "== metrics before / after (requests_total grows; the rest must not change)"
-  diff $OUTDIR/leak_metrics_before.txt $OUTDIR/leak_metrics_after.txt | grep -v requests_total || true
-  if cmp -s $OUTDIR/leak_vram_before.txt $OUTDIR/leak_vram_after.txt \
-     && diff <(grep -v requests_total $OUTDIR/leak_metrics_before.txt) <(grep -v requests_total $OUTDIR/leak_metrics_after.txt) >/dev/null; then
-    echo "leak check: PASS (VRAM, registered regions and free blocks unchanged after ${LEAK_REQUESTS:-1000} requests)"
+  gzip -f $OUTDIR/leak_bench_*.json
+  echo "== VRAM per process (pid, used): after warm-up | after round 1 | after round 2" | tee $OUTDIR/leak_summary.txt
+  paste $OUTDIR/leak_vram_warm.txt $OUTDIR/leak_vram_round1.txt $OUTDIR/leak_vram_round2.txt | tee -a $OUTDIR/leak_summary.txt
+  echo "== KV metrics after round 2 (requests_total grows; the rest must equal the warm-up's)" | tee -a $OUTDIR/leak_summary.txt
+  grep -v requests_total $OUTDIR/leak_metrics_round2.txt | tee -a $OUTDIR/leak_summary.txt
+  if cmp -s $OUTDIR/leak_vram_round1.txt $OUTDIR/leak_vram_round2.txt \
+     && diff <(grep -v requests_total $OUTDIR/leak_metrics_warm.txt) <(grep -v requests_total $OUTDIR/leak_metrics_round2.txt) >/dev/null; then
+    echo "leak check: PASS (VRAM unchanged from round 1 to round 2 of ${LEAK_REQUESTS:-1000} requests; regions and free blocks as after warm-up)" | tee -a $OUTDIR/leak_summary.txt
   else
-    echo "leak check: FAIL"
+    echo "leak check: FAIL" | tee -a $OUTDIR/leak_summary.txt
   fi
 }
 

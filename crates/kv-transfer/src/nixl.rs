@@ -88,9 +88,13 @@ pub fn exit_now(code: i32) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    // SAFETY: _exit ends the process without running atexit handlers or destructors;
-    // everything that matters was flushed or released before the call.
-    unsafe { libc::_exit(code) }
+    // SAFETY: fflush(NULL) flushes every C stdio stream (UCX and NIXL print through
+    // them, fully buffered when stdout is a pipe); _exit then ends the process without
+    // running atexit handlers or destructors: everything that matters is released.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+        libc::_exit(code)
+    }
 }
 
 fn mem_type(kind: MemKind) -> nx::MemType {
