@@ -355,7 +355,11 @@ pub fn gpu_put_protocols(text: &str) -> Vec<(String, String, String)> {
         // UCX prefixes each line with its log header; the table starts at the first '|'.
         let Some(start) = line.find('|') else { continue };
         let row = &line[start..];
+        // A table's title is one or two rows: "ucp_context_N ..." then the operation.
         if row.contains("ucp_context") {
+            in_table = false;
+        }
+        if row.contains("remote memory") || row.contains("ucp_") {
             in_table = row.contains("remote memory write by ucp_put") && row.contains("from cuda");
             continue;
         }
@@ -554,15 +558,24 @@ mod tests {
 
     #[test]
     fn gpu_put_protocol_lines() {
+        // As UCX 1.22 prints it with UCX_PROTO_INFO=y (the log prefix included).
         let text = "\
-[1732] [h:1:0] +--------------------------+-------------------------------------------------------------+
-[1732] [h:1:0] | ucp_context_0 intra-node | remote memory write by ucp_put* from host memory to host      |
-[1732] [h:1:0] |                   0..inf | zero-copy                                  | cma/memory     |
-[1732] [h:1:0] +--------------------------+-------------------------------------------------------------+
-[1732] [h:1:0] | ucp_context_0 intra-node | remote memory write by ucp_put* from cuda/GPU0 to cuda/dev[0] |
-[1732] [h:1:0] +--------------------------+--------------------------------------------+----------------+
-[1732] [h:1:0] |                   0..inf | zero-copy                                  | cuda_ipc/cuda  |
-[1732] [h:1:0] +--------------------------+--------------------------------------------+----------------+
+[17.03] [vm:36 :0]   +--------+-------------+-----------------------------------+
+[17.03] [vm:36 :0]   | ucp_context_0 intra-node cfg#0                           |
+[17.03] [vm:36 :0]   | remote memory write by ucp_put* from host memory to host |
+[17.03] [vm:36 :0]   +--------+-------------+-----------------------------------+
+[17.03] [vm:36 :0]   | Range  | Description |              Config               |
+[17.03] [vm:36 :0]   | 0..inf | zero-copy   | cma/memory                        |
+[17.03] [vm:36 :0]   +--------+-------------+-----------------------------------+
+[17.04] [vm:36 :0]   | ucp_context_0 intra-node cfg#1                                 |
+[17.04] [vm:36 :0]   | remote memory write by ucp_put* from cuda/GPU0 to cuda/dev[0]  |
+[17.04] [vm:36 :0]   +--------+-------------+-----------------------------------------+
+[17.04] [vm:36 :0]   | Range  | Description |              Config                     |
+[17.04] [vm:36 :0]   | 0..inf | zero-copy   | cuda_ipc/cuda                           |
+[17.04] [vm:36 :0]   +--------+-------------+-----------------------------------------+
+[17.05] [vm:36 :0]   | ucp_context_0 intra-node cfg#2                                 |
+[17.05] [vm:36 :0]   | active message by ucp_am_send* from host memory                |
+[17.05] [vm:36 :0]   | 0..8K  | short       | sysv/memory                             |
 | nixl | Vram | 16 MiB | 1 | 0.03 | 0.2 | 565 | 77 | yes |
 ";
         assert_eq!(
