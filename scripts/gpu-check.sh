@@ -11,6 +11,7 @@
 #   scripts/gpu-check.sh bench     # pdserve bench compare at 512/2048/8192 tokens, with the plot
 #   scripts/gpu-check.sh leak      # 1,000 requests: VRAM, registered regions, free blocks unchanged
 #   scripts/gpu-check.sh doctor    # pdserve doctor, with the UCX protocol of VRAM writes
+#   scripts/gpu-check.sh twogpu    # two GPUs of one host: prefill on GPU 0, decode on GPU 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
@@ -221,6 +222,55 @@ doctor_remote() {
   $D/pdserve doctor --json > $OUTDIR/doctor.json
 }
 
+# Two GPUs of one host: prefill-server on GPU 0, decode-server on GPU 1, KV over
+# NVLink/PCIe peer access (CUDA IPC); tokens against the one-process run, per backend;
+# kvbench GPU 0 -> GPU 1 with the protocol UCX chose; doctor.
+twogpu_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b N=${PROMPTS:-4}
+  gpu_env
+  nvidia-smi topo -m | tee $OUTDIR/topo.txt
+  $D/pdserve doctor --backend nixl,ucx | tee $OUTDIR/doctor.txt
+  : > $OUTDIR/twogpu_local.jsonl
+  for p in $(seq 1 $N); do
+    ids=$(python3 -c "print(','.join(str(3 + (i * 7919 + $p * 104729) % 120000) for i in range(100 * $p)))")
+    echo "$ids" >> $OUTDIR/twogpu_prompts.txt
+    $D/pdserve generate --local --device cuda:1 --model $M --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/twogpu_local.jsonl
+  done
+  for b in nixl ucx tcp; do
+    : > $OUTDIR/twogpu_$b.jsonl
+    rm -rf /tmp/two-$b; $D/pdserve up --device cuda:1 --prefill-device cuda:0 --backend $b --model $M --kv-cache-mib 4096 \
+      --workdir /tmp/two-$b > /tmp/two-$b.url 2>/tmp/two-$b.err &
+    local up=$!
+    for _ in $(seq 1 600); do [ -s /tmp/two-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+    while read -r ids; do
+      $D/pdserve generate --router "$(head -1 /tmp/two-$b.url)" --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/twogpu_$b.jsonl || echo '{}' >> $OUTDIR/twogpu_$b.jsonl
+    done < $OUTDIR/twogpu_prompts.txt
+    kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+  done
+  echo "== kvbench GPU 0 -> GPU 1"
+  UCX_PROTO_INFO=y $D/pdserve kvbench --mem vram --device 0 --target-device 1 --backend nixl,ucx,tcp --sizes 16MiB,256MiB,1GiB --iters 20 \
+    > $OUTDIR/twogpu_kvbench_raw.txt 2>&1 || true
+  grep -E "^\|" $OUTDIR/twogpu_kvbench_raw.txt | tee $OUTDIR/twogpu_kvbench.md
+  grep -A6 "ucp_put\* from cuda" $OUTDIR/twogpu_kvbench_raw.txt | grep -E "\.\.|from cuda" | head -6 | tee $OUTDIR/twogpu_proto.txt
+  python3 - $OUTDIR <<'PY' | tee $OUTDIR/twogpu_tokens.md
+import json, sys
+d = sys.argv[1]
+local = [json.loads(l)["tokens"] for l in open(f"{d}/twogpu_local.jsonl")]
+ok = True
+print("| prompt | tokens in | nixl == one process (KV ms) | ucx | tcp |\n|---|---|---|---|---|")
+for i, l in enumerate(local):
+    cells = []
+    for b in ("nixl", "ucx", "tcp"):
+        rows = [json.loads(x) for x in open(f"{d}/twogpu_{b}.jsonl")]
+        r = rows[i] if i < len(rows) else {}
+        same = r.get("token_ids") == l
+        ok &= same
+        cells.append(f"{same} ({r.get('timings', {}).get('kv_transfer_ms', float('nan')):.3f})")
+    print(f"| {i + 1} | {100 * (i + 1)} | " + " | ".join(cells) + " |")
+print(f"\ntwo GPUs, prefill on GPU 0, decode on GPU 1: token equality {'PASS' if ok else 'FAIL'}")
+PY
+}
+
 gpu_env() {
   local D=/tmp/pdserve-gpu M=/tmp/m1b
   [ -x $D/pdserve ] || remote_unpack
@@ -248,5 +298,6 @@ case "${1:-}" in
   bench) bench_remote ;;
   leak) leak_remote ;;
   doctor) doctor_remote ;;
-  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor" >&2; exit 2 ;;
+  twogpu) twogpu_remote ;;
+  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor|twogpu" >&2; exit 2 ;;
 esac

@@ -64,6 +64,7 @@ pub async fn deploy_full(
         decode,
         router_addr: None,
         device: "cpu".into(),
+        prefill_device: None,
         kv_cache_mib,
         local_prefill_below,
         queue_deadline_ms,

@@ -28,6 +28,9 @@ pub struct Args {
     /// Device for every daemon: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Device for the prefill-servers, when it differs (e.g. prefill on cuda:0, decode on cuda:1).
+    #[arg(long)]
+    pub prefill_device: Option<String>,
     /// KV cache memory per daemon, MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: u64,
@@ -122,13 +125,17 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         }
     };
     let model = model.canonicalize().with_context(|| format!("model {}", model.display()))?;
-    let engine_section = format!(
-        "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\n",
-        toml_str(&model.display().to_string()),
-        toml_str(&a.device),
-        a.kv_cache_mib,
-        a.backend
-    );
+    let engine = |device: &str| {
+        format!(
+            "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\n",
+            toml_str(&model.display().to_string()),
+            toml_str(device),
+            a.kv_cache_mib,
+            a.backend
+        )
+    };
+    let engine_section = engine(&a.device);
+    let prefill_section = engine(a.prefill_device.as_deref().unwrap_or(&a.device));
     let mut children = Vec::new();
     let spawn = |name: &str, bin: &str, cfg: String| -> anyhow::Result<(String, Child)> {
         let path = workdir.join(format!("{name}.toml"));
@@ -154,7 +161,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         children.push(spawn(
             &format!("prefill-{i}"),
             "prefill-server",
-            format!("listen = \"{addr}\"\n{}\n{engine_section}", metrics(1 + a.decode + i)),
+            format!("listen = \"{addr}\"\n{}\n{prefill_section}", metrics(1 + a.decode + i)),
         )?);
         prefill.push(format!("http://{addr}"));
     }

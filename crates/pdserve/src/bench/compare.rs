@@ -202,6 +202,7 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         decode: 1,
         router_addr: None,
         device: a.device.clone(),
+        prefill_device: None,
         kv_cache_mib: a.kv_cache_mib,
         local_prefill_below: 0,
         queue_deadline_ms: 30_000,
