@@ -299,5 +299,10 @@ case "${1:-}" in
   leak) leak_remote ;;
   doctor) doctor_remote ;;
   twogpu) twogpu_remote ;;
+  twogpu-bench)
+    gpu_env; python3 scripts/p2p_limit.py | tee ${OUT:-/tmp/gpu-out}/p2p_limit.md
+    /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
+      --model /tmp/m1b --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048}" --output-len 64 --requests "${REQUESTS:-6}" \
+      --concurrency 1 --vocab 120000 --quiet --no-kvbench | tee ${OUT:-/tmp/gpu-out}/twogpu_compare.md ;;
   *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor|twogpu" >&2; exit 2 ;;
 esac

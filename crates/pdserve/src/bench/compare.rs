@@ -27,6 +27,9 @@ pub struct Args {
     /// Device for `--local` daemons: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Device for `--local` prefill-servers, when it differs (prefill on cuda:0, decode on cuda:1).
+    #[arg(long)]
+    pub prefill_device: Option<String>,
     /// KV cache per `--local` daemon, MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: u64,
@@ -202,7 +205,7 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         decode: 1,
         router_addr: None,
         device: a.device.clone(),
-        prefill_device: None,
+        prefill_device: a.prefill_device.clone(),
         kv_cache_mib: a.kv_cache_mib,
         local_prefill_below: 0,
         queue_deadline_ms: 30_000,
