@@ -58,14 +58,11 @@ pub async fn deploy_full(
 ) -> (Deployment, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let args = Args {
-        model: Some(model()),
+        placement: pdserve::up::Placement::cpu(Some(model()), kv_cache_mib),
         backend,
         prefill,
         decode,
         router_addr: None,
-        device: "cpu".into(),
-        prefill_device: None,
-        kv_cache_mib,
         local_prefill_below,
         queue_deadline_ms,
         workdir: Some(work.path().to_path_buf()),
@@ -131,5 +128,20 @@ pub async fn assert_all_blocks_free(decode_url: &str) {
 pub async fn stop_cleanly(dep: Deployment) {
     for (name, code) in dep.stop().await {
         assert_eq!(code, Some(0), "{name} did not exit 0 after SIGTERM");
+    }
+}
+
+/// A free TCP port on loopback (for daemons started from config files).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A daemon process started by a test; killed and reaped when dropped.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

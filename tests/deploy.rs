@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::{Daemon, free_port};
 use proto::v1 as pb;
 
 fn repo() -> PathBuf {
@@ -188,18 +189,6 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .find(|l| labels.iter().all(|want| l.contains(want)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Starts a unit's ExecStart as systemd would: `/usr/local/bin` -> the built binaries,

@@ -1,9 +1,10 @@
 //! TLS, mutual TLS between the daemons, and the client API's bearer token, with the
 //! real daemons started from config files as an operator writes them.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::{Daemon, free_port};
 use proto::v1 as pb;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
@@ -50,18 +51,6 @@ impl Pki {
             s += &format!("client_ca = {:?}\n", self.path("ca.pem"));
         }
         s
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

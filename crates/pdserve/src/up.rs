@@ -9,11 +9,38 @@ use anyhow::{Context, bail};
 use kv_transfer::BackendKind;
 use tokio::process::{Child, Command};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
+/// What every daemon of a local deployment loads, and where.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Placement {
     /// Model directory; without it, a synthetic tiny model is made and used.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Device for every daemon: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Device for the prefill-servers, when it differs (e.g. prefill on cuda:0, decode on cuda:1).
+    #[arg(long)]
+    pub prefill_device: Option<String>,
+    /// KV cache memory per daemon, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mib: u64,
+}
+
+impl Placement {
+    pub fn cpu(model: Option<PathBuf>, kv_cache_mib: u64) -> Placement {
+        Placement {
+            model,
+            device: "cpu".into(),
+            prefill_device: None,
+            kv_cache_mib,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub placement: Placement,
     #[arg(long, default_value = "tcp")]
     pub backend: BackendKind,
     /// Number of prefill-servers.
@@ -25,15 +52,6 @@ pub struct Args {
     /// Router address (default: a free port on 127.0.0.1).
     #[arg(long)]
     pub router_addr: Option<String>,
-    /// Device for every daemon: cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Device for the prefill-servers, when it differs (e.g. prefill on cuda:0, decode on cuda:1).
-    #[arg(long)]
-    pub prefill_device: Option<String>,
-    /// KV cache memory per daemon, MiB.
-    #[arg(long, default_value_t = 256)]
-    pub kv_cache_mib: u64,
     /// Prompts shorter than this are prefilled on the decode-server (0: never).
     #[arg(long, default_value_t = 0)]
     pub local_prefill_below: usize,
@@ -114,7 +132,8 @@ fn toml_str(s: &str) -> String {
 /// Starts the daemons and waits until the router serves.
 pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     std::fs::create_dir_all(workdir)?;
-    let model = match &a.model {
+    let p = &a.placement;
+    let model = match &p.model {
         Some(m) => m.clone(),
         None => {
             let dir = workdir.join("model-tiny");
@@ -130,12 +149,12 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\n",
             toml_str(&model.display().to_string()),
             toml_str(device),
-            a.kv_cache_mib,
+            p.kv_cache_mib,
             a.backend
         )
     };
-    let engine_section = engine(&a.device);
-    let prefill_section = engine(a.prefill_device.as_deref().unwrap_or(&a.device));
+    let engine_section = engine(&p.device);
+    let prefill_section = engine(p.prefill_device.as_deref().unwrap_or(&p.device));
     let mut children = Vec::new();
     let spawn = |name: &str, bin: &str, cfg: String| -> anyhow::Result<(String, Child)> {
         let path = workdir.join(format!("{name}.toml"));

@@ -21,18 +21,9 @@ pub struct Args {
     /// colocated, tcp, nixl, ucx.
     #[arg(long, value_delimiter = ',')]
     pub local: Vec<String>,
-    /// Model for `--local` (default: the synthetic tiny model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Device for `--local` daemons: cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Device for `--local` prefill-servers, when it differs (prefill on cuda:0, decode on cuda:1).
-    #[arg(long)]
-    pub prefill_device: Option<String>,
-    /// KV cache per `--local` daemon, MiB.
-    #[arg(long, default_value_t = 256)]
-    pub kv_cache_mib: u64,
+    /// Model, devices and KV memory of the `--local` deployments.
+    #[command(flatten)]
+    pub placement: up::Placement,
     #[command(flatten)]
     pub client: crate::client::ClientArgs,
     #[command(flatten)]
@@ -199,14 +190,11 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         ),
     };
     Ok(up::Args {
-        model: a.model.clone(),
+        placement: a.placement.clone(),
         backend,
         prefill,
         decode: 1,
         router_addr: None,
-        device: a.device.clone(),
-        prefill_device: a.prefill_device.clone(),
-        kv_cache_mib: a.kv_cache_mib,
         local_prefill_below: 0,
         queue_deadline_ms: 30_000,
         workdir: Some(workdir.to_path_buf()),
@@ -253,7 +241,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let kv_rows = if a.no_kvbench || a.kvbench.is_empty() || kv.is_empty() {
         Vec::new()
     } else {
-        let mem = a.kvbench_mem.unwrap_or(if a.device.starts_with("cuda") {
+        let mem = a.kvbench_mem.unwrap_or(if a.placement.device.starts_with("cuda") {
             kvbench::Mem::Vram
         } else {
             kvbench::Mem::Dram
