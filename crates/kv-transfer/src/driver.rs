@@ -2,10 +2,11 @@
 //! safe in the mode we use them) and progresses them. Callers talk to it through a
 //! channel: synchronous calls for set-up (register, connect, prepare), oneshot
 //! replies for writes. The thread polls hard while a write is in flight or a
-//! notification is awaited, and sleeps on its channel otherwise.
+//! notification is awaited, and parks otherwise; a new command or a new waiter for a
+//! notification unparks it at once.
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crate::BackendKind;
@@ -30,6 +31,8 @@ pub(crate) struct Driver<C> {
     backend: BackendKind,
     tx: Mutex<Option<mpsc::Sender<C>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The driver thread, to unpark after sending it a command.
+    waker: Thread,
 }
 
 impl<C: Send + 'static> Driver<C> {
@@ -42,9 +45,11 @@ impl<C: Send + 'static> Driver<C> {
     {
         let (tx, rx) = mpsc::channel::<C>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
+        let thread_hub = hub.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kv-{backend}"))
             .spawn(move || {
+                let hub = thread_hub;
                 let mut work = match make() {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
@@ -63,11 +68,16 @@ impl<C: Send + 'static> Driver<C> {
                 detail: format!("cannot start driver thread: {e}"),
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Driver {
-                backend,
-                tx: Mutex::new(Some(tx)),
-                thread: Mutex::new(Some(thread)),
-            }),
+            Ok(Ok(())) => {
+                let waker = thread.thread().clone();
+                hub.set_waker(waker.clone());
+                Ok(Driver {
+                    backend,
+                    tx: Mutex::new(Some(tx)),
+                    thread: Mutex::new(Some(thread)),
+                    waker,
+                })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -85,7 +95,9 @@ impl<C: Send + 'static> Driver<C> {
             .as_ref()
             .ok_or(TransferError::Closed)?
             .send(cmd)
-            .map_err(|_| TransferError::Closed)
+            .map_err(|_| TransferError::Closed)?;
+        self.waker.unpark();
+        Ok(())
     }
 
     /// Sends a command that answers through the given reply channel, and waits for
@@ -139,7 +151,9 @@ fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub, hot:
             last_active = Instant::now();
         }
         // Waking a sleeping thread costs tens of microseconds, more than a small write
-        // takes: stay hot for a while after any activity, then sleep on the channel.
+        // takes: stay hot for a while after any activity, then park. Commands and new
+        // notification waiters unpark the thread (a token: none is lost between the
+        // checks above and the park).
         if last_active.elapsed() < hot {
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(64) {
@@ -147,13 +161,6 @@ fn run<W: Work>(work: &mut W, rx: &mpsc::Receiver<W::Cmd>, hub: &NotifyHub, hot:
             }
             continue;
         }
-        match rx.recv_timeout(IDLE_POLL) {
-            Ok(cmd) => {
-                work.command(cmd);
-                last_active = Instant::now();
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
+        std::thread::park_timeout(IDLE_POLL);
     }
 }
