@@ -83,17 +83,15 @@ for p in range(1, $N + 1):
   done < $OUTDIR/prompts.txt
   for b in nixl ucx tcp; do
     : > $OUTDIR/disagg_$b.jsonl
-    rm -rf /tmp/up-$b; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --workdir /tmp/up-$b > /tmp/up-$b.url 2>/tmp/up-$b.err &
-    local up=$!
-    for _ in $(seq 1 600); do [ -s /tmp/up-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
-    if [ -s /tmp/up-$b.url ]; then
+    up_start /tmp/up-$b --device cuda:0 --backend $b --model $M --kv-cache-mib 4096
+    if [ -n "$ROUTER" ]; then
       while read -r ids; do
-        $D/pdserve generate --router "$(head -1 /tmp/up-$b.url)" --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/disagg_$b.jsonl || echo '{}' >> $OUTDIR/disagg_$b.jsonl
+        $D/pdserve generate --router "$ROUTER" --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/disagg_$b.jsonl || echo '{}' >> $OUTDIR/disagg_$b.jsonl
       done < $OUTDIR/prompts.txt
     else
       echo "$b: up failed: $(tail -3 /tmp/up-$b.err)"; tail -20 /tmp/up-$b/*.log 2>/dev/null | tail -30
     fi
-    kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+    up_stop
   done
   python3 - $OUTDIR <<'PY' | tee $OUTDIR/tokens.md
 import json, sys
@@ -127,15 +125,13 @@ warm_remote() {
   [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
   : > $OUTDIR/warm.jsonl
   for b in nixl ucx tcp; do
-    rm -rf /tmp/w-$b; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 8192 --workdir /tmp/w-$b > /tmp/w-$b.url 2>/tmp/w-$b.err &
-    local up=$!
-    for _ in $(seq 1 600); do [ -s /tmp/w-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+    up_start /tmp/w-$b --device cuda:0 --backend $b --model $M --kv-cache-mib 8192
     for i in 1 2 3 4 5 6; do
       ids=$(python3 -c "print(','.join(str(3 + (j * 7919 + $i * 31) % 120000) for j in range(512)))")
-      $D/pdserve generate --router "$(head -1 /tmp/w-$b.url)" --token-ids "$ids" --max-tokens 16 --ignore-eos --json \
+      $D/pdserve generate --router "$ROUTER" --token-ids "$ids" --max-tokens 16 --ignore-eos --json \
         | python3 -c "import json,sys; r=json.load(sys.stdin); r['backend']='$b'; r['i']=$i; r.pop('token_ids'); r.pop('text'); print(json.dumps(r))" >> $OUTDIR/warm.jsonl
     done
-    kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+    up_stop
   done
   python3 - $OUTDIR/warm.jsonl <<'PY'
 import json, statistics, sys
@@ -181,11 +177,8 @@ bench_remote() {
 leak_remote() {
   local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b b=${BACKEND:-nixl}
   gpu_env
-  rm -rf /tmp/leak; $D/pdserve up --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --metrics-port 19400 \
-    --workdir /tmp/leak > /tmp/leak.url 2>/tmp/leak.err &
-  local up=$!
-  for _ in $(seq 1 600); do [ -s /tmp/leak.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
-  local router; router=$(head -1 /tmp/leak.url)
+  up_start /tmp/leak --device cuda:0 --backend $b --model $M --kv-cache-mib 4096 --metrics-port 19400
+  local router=$ROUTER
   snap() { # <name>
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | sort > $OUTDIR/leak_vram_$1.txt
     for p in 19401 19402; do curl -s localhost:$p/metrics; done \
@@ -200,7 +193,7 @@ leak_remote() {
       --concurrency 16 --vocab 120000 --seed $((round + 1)) --quiet --json $OUTDIR/leak_bench_$round.json | tee $OUTDIR/leak_bench_$round.md
     sleep 1; snap round$round
   done
-  kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+  up_stop
   gzip -f $OUTDIR/leak_bench_*.json
   echo "== VRAM per process (pid, used): after warm-up | after round 1 | after round 2" | tee $OUTDIR/leak_summary.txt
   paste $OUTDIR/leak_vram_warm.txt $OUTDIR/leak_vram_round1.txt $OUTDIR/leak_vram_round2.txt | tee -a $OUTDIR/leak_summary.txt
@@ -238,14 +231,11 @@ twogpu_remote() {
   done
   for b in nixl ucx tcp; do
     : > $OUTDIR/twogpu_$b.jsonl
-    rm -rf /tmp/two-$b; $D/pdserve up --device cuda:1 --prefill-device cuda:0 --backend $b --model $M --kv-cache-mib 4096 \
-      --workdir /tmp/two-$b > /tmp/two-$b.url 2>/tmp/two-$b.err &
-    local up=$!
-    for _ in $(seq 1 600); do [ -s /tmp/two-$b.url ] && break; kill -0 $up 2>/dev/null || break; sleep 0.2; done
+    up_start /tmp/two-$b --device cuda:1 --prefill-device cuda:0 --backend $b --model $M --kv-cache-mib 4096
     while read -r ids; do
-      $D/pdserve generate --router "$(head -1 /tmp/two-$b.url)" --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/twogpu_$b.jsonl || echo '{}' >> $OUTDIR/twogpu_$b.jsonl
+      $D/pdserve generate --router "$ROUTER" --token-ids "$ids" --max-tokens 32 --ignore-eos --json >> $OUTDIR/twogpu_$b.jsonl || echo '{}' >> $OUTDIR/twogpu_$b.jsonl
     done < $OUTDIR/twogpu_prompts.txt
-    kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true
+    up_stop
   done
   echo "== kvbench GPU 0 -> GPU 1"
   UCX_PROTO_INFO=y $D/pdserve kvbench --mem vram --device 0 --target-device 1 --backend nixl,ucx,tcp --sizes 16MiB,256MiB,1GiB --iters 20 \
@@ -270,6 +260,18 @@ for i, l in enumerate(local):
 print(f"\ntwo GPUs, prefill on GPU 0, decode on GPU 1: token equality {'PASS' if ok else 'FAIL'}")
 PY
 }
+
+# Starts `pdserve up --workdir WORKDIR ARGS...` in the background and waits until it
+# prints the router's URL (or exits): sets UP (its pid) and ROUTER (empty on failure);
+# its stderr goes to WORKDIR.err. up_stop ends it.
+up_start() { # <workdir> <pdserve up arguments...>
+  local w=$1; shift
+  rm -rf "$w"; ${PDSERVE:-/tmp/pdserve-gpu/pdserve} up --workdir "$w" "$@" > "$w.url" 2> "$w.err" &
+  UP=$!
+  for _ in $(seq 1 600); do [ -s "$w.url" ] && break; kill -0 $UP 2>/dev/null || break; sleep 0.2; done
+  ROUTER=$(head -1 "$w.url" 2>/dev/null || true)
+}
+up_stop() { kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null || true; }
 
 gpu_env() {
   local D=/tmp/pdserve-gpu M=/tmp/m1b

@@ -522,7 +522,7 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     daemon::metrics::install(&cfg.metrics_listen, "decode-server")?;
     info!(%addr, "decode-server listening; loading model");
-    let (server, token) = (cfg.tls.server()?, daemon::tls::BearerToken::new(&cfg.auth_token));
+    let (mut server, token) = (cfg.tls.server()?, daemon::tls::BearerToken::new(&cfg.auth_token));
     let svc = DecodeService::new(cfg).await?;
     svc.spawn_handshakes();
     daemon::systemd::ready("decode-server: model loaded, KV pools registered; health SERVING once a prefill-server is handshaken");
@@ -549,7 +549,6 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         });
     }
     let api = pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-    let mut server = server;
     let server = server
         .add_service(health)
         .add_service(daemon::reflection())

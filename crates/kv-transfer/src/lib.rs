@@ -40,7 +40,7 @@ pub use error::{Result, TransferError};
 pub use memory::{HostBuffer, MemKind, Memory};
 pub use metadata::{METADATA_VERSION, Metadata, RegionInfo};
 pub use nixl::{exit_now, load_library as load_nixl_library};
-pub use ucx::process_defaults;
+pub use ucx::{library_dirs as ucx_library_dirs, process_defaults};
 
 /// Which library moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

@@ -83,14 +83,15 @@ pub(crate) struct Ucx {
     info: String,
 }
 
+/// Where `libucp.so` is looked for, in order: `explicit` (config `ucx_lib_dir`), else
+/// `$PDSERVE_UCX_LIB_DIR`, else the installed folder and then the UCX the build used.
+pub fn library_dirs(explicit: Option<&std::path::PathBuf>) -> Vec<std::path::PathBuf> {
+    crate::config::lib_dir(explicit, "PDSERVE_UCX_LIB_DIR", "/usr/lib/pdserve/ucx", Some(sys::DEFAULT_LIBDIR))
+}
+
 impl Ucx {
     pub(crate) fn start(cfg: &TransferConfig, notify: Arc<NotifyHub>) -> Result<Ucx> {
-        let dirs = crate::config::lib_dir(
-            cfg.ucx_lib_dir.as_ref(),
-            "PDSERVE_UCX_LIB_DIR",
-            "/usr/lib/pdserve/ucx",
-            Some(sys::DEFAULT_LIBDIR),
-        );
+        let dirs = library_dirs(cfg.ucx_lib_dir.as_ref());
         let peer_errors = cfg.ucx_peer_error_handling;
         let (info_tx, info_rx) = std::sync::mpsc::sync_channel(1);
         let hub = notify.clone();

@@ -444,10 +444,7 @@ async fn gpu_path(backend: BackendKind) -> Check {
 pub async fn checks(a: &Args) -> Vec<Check> {
     let limits = std::fs::read_to_string(a.root.join("proc/self/limits")).unwrap_or_default();
     let mut out = vec![rdma(&a.root), gpus(&a.root), gpudirect(&a.root), memlock(&limits), nixl()];
-    let ucx_dirs: Vec<PathBuf> = std::env::var_os("PDSERVE_UCX_LIB_DIR")
-        .map(|d| vec![PathBuf::from(d)])
-        .unwrap_or_else(|| vec![PathBuf::from("/usr/lib/pdserve/ucx"), PathBuf::from(ucx_sys::DEFAULT_LIBDIR)]);
-    out.push(ucx(&ucx_dirs));
+    out.push(ucx(&kv_transfer::ucx_library_dirs(None)));
     for &b in &a.backend {
         out.push(backend_write(b).await);
     }

@@ -284,13 +284,12 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
     let listener = tokio::net::TcpListener::bind(addr).await?;
     daemon::metrics::install(&cfg.metrics_listen, "prefill-server")?;
     info!(%addr, "prefill-server listening; loading model");
-    let server = cfg.tls.server()?;
+    let mut server = cfg.tls.server()?;
     let svc = PrefillService::new(cfg).await?;
     reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillService>>().await;
     info!("prefill-server ready");
     daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
     let prefill = pb::prefill_server::PrefillServer::from_arc(svc.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-    let mut server = server;
     server
         .add_service(health)
         .add_service(daemon::reflection())

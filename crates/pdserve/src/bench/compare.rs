@@ -1,14 +1,13 @@
 //! `pdserve bench compare`: one workload against a colocated deployment and the
 //! disaggregated ones (per KV backend), in turn; the table of where the time goes and
 //! what share of it the KV transfer takes, then `kvbench` at the workload's KV sizes.
-use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use kv_transfer::BackendKind;
 use serde::Serialize;
 
 use super::workload::WorkloadArgs;
-use super::{Level, LoadArgs, measure, sweep_table, write_outputs};
+use super::{Level, LoadArgs, measure, sweep_table};
 use crate::{kvbench, up};
 
 #[derive(clap::Args, Debug)]
@@ -39,12 +38,8 @@ pub struct Args {
     /// Host (dram) or GPU (vram) memory for that kvbench; default: vram for a cuda device.
     #[arg(long, value_enum)]
     pub kvbench_mem: Option<kvbench::Mem>,
-    /// Write every measurement here as JSON.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Draw latency against load, a line per deployment, into this file (.svg or .png).
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: super::OutputArgs,
 }
 
 fn parse_target(s: &str) -> Result<(String, String), String> {
@@ -264,7 +259,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         r
     };
     let doc = serde_json::json!({ "rows": rows, "levels": levels, "kvbench": kv_rows });
-    write_outputs(a.json.as_deref(), a.plot.as_deref(), &doc, &levels)?;
+    a.output.write(&doc, &levels)?;
     let failed = rows.iter().any(|r| r.failed > 0) || kv_rows.iter().any(|r| !r.verified);
     Ok(if failed { 1 } else { 0 })
 }

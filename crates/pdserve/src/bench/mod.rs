@@ -44,12 +44,32 @@ pub struct RunArgs {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub load: LoadArgs,
-    /// Write the summary and every request here as JSON.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Where `bench` and `bench compare` write what they measured, besides stdout.
+#[derive(clap::Args, Debug)]
+pub struct OutputArgs {
+    /// Write every measurement here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Draw latency against load into this file (.svg or .png).
+    /// Draw latency against load, a line per deployment and prompt length, into this
+    /// file (.svg or .png).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    fn write(&self, doc: &serde_json::Value, levels: &[Level]) -> anyhow::Result<()> {
+        if let Some(path) = &self.json {
+            std::fs::write(path, serde_json::to_string_pretty(doc)?).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &self.plot {
+            plot_levels(path, levels)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -227,26 +247,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     if levels.len() > 1 {
         println!("{}", sweep_table(&levels));
     }
-    write_outputs(
-        r.json.as_deref(),
-        r.plot.as_deref(),
-        &serde_json::json!({ "router": r.router, "levels": levels }),
-        &levels,
-    )?;
+    r.output
+        .write(&serde_json::json!({ "router": r.router, "levels": levels }), &levels)?;
     Ok(if levels.iter().all(|l| l.summary.failed == 0) { 0 } else { 1 })
-}
-
-fn write_outputs(
-    json: Option<&std::path::Path>,
-    plot: Option<&std::path::Path>,
-    doc: &serde_json::Value,
-    levels: &[Level],
-) -> anyhow::Result<()> {
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_string_pretty(doc)?).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = plot {
-        plot_levels(path, levels)?;
-    }
-    Ok(())
 }
