@@ -151,12 +151,27 @@ PY
 # The engine alone against transformers on the same 1B-shape weights and GPU.
 speed_remote() {
   local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
-  [ -x $D/pdserve ] || remote_unpack
-  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  [ -e $M/config.json ] || $D/pdserve model synth --preset 1b --seed 0 --out $M
+  gpu_env
+  echo "== fused kernels against candle's ops (logits, greedy tokens)"
+  $D/pdserve enginebench --model $M --device cuda:0 --check --kv-cache-mib 4096 | tee $OUTDIR/kernels_check.md
   python3 scripts/hf_reference.py $M --bench --json $OUTDIR/hf_bench.json > /dev/null
-  $D/pdserve enginebench --model $M --device cuda:0 --json $OUTDIR/enginebench.json
-  echo "transformers: $(cat $OUTDIR/hf_bench.json)"
+  for k in reference auto; do
+    $D/pdserve enginebench --model $M --device cuda:0 --kernels $k --json $OUTDIR/enginebench_$k.json > /dev/null
+  done
+  python3 - $OUTDIR <<'PY' | tee $OUTDIR/speed.md
+import json, sys
+d = sys.argv[1]
+hf = json.load(open(f"{d}/hf_bench.json"))["bench"]
+ref = {r["what"]: r for r in json.load(open(f"{d}/enginebench_reference.json"))}
+fused = {r["what"]: r for r in json.load(open(f"{d}/enginebench_auto.json"))}
+keys = {"prefill 512 tokens": "prefill_512", "prefill 2048 tokens": "prefill_2048",
+        "decode batch 1": "decode_b1", "decode batch 8": "decode_b8", "decode batch 32": "decode_b32"}
+print("| measurement | candle ops tok/s | fused kernels tok/s (ms) | transformers tok/s | fused / transformers |")
+print("|---|---|---|---|---|")
+for what, f in fused.items():
+    h = hf.get(keys.get(what, "") + "_tok_s", float("nan"))
+    print(f"| {what} | {ref[what]['tokens_per_s']:,.0f} | {f['tokens_per_s']:,.0f} ({f['ms']:.2f}) | {h:,.0f} | {f['tokens_per_s'] / h:.2f} |")
+PY
 }
 
 # The compare table on the GPU: colocated and disaggregated (nixl, ucx, tcp), one

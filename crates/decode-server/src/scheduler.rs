@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use daemon::convert;
-use engine::{DecodeInput, Engine, SamplingParams, TextStream, sample};
+use engine::{DecodeInput, Engine, Pick, SamplingParams, TextStream};
 use proto::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -242,13 +242,21 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
                 blocks: &running[i].blocks,
             })
             .collect();
-        match engine.decode(&batch) {
-            Ok(logits) => {
+        let picks: Vec<Pick> = picked
+            .iter()
+            .map(|&i| Pick {
+                params: &running[i].params,
+                history: &running[i].tokens,
+                step: running[i].generated() as u64,
+            })
+            .collect();
+        let result = engine.decode_pick(&batch, &picks);
+        drop((batch, picks));
+        match result {
+            Ok(next) => {
                 let mut done = Vec::new();
-                for (&i, l) in picked.iter().zip(logits) {
+                for (&i, next) in picked.iter().zip(next) {
                     let job = &mut running[i];
-                    let step = job.generated() as u64;
-                    let next = sample(&l, &job.params, &job.tokens, step);
                     job.tokens.push(next);
                     if job.emit(&engine) {
                         done.push(i);

@@ -12,7 +12,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::{BlockManager, KvLayout, KvPools, dtype_name};
 use crate::loader::ModelDir;
 use crate::model::{DecodeInput, Model};
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, sample};
 
 /// The `[engine]` section of a daemon's config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +30,10 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Longest sequence (prompt + output) served; 0 means the model's maximum.
     pub max_model_len: usize,
+    /// `auto`: fused CUDA kernels for attention, RoPE with the KV writes, and SwiGLU
+    /// where they serve the model (head dim 32, 64 or 128, at most 16 query heads per
+    /// KV head); `reference`: candle's plain ops (the CPU always uses those).
+    pub kernels: String,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +45,7 @@ impl Default for EngineConfig {
             kv_cache_mib: 256,
             block_size: 16,
             max_model_len: 0,
+            kernels: "auto".into(),
         }
     }
 }
@@ -57,6 +62,16 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Ok(Device::new_cuda(n)?)
         }
     }
+}
+
+/// How one sequence of a decode batch picks its next token.
+#[derive(Debug, Clone, Copy)]
+pub struct Pick<'a> {
+    pub params: &'a SamplingParams,
+    /// Every token so far, prompt and output (for the repetition penalty).
+    pub history: &'a [u32],
+    /// Index of this generation step (seeds the sampler).
+    pub step: u64,
 }
 
 pub struct Engine {
@@ -82,7 +97,7 @@ impl Engine {
         };
         let tokenizer = tokenizers::Tokenizer::from_file(&dir.tokenizer)
             .map_err(|e| EngineError::model(&dir.tokenizer, format!("not a tokenizer: {e}")))?;
-        let model = Model::load(&dir, dtype, &device)?;
+        let model = Model::load(&dir, dtype, &device, &cfg.kernels)?;
         let c = &model.cfg;
         let block_size = cfg.block_size.max(1);
         let per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.size_in_bytes()) as u64;
@@ -203,6 +218,46 @@ impl Engine {
     /// Prefill of `tokens` at positions `start..`; the last position's logits.
     pub fn prefill(&self, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Vec<f32>> {
         Ok(self.model.prefill(&self.pools, tokens, start, blocks)?.to_vec1()?)
+    }
+
+    /// One decode step for a batch, sampled: each sequence's next token. Greedy picks
+    /// without a repetition penalty are made on the device (only the token ids come to
+    /// the host); the other rows' logits come to the host for [`sample`].
+    pub fn decode_pick(&self, batch: &[DecodeInput<'_>], picks: &[Pick<'_>]) -> Result<Vec<u32>> {
+        if batch.len() != picks.len() {
+            return Err(EngineError::Invalid(format!(
+                "{} sequences but {} sampling picks",
+                batch.len(),
+                picks.len()
+            )));
+        }
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        let logits = self.model.decode(&self.pools, batch)?;
+        let on_device = |p: &Pick<'_>| !self.model.device.is_cpu() && p.params.is_greedy() && p.params.repetition_penalty == 1.0;
+        let mut next = vec![0u32; batch.len()];
+        if picks.iter().any(on_device) {
+            let ids = self.model.argmax_rows(&logits)?;
+            for (i, p) in picks.iter().enumerate() {
+                if on_device(p) {
+                    next[i] = ids[i];
+                }
+            }
+        }
+        let host: Vec<u32> = (0..picks.len() as u32).filter(|&i| !on_device(&picks[i as usize])).collect();
+        if !host.is_empty() {
+            let rows = if host.len() == batch.len() {
+                logits
+            } else {
+                logits.index_select(&candle_core::Tensor::new(host.as_slice(), &self.model.device)?, 0)?
+            };
+            for (&i, row) in host.iter().zip(rows.to_vec2::<f32>()?) {
+                let p = &picks[i as usize];
+                next[i as usize] = sample(&row, p.params, p.history, p.step);
+            }
+        }
+        Ok(next)
     }
 
     /// One decode step for a batch; logits per sequence.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Pick};
 use crate::error::Result;
 use crate::model::DecodeInput;
 use crate::sampling::{SamplingParams, sample};
@@ -132,12 +132,17 @@ pub fn generate_local(engine: &Engine, prompt: &[u32], params: &SamplingParams) 
                 });
             }
             let pos = tokens.len() - 1;
-            let logits = engine.decode(&[DecodeInput {
+            let pick = Pick {
+                params,
+                history: &tokens,
+                step: (tokens.len() - prompt.len()) as u64,
+            };
+            let input = DecodeInput {
                 token: next,
                 pos,
                 blocks: &blocks,
-            }])?;
-            next = sample(&logits[0], params, &tokens, (tokens.len() - prompt.len()) as u64);
+            };
+            next = engine.decode_pick(&[input], &[pick])?[0];
         }
     })();
     engine.release(seq);

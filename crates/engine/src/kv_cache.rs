@@ -150,6 +150,12 @@ impl KvPools {
         Ok((k.clone(), v.clone()))
     }
 
+    /// Layer `layer`'s K and V pools, for the fused kernels that read and write them.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// Reads `b` contexts of `l` slots each (`index` is `[b*l]`): `[b, kv_heads, l, d]`.
     pub fn gather(&self, layer: usize, index: &Tensor, b: usize, l: usize) -> Result<(Tensor, Tensor)> {
         let (h, d) = (self.layout.num_kv_heads, self.layout.head_dim);

@@ -11,6 +11,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
+#[cfg(feature = "cuda")]
+mod kernels;
 pub mod kv_cache;
 mod loader;
 mod memory;
@@ -19,7 +21,7 @@ pub mod sampling;
 pub mod synth;
 
 pub use config::{Arch, ModelConfig};
-pub use engine::{Engine, EngineConfig, parse_device};
+pub use engine::{Engine, EngineConfig, Pick, parse_device};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, TextStream, generate_local};
 pub use kv_cache::{BlockManager, BlockRun, KvLayout, KvPools, PoolRegion, block_runs};

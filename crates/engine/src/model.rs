@@ -6,19 +6,18 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv_cache::KvPools;
 use crate::loader::ModelDir;
 
 struct Layer {
     in_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections as one matmul: `[n, (heads + 2 kv_heads) * head_dim]`.
+    qkv: Linear,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections as one matmul: `[n, 2 * intermediate]`.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -32,6 +31,8 @@ pub struct Model {
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The fused CUDA kernels (`kernels.rs`) run attention, RoPE and SwiGLU.
+    fused: bool,
 }
 
 /// One sequence's part of a decode step.
@@ -46,7 +47,9 @@ pub struct DecodeInput<'a> {
 
 impl Model {
     /// Loads weights as `dtype` on `device`, checking every tensor's shape first.
-    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Model> {
+    /// `kernels`: `auto` uses the fused CUDA kernels where they serve the model,
+    /// `reference` the plain candle ops everywhere.
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device, kernels: &str) -> Result<Model> {
         let c = &dir.config;
         let (h, kv, d) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.head_dim);
         let mut expected: Vec<(String, Vec<usize>)> = vec![
@@ -84,6 +87,19 @@ impl Model {
             let b = if bias { Some(vb.get(out, "bias")?) } else { None };
             Ok(Linear::new(w, b))
         };
+        // Projections that read the same input become one matmul: rows stacked.
+        let stacked = |parts: &[(VarBuilder, usize)], inp: usize, bias: bool| -> Result<Linear> {
+            let mut ws = Vec::with_capacity(parts.len());
+            let mut bs = Vec::with_capacity(parts.len());
+            for (vb, out) in parts {
+                ws.push(vb.get((*out, inp), "weight")?);
+                if bias {
+                    bs.push(vb.get(*out, "bias")?);
+                }
+            }
+            let b = if bias { Some(Tensor::cat(&bs, 0)?) } else { None };
+            Ok(Linear::new(Tensor::cat(&ws, 0)?, b))
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let vb = vb.pp(format!("model.layers.{i}"));
@@ -92,12 +108,17 @@ impl Model {
             layers.push(Layer {
                 in_norm: vb.get(h, "input_layernorm.weight")?,
                 post_norm: vb.get(h, "post_attention_layernorm.weight")?,
-                q: linear(a.pp("q_proj"), c.num_heads * d, h, c.qkv_bias)?,
-                k: linear(a.pp("k_proj"), kv, h, c.qkv_bias)?,
-                v: linear(a.pp("v_proj"), kv, h, c.qkv_bias)?,
+                qkv: stacked(
+                    &[(a.pp("q_proj"), c.num_heads * d), (a.pp("k_proj"), kv), (a.pp("v_proj"), kv)],
+                    h,
+                    c.qkv_bias,
+                )?,
                 o: linear(a.pp("o_proj"), h, c.num_heads * d, false)?,
-                gate: linear(m.pp("gate_proj"), c.intermediate_size, h, false)?,
-                up: linear(m.pp("up_proj"), c.intermediate_size, h, false)?,
+                gate_up: stacked(
+                    &[(m.pp("gate_proj"), c.intermediate_size), (m.pp("up_proj"), c.intermediate_size)],
+                    h,
+                    false,
+                )?,
                 down: linear(m.pp("down_proj"), h, c.intermediate_size, false)?,
             });
         }
@@ -111,6 +132,11 @@ impl Model {
         let inv = Tensor::new(c.inv_freq(), device)?;
         let positions = Tensor::arange(0u32, c.max_position_embeddings as u32, device)?.to_dtype(DType::F32)?;
         let freqs = positions.unsqueeze(1)?.matmul(&inv.unsqueeze(0)?)?;
+        let fused = match kernels {
+            "auto" => fused_supported(device, c),
+            "reference" => false,
+            other => return Err(EngineError::Invalid(format!("kernels {other:?} is not auto or reference"))),
+        };
         Ok(Model {
             cfg: c.clone(),
             device: device.clone(),
@@ -121,6 +147,7 @@ impl Model {
             lm_head,
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
+            fused,
         })
     }
 
@@ -134,8 +161,62 @@ impl Model {
         let t = tokens.len();
         let total = start + t;
         let slots = pools.slots(blocks, 0, total)?;
+        let x = if self.fused {
+            let rows = Rows {
+                tokens: tokens.to_vec(),
+                pos: (start as u32..total as u32).collect(),
+                slots: slots[start..].to_vec(),
+                seq: vec![0; t],
+                ctx: (start as u32 + 1..=total as u32).collect(),
+                tables: blocks.to_vec(),
+                sequences: 1,
+                queries_per_block: self.prefill_queries_per_block(),
+            };
+            self.forward_fused(pools, &rows)?
+        } else {
+            self.prefill_reference(pools, tokens, start, &slots)?
+        };
+        let last = self.rms(&x.i(t - 1..t)?, &self.norm)?;
+        Ok(self.lm_head.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Advances each sequence by one token; returns logits `[batch, vocab]` (f32).
+    pub fn decode(&self, pools: &KvPools, batch: &[DecodeInput<'_>]) -> Result<Tensor> {
+        let x = if self.fused {
+            let b = batch.len();
+            let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+            let mut rows = Rows {
+                tokens: Vec::with_capacity(b),
+                pos: Vec::with_capacity(b),
+                slots: Vec::with_capacity(b),
+                seq: (0..b as u32).collect(),
+                ctx: Vec::with_capacity(b),
+                tables: Vec::with_capacity(b * width),
+                sequences: b,
+                queries_per_block: 1,
+            };
+            for s in batch {
+                rows.tokens.push(s.token);
+                rows.pos.push(s.pos as u32);
+                rows.slots.push(pools.slots(s.blocks, s.pos, s.pos + 1)?[0]);
+                rows.ctx.push(s.pos as u32 + 1);
+                rows.tables.extend_from_slice(s.blocks);
+                rows.tables.extend(std::iter::repeat_n(0, width - s.blocks.len()));
+            }
+            self.forward_fused(pools, &rows)?
+        } else {
+            self.decode_reference(pools, batch)?
+        };
+        let x = self.rms(&x, &self.norm)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Prefill with candle's ops: the reference, and the path on the CPU.
+    fn prefill_reference(&self, pools: &KvPools, tokens: &[u32], start: usize, slots: &[u32]) -> Result<Tensor> {
+        let t = tokens.len();
+        let total = start + t;
         let new_slots = pools.write_index(&slots[start..], &self.device)?;
-        let all_slots = Tensor::new(slots.as_slice(), &self.device)?;
+        let all_slots = Tensor::new(slots, &self.device)?;
         let pos = Tensor::arange(start as u32, total as u32, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
@@ -159,12 +240,11 @@ impl Model {
             x = (x + layer.o.forward(&att.reshape((t, ()))?)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
         }
-        let last = self.rms(&x.i(t - 1..t)?, &self.norm)?;
-        Ok(self.lm_head.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(x)
     }
 
-    /// Advances each sequence by one token; returns logits `[batch, vocab]` (f32).
-    pub fn decode(&self, pools: &KvPools, batch: &[DecodeInput<'_>]) -> Result<Tensor> {
+    /// A decode step with candle's ops: the reference, and the path on the CPU.
+    fn decode_reference(&self, pools: &KvPools, batch: &[DecodeInput<'_>]) -> Result<Tensor> {
         let b = batch.len();
         let max_len = batch.iter().map(|s| s.pos + 1).max().unwrap_or(0);
         let mut new_slots = Vec::with_capacity(b);
@@ -196,18 +276,90 @@ impl Model {
             x = (x + layer.o.forward(&att.reshape((b, ()))?)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
         }
-        let x = self.rms(&x, &self.norm)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(x)
+    }
+
+    /// The decoder layers with the fused CUDA kernels: RoPE and the K/V writes in one
+    /// kernel, attention straight from the pools through the block tables (no gather,
+    /// no padding, no score matrix), SwiGLU in one kernel. Returns the hidden states.
+    #[cfg(feature = "cuda")]
+    fn forward_fused(&self, pools: &KvPools, r: &Rows) -> Result<Tensor> {
+        use crate::kernels::{self, PagedContext};
+        let n = r.tokens.len();
+        // One host-to-device copy for all the per-row integers.
+        let mut meta = Vec::with_capacity(4 * n + r.tables.len());
+        for part in [&r.pos, &r.slots, &r.seq, &r.ctx, &r.tables] {
+            meta.extend_from_slice(part);
+        }
+        let meta = Tensor::new(meta.as_slice(), &self.device)?;
+        let part = |i: usize| meta.narrow(0, i * n, n);
+        let (pos, slots, seq, ctx) = (part(0)?, part(1)?, part(2)?, part(3)?);
+        let tables = meta.narrow(0, 4 * n, r.tables.len())?.reshape((r.sequences, ()))?;
+        let paged = PagedContext {
+            tables: &tables,
+            seq: &seq,
+            ctx: &ctx,
+            block_size: pools.layout().block_size,
+            queries_per_block: r.queries_per_block,
+        };
+        let heads = self.heads();
+        let ids = Tensor::new(r.tokens.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (kp, vp) = pools.layer(li);
+            let qkv = layer.qkv.forward(&self.rms(&x, &layer.in_norm)?)?;
+            let q = kernels::rope_kv(&qkv, &pos, &slots, &self.cos, &self.sin, kp, vp, heads)?;
+            let att = kernels::paged_attention(&q, kp, vp, &paged, heads)?;
+            x = (x + layer.o.forward(&att.reshape((n, ()))?)?)?;
+            let gu = layer.gate_up.forward(&self.rms(&x, &layer.post_norm)?)?;
+            x = (&x + layer.down.forward(&kernels::silu_mul(&gu)?)?)?;
+        }
+        Ok(x)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn forward_fused(&self, _: &KvPools, _: &Rows) -> Result<Tensor> {
+        unreachable!("the fused kernels are built with the `cuda` feature only")
+    }
+
+    /// Each row's argmax (ties to the lowest id), computed where `logits` lives.
+    pub(crate) fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<u32>> {
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            return crate::kernels::argmax_rows(&logits.contiguous()?);
+        }
+        Ok(logits.to_vec2::<f32>()?.iter().map(|l| argmax(l)).collect())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn heads(&self) -> crate::kernels::Heads {
+        crate::kernels::Heads {
+            q: self.cfg.num_heads,
+            kv: self.cfg.num_kv_heads,
+            dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Prefill queries per attention block: as many as fill its warps, one per q head.
+    fn prefill_queries_per_block(&self) -> usize {
+        (MAX_ATTENTION_WARPS / (self.cfg.num_heads / self.cfg.num_kv_heads).max(1)).max(1)
     }
 
     /// q, k, v for `b` sequences of `t` tokens each: `[b, heads, t, d]`, RoPE applied.
     fn qkv(&self, layer: &Layer, h: &Tensor, b: usize, t: usize, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.cfg;
-        let shape =
-            |x: Tensor, heads: usize| -> Result<Tensor> { Ok(x.reshape((b, t, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?) };
-        let q = shape(layer.q.forward(h)?, c.num_heads)?;
-        let k = shape(layer.k.forward(h)?, c.num_kv_heads)?;
-        let v = shape(layer.v.forward(h)?, c.num_kv_heads)?;
+        let (qn, kvn) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let qkv = layer.qkv.forward(h)?;
+        let shape = |from: usize, heads: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(1, from, heads * c.head_dim)?
+                .reshape((b, t, heads, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = shape(0, c.num_heads)?;
+        let k = shape(qn, c.num_kv_heads)?;
+        let v = shape(qn + kvn, c.num_kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         Ok((q, k, v))
@@ -241,10 +393,48 @@ impl Model {
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let h = self.rms(x, &layer.post_norm)?;
-        let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-        Ok(layer.down.forward(&(g * layer.up.forward(&h)?)?)?)
+        let i = self.cfg.intermediate_size;
+        let gu = layer.gate_up.forward(&self.rms(x, &layer.post_norm)?)?;
+        let g = candle_nn::ops::silu(&gu.narrow(1, 0, i)?)?;
+        Ok(layer.down.forward(&(g * gu.narrow(1, i, i)?)?)?)
     }
+}
+
+/// One fused forward pass's rows (tokens), and where each finds its context.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Rows {
+    tokens: Vec<u32>,
+    pos: Vec<u32>,
+    /// Pool slot each row's K/V is written to.
+    slots: Vec<u32>,
+    /// Each row's block table (row of `tables`).
+    seq: Vec<u32>,
+    /// Keys each row attends: `0..ctx`.
+    ctx: Vec<u32>,
+    /// `sequences` block tables of equal width (padded).
+    tables: Vec<u32>,
+    sequences: usize,
+    queries_per_block: usize,
+}
+
+/// Warps of one attention block (MAX_WARPS in kernels/fused.cu).
+pub(crate) const MAX_ATTENTION_WARPS: usize = 16;
+
+#[cfg(feature = "cuda")]
+fn fused_supported(device: &Device, c: &ModelConfig) -> bool {
+    crate::kernels::supported(
+        device,
+        crate::kernels::Heads {
+            q: c.num_heads,
+            kv: c.num_kv_heads,
+            dim: c.head_dim,
+        },
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_supported(_: &Device, _: &ModelConfig) -> bool {
+    false
 }
 
 /// Argmax of a logits vector (greedy decoding, ties to the lowest id).

@@ -1,11 +1,12 @@
 //! `pdserve enginebench`: the engine alone, in this process: prefill tokens/s at given
-//! prompt lengths and decode tokens/s at given batch sizes (logits to the host and a
-//! greedy pick included, as the decode-server does per step), to compare with
+//! prompt lengths and decode tokens/s at given batch sizes (the greedy pick included,
+//! through `Engine::decode_pick` as the decode-server does per step), to compare with
 //! `scripts/hf_reference.py --bench` on the same weights.
 use std::path::PathBuf;
 use std::time::Instant;
 
-use engine::{DecodeInput, Engine, EngineConfig};
+use engine::model::argmax;
+use engine::{DecodeInput, Engine, EngineConfig, Pick, SamplingParams};
 use serde::Serialize;
 
 use crate::units::parse_sizes;
@@ -30,6 +31,17 @@ pub struct Args {
     pub steps: usize,
     #[arg(long, default_value_t = 8192)]
     pub kv_cache_mib: u64,
+    /// `auto` (fused CUDA kernels where they serve) or `reference` (candle's ops).
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
+    /// Instead of timing: compare `--kernels`' logits with `reference` on the same
+    /// device (prefill at block boundaries, a prefix continued, a mixed decode batch);
+    /// exit 1 when a greedy token differs or the error exceeds --tolerance.
+    #[arg(long)]
+    pub check: bool,
+    /// Largest allowed |a - b| / max|b| of a logits vector in --check.
+    #[arg(long, default_value_t = 2e-2)]
+    pub tolerance: f32,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -45,15 +57,23 @@ fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| 3 + ((i * 7919 + salt * 104_729) % (vocab - 3)) as u32).collect()
 }
 
-pub async fn run(a: Args) -> anyhow::Result<i32> {
-    let e = tokio::task::block_in_place(|| {
+fn load(a: &Args, kernels: &str) -> anyhow::Result<Engine> {
+    Ok(tokio::task::block_in_place(|| {
         Engine::load(&EngineConfig {
             model: a.model.clone(),
             device: a.device.clone(),
             kv_cache_mib: a.kv_cache_mib,
+            kernels: kernels.into(),
             ..Default::default()
         })
-    })?;
+    })?)
+}
+
+pub async fn run(a: Args) -> anyhow::Result<i32> {
+    if a.check {
+        return check(&a);
+    }
+    let e = load(&a, &a.kernels)?;
     let vocab = e.config().vocab_size;
     let mut rows = Vec::new();
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
@@ -86,8 +106,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                 let blocks = e.admit(seq, a.context + a.steps + 8)?;
                 let p = tokens(a.context, 100 + s, vocab);
                 let logits = e.prefill(&p, 0, &blocks)?;
-                seqs.push((seq, blocks, engine::model::argmax(&logits), a.context));
+                seqs.push((seq, blocks, argmax(&logits), a.context));
             }
+            let greedy = SamplingParams::default();
             let step = |seqs: &mut Vec<(u64, Vec<u32>, u32, usize)>| -> anyhow::Result<()> {
                 let batch: Vec<DecodeInput> = seqs
                     .iter()
@@ -97,9 +118,18 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                         blocks: bl,
                     })
                     .collect();
-                let out = e.decode(&batch)?;
-                for (s, l) in seqs.iter_mut().zip(out) {
-                    s.2 = engine::model::argmax(&l);
+                let picks = vec![
+                    Pick {
+                        params: &greedy,
+                        history: &[],
+                        step: 0,
+                    };
+                    batch.len()
+                ];
+                let next = e.decode_pick(&batch, &picks)?;
+                drop(batch);
+                for (s, t) in seqs.iter_mut().zip(next) {
+                    s.2 = t;
                     s.3 += 1;
                 }
                 Ok(())
@@ -129,4 +159,95 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(0)
+}
+
+/// Largest |a - b| relative to the largest |b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// `--check`: the engine under test against `reference` kernels, on one device.
+fn check(a: &Args) -> anyhow::Result<i32> {
+    let (test, refe) = (load(a, &a.kernels)?, load(a, "reference")?);
+    let vocab = test.config().vocab_size;
+    let bs = test.layout().block_size;
+    let mut rows: Vec<(String, f32, bool)> = Vec::new();
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        let lens = [1, bs - 1, bs, bs + 1, 100, 2 * bs + 3, 515];
+        let mut seqs = Vec::new();
+        for (i, &n) in lens.iter().enumerate() {
+            let p = tokens(n, i, vocab);
+            let run = |e: &Engine, split: usize| -> anyhow::Result<(u64, Vec<u32>, Vec<f32>)> {
+                let seq = e.next_sequence_id();
+                let blocks = e.admit(seq, n + 16)?;
+                if split > 0 {
+                    e.prefill(&p[..split], 0, &blocks)?;
+                }
+                let l = e.prefill(&p[split..], split, &blocks)?;
+                Ok((seq, blocks, l))
+            };
+            let (ts, tb, tl) = run(&test, 0)?;
+            let (rs, rb, rl) = run(&refe, 0)?;
+            rows.push((format!("prefill {n}"), rel_err(&tl, &rl), argmax(&tl) == argmax(&rl)));
+            if n > bs {
+                // A cached prefix continued: the second part attends to the first's K/V.
+                let (s2, _, l2) = run(&test, n / 2)?;
+                rows.push((
+                    format!("prefill {n} as {} + {}", n / 2, n - n / 2),
+                    rel_err(&l2, &rl),
+                    argmax(&l2) == argmax(&rl),
+                ));
+                test.release(s2);
+            }
+            seqs.push((ts, tb, rs, rb, argmax(&rl), n));
+        }
+        // A continuous batch of all the lengths, decoded greedily in both.
+        for step in 0..8 {
+            let batch = |test_side: bool| -> Vec<DecodeInput<'_>> {
+                seqs.iter()
+                    .map(|(_, tb, _, rb, tok, pos)| DecodeInput {
+                        token: *tok,
+                        pos: *pos,
+                        blocks: if test_side { tb } else { rb },
+                    })
+                    .collect()
+            };
+            let tl = test.decode(&batch(true))?;
+            let rl = refe.decode(&batch(false))?;
+            let err = tl.iter().zip(&rl).map(|(x, y)| rel_err(x, y)).fold(0f32, f32::max);
+            let same = tl.iter().zip(&rl).all(|(x, y)| argmax(x) == argmax(y));
+            rows.push((format!("decode step {step}, batch {}", seqs.len()), err, same));
+            // The same step picked on the device: ids equal the host's argmax of its logits.
+            let greedy = SamplingParams::default();
+            let picks = vec![
+                Pick {
+                    params: &greedy,
+                    history: &[],
+                    step: 0,
+                };
+                seqs.len()
+            ];
+            let picked = test.decode_pick(&batch(true), &picks)?;
+            let host: Vec<u32> = tl.iter().map(|l| argmax(l)).collect();
+            rows.push((format!("decode step {step}: device pick == host argmax"), 0.0, picked == host));
+            for (s, l) in seqs.iter_mut().zip(&rl) {
+                s.4 = argmax(l);
+                s.5 += 1;
+            }
+        }
+        for (ts, _, rs, ..) in &seqs {
+            test.release(*ts);
+            refe.release(*rs);
+        }
+        Ok(())
+    })?;
+    println!("| case | max rel. error of logits | same greedy token |\n|---|---|---|");
+    let mut ok = true;
+    for (what, err, same) in &rows {
+        ok &= *same && *err <= a.tolerance;
+        println!("| {what} | {err:.2e} | {same} |");
+    }
+    println!("\nkernels {} vs reference: {}", a.kernels, if ok { "PASS" } else { "FAIL" });
+    Ok(if ok { 0 } else { 1 })
 }

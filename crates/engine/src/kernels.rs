@@ -1,0 +1,246 @@
+//! The engine's fused CUDA kernels (`kernels/fused.cu`, compiled to PTX by build.rs
+//! with the `cuda` feature) and their launches on candle tensors. See the .cu file for
+//! what each kernel replaces; `model.rs` decides when they are used.
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Shape, Storage, Tensor};
+
+use crate::error::{EngineError, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const MODULE: &str = "pdserve_fused";
+/// Head dims the attention kernel is built for.
+pub(crate) const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+/// Warps per attention block (the kernel's MAX_WARPS): query heads per KV head must fit.
+const MAX_WARPS: usize = crate::model::MAX_ATTENTION_WARPS;
+const THREADS: u32 = 256;
+
+fn invalid(what: &str) -> EngineError {
+    EngineError::Invalid(format!("fused kernel: {what}"))
+}
+
+/// A contiguous tensor's elements on its CUDA device.
+fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(c) = s else {
+        return Err(invalid("tensor is not on a CUDA device"));
+    };
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| invalid("tensor is not contiguous"))?;
+    Ok(c.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => Err(invalid("tensor is not on a CUDA device")),
+    }
+}
+
+fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(s, dev);
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+fn grid(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn suffix(d: DType) -> Result<&'static str> {
+    match d {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::F32 => Ok("f32"),
+        d => Err(invalid(&format!("dtype {d:?}"))),
+    }
+}
+
+/// Runs `f` with the element type of `dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            DType::F32 => $f::<f32>($($arg),*),
+            d => Err(invalid(&format!("dtype {d:?}"))),
+        }
+    };
+}
+
+/// Dimensions of the attention heads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub q: usize,
+    pub kv: usize,
+    pub dim: usize,
+}
+
+/// RoPE on q and k from the fused projection `qkv` `[n, (q + 2 kv) * dim]`, k and v
+/// written into the pools at `slots`; returns q `[n, q, dim]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_kv(
+    qkv: &Tensor,
+    pos: &Tensor,
+    slots: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+    h: Heads,
+) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(
+        qkv: &Tensor,
+        pos: &Tensor,
+        slots: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        h: Heads,
+    ) -> Result<Tensor> {
+        let n = qkv.dim(0)?;
+        if qkv.dims() != [n, (h.q + 2 * h.kv) * h.dim] || pos.dims() != [n] || slots.dims() != [n] {
+            return Err(invalid("rope_kv: shapes"));
+        }
+        let dev = device(qkv)?;
+        let (s0, l0) = qkv.storage_and_layout();
+        let (s1, l1) = pos.storage_and_layout();
+        let (s2, l2) = slots.storage_and_layout();
+        let (s3, l3) = cos.storage_and_layout();
+        let (s4, l4) = sin.storage_and_layout();
+        let (s5, l5) = k_pool.storage_and_layout();
+        let (s6, l6) = v_pool.storage_and_layout();
+        let (x, p, s) = (view::<T>(&s0, l0)?, view::<u32>(&s1, l1)?, view::<u32>(&s2, l2)?);
+        let (c, sn) = (view::<T>(&s3, l3)?, view::<T>(&s4, l4)?);
+        let (kp, vp) = (view::<T>(&s5, l5)?, view::<T>(&s6, l6)?);
+        let func = dev.get_or_load_custom_func(&format!("rope_kv_{}", suffix(qkv.dtype())?), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element of `out` before it is read.
+        let out = unsafe { dev.alloc::<T>(n * h.q * h.dim)? };
+        let mut b = func.builder();
+        b.arg(&x).arg(&p).arg(&s).arg(&c).arg(&sn).arg(&out).arg(&kp).arg(&vp);
+        let dims = [n as u32, h.q as u32, h.kv as u32, h.dim as u32];
+        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        // SAFETY: arguments match the kernel's signature; the model checked the slots
+        // against the pools (KvPools::slots) and the positions against the RoPE table.
+        unsafe { b.launch(grid(n * (h.q + 2 * h.kv) * h.dim / 2)) }.w()?;
+        drop((x, p, s, c, sn, kp, vp));
+        Ok(wrap(out, dev, (n, h.q, h.dim)))
+    }
+    by_dtype!(qkv.dtype(), go(qkv, pos, slots, cos, sin, k_pool, v_pool, h))
+}
+
+/// `silu(gate) * up` from the fused projection `[n, 2 i]`; `[n, i]`.
+pub(crate) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(gu: &Tensor) -> Result<Tensor> {
+        let (n, two_i) = gu.dims2()?;
+        let i = two_i / 2;
+        let dev = device(gu)?;
+        let (s0, l0) = gu.storage_and_layout();
+        let x = view::<T>(&s0, l0)?;
+        let func = dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(gu.dtype())?), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element of `out`.
+        let out = unsafe { dev.alloc::<T>(n * i)? };
+        let mut b = func.builder();
+        let dims = [n as u32, i as u32];
+        b.arg(&x).arg(&out).arg(&dims[0]).arg(&dims[1]);
+        // SAFETY: arguments match the kernel's signature.
+        unsafe { b.launch(grid(n * i)) }.w()?;
+        drop(x);
+        Ok(wrap(out, dev, (n, i)))
+    }
+    by_dtype!(gu.dtype(), go(gu))
+}
+
+/// What the attention kernel needs to find each query's keys.
+pub(crate) struct PagedContext<'a> {
+    /// `[sequences, max_blocks]` block tables (u32).
+    pub tables: &'a Tensor,
+    /// `[n]`: each query's row in `tables`.
+    pub seq: &'a Tensor,
+    /// `[n]`: each query's context length (it attends keys `0..ctx`).
+    pub ctx: &'a Tensor,
+    pub block_size: usize,
+    /// Consecutive queries per block, all of one sequence.
+    pub queries_per_block: usize,
+}
+
+/// Attention of q `[n, heads.q, dim]` over the paged pools; `[n, heads.q, dim]`.
+pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &PagedContext<'_>, h: Heads) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &PagedContext<'_>, h: Heads) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        let groups = h.q / h.kv;
+        let qt = c.queries_per_block.max(1);
+        if !HEAD_DIMS.contains(&h.dim) || groups * qt > MAX_WARPS || q.dims() != [n, h.q, h.dim] {
+            return Err(invalid("paged_attention: shapes"));
+        }
+        let (_, max_blocks) = c.tables.dims2()?;
+        let dev = device(q)?;
+        let (s0, l0) = q.storage_and_layout();
+        let (s1, l1) = k_pool.storage_and_layout();
+        let (s2, l2) = v_pool.storage_and_layout();
+        let (s3, l3) = c.tables.storage_and_layout();
+        let (s4, l4) = c.seq.storage_and_layout();
+        let (s5, l5) = c.ctx.storage_and_layout();
+        let (qv, kp, vp) = (view::<T>(&s0, l0)?, view::<T>(&s1, l1)?, view::<T>(&s2, l2)?);
+        let (tb, sq, cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
+        let name = format!("paged_attention_{}_{}", suffix(q.dtype())?, h.dim);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // SAFETY: the kernel writes every element of `out`.
+        let out = unsafe { dev.alloc::<T>(n * h.q * h.dim)? };
+        let mut b = func.builder();
+        b.arg(&qv).arg(&kp).arg(&vp).arg(&tb).arg(&sq).arg(&cx).arg(&out);
+        let dims = [n as u32, h.q as u32, h.kv as u32, c.block_size as u32, max_blocks as u32, qt as u32];
+        for d in &dims {
+            b.arg(d);
+        }
+        let scale = 1.0f32 / (h.dim as f32).sqrt();
+        b.arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(qt) as u32, h.kv as u32, 1),
+            block_dim: ((qt * groups * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel's signature; every block table entry and
+        // context length was checked against the pools by the model (KvPools::slots).
+        unsafe { b.launch(cfg) }.w()?;
+        drop((qv, kp, vp, tb, sq, cx));
+        Ok(wrap(out, dev, (n, h.q, h.dim)))
+    }
+    by_dtype!(q.dtype(), go(q, k_pool, v_pool, c, h))
+}
+
+/// Whether the fused path serves a model of these heads on this device.
+pub(crate) fn supported(device: &candle_core::Device, h: Heads) -> bool {
+    device.is_cuda() && h.kv > 0 && h.q % h.kv == 0 && HEAD_DIMS.contains(&h.dim) && h.q / h.kv <= MAX_WARPS
+}
+
+/// The index of each row's largest value in `logits` `[rows, cols]` (f32), ties to the
+/// lowest index as [`crate::model::argmax`]; only `rows` integers come to the host.
+pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let (rows, cols) = logits.dims2()?;
+    if logits.dtype() != DType::F32 {
+        return Err(invalid("argmax_rows: logits must be f32"));
+    }
+    let dev = device(logits)?;
+    let (s0, l0) = logits.storage_and_layout();
+    let x = view::<f32>(&s0, l0)?;
+    let func = dev.get_or_load_custom_func("argmax_rows", MODULE, PTX)?;
+    // SAFETY: the kernel writes one index per row.
+    let out = unsafe { dev.alloc::<u32>(rows)? };
+    let mut b = func.builder();
+    let cols = cols as u32;
+    b.arg(&x).arg(&out).arg(&cols);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match the kernel's signature; one block per row.
+    unsafe { b.launch(cfg) }.w()?;
+    drop(x);
+    Ok(dev.clone_dtoh(&out)?)
+}
