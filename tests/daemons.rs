@@ -76,6 +76,22 @@ async fn equals_colocated(backend: BackendKind) {
             assert!(t.kv_bytes > 0 && t.first_token_ms > 0.0 && t.total_ms >= t.first_token_ms);
         }
     }
+    // Over at the first token, which goes out before the KV write completes: the result
+    // still carries the write's figures, and the blocks come back (checked below).
+    let one = SamplingParams {
+        max_tokens: 1,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let input = prompts().remove(1);
+    let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &one).unwrap();
+    let (_, got) = stream(&mut c, request(input, &one)).await.unwrap();
+    assert_eq!(got.token_ids, want.tokens);
+    let t = got.timings.unwrap();
+    assert!(
+        t.kv_bytes > 0 && t.kv_transfer_ms > 0.0,
+        "{backend}: transfer figures after the first token: {t:?}"
+    );
     assert_all_blocks_free(&dep.decode[0]).await;
     stop_cleanly(dep).await;
 }

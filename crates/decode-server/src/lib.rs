@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
-use scheduler::{Event, Job, Scheduler};
+use scheduler::{Event, Job, Scheduler, Sent};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -305,14 +305,17 @@ impl DecodeService {
         }
     }
 
-    /// Prefill on a prefill-server (retrying once on another), or here.
+    /// Prefill on a prefill-server (retrying once on another, unless the first token
+    /// is out), or here. `on_first` gets the first token as soon as it is known, with
+    /// the server's name; returns the final figures once the KV cache is in our pools.
     async fn prefill(
         &self,
         id: &str,
         prompt: &[u32],
         blocks: &[u32],
         params: &engine::SamplingParams,
-    ) -> Result<(u32, pb::PrefillResponse, String), Status> {
+        on_first: &mut OnFirst<'_>,
+    ) -> Result<pb::PrefillResponse, Status> {
         let local = self.peers.is_empty() || prompt.len() < self.cfg.local_prefill_below;
         if !local {
             let mut last = Status::unavailable("no prefill-server is reachable");
@@ -327,16 +330,23 @@ impl DecodeService {
                     },
                 };
                 tried.push(peer.url.clone());
-                match self.remote_prefill(&peer, id, prompt, blocks, params).await {
-                    Ok(r) => return Ok((r.first_token, r, peer.url.clone())),
+                let mut first_out = false;
+                let mut first = |r: &pb::PrefillResponse, server: &str| {
+                    first_out = true;
+                    on_first(r, server)
+                };
+                let result = self.remote_prefill(&peer, id, prompt, blocks, params, &mut first).await;
+                match result {
+                    Ok(r) => return Ok(r),
                     Err(s)
-                        if matches!(
-                            s.code(),
-                            tonic::Code::Unavailable
-                                | tonic::Code::FailedPrecondition
-                                | tonic::Code::DeadlineExceeded
-                                | tonic::Code::Unknown
-                        ) =>
+                        if !first_out
+                            && matches!(
+                                s.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::FailedPrecondition
+                                    | tonic::Code::DeadlineExceeded
+                                    | tonic::Code::Unknown
+                            ) =>
                     {
                         warn!(url = %peer.url, code = ?s.code(), message = s.message(), "prefill-server failed; marking it unhealthy");
                         peer.healthy.store(false, Ordering::Relaxed);
@@ -356,13 +366,13 @@ impl DecodeService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| from_engine(&e))?;
-        let first = sample(&logits, params, prompt, 0);
         let r = pb::PrefillResponse {
-            first_token: first,
+            first_token: sample(&logits, params, prompt, 0),
             prefill_ms: t.elapsed().as_secs_f64() * 1e3,
             ..Default::default()
         };
-        Ok((first, r, "local".into()))
+        on_first(&r, LOCAL);
+        Ok(r)
     }
 
     async fn remote_prefill(
@@ -372,6 +382,7 @@ impl DecodeService {
         prompt: &[u32],
         blocks: &[u32],
         params: &engine::SamplingParams,
+        on_first: &mut OnFirst<'_>,
     ) -> Result<pb::PrefillResponse, Status> {
         let (mut client, session) = peer
             .conn
@@ -391,13 +402,23 @@ impl DecodeService {
         });
         let deadline = Duration::from_millis(self.cfg.prefill_deadline_ms);
         req.set_timeout(deadline);
-        let resp = client.prefill(req).await?.into_inner();
+        let mut stream = client.prefill(req).await?.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("prefill-server ended the prefill without a first token"))?;
+        on_first(&first, &peer.url);
+        let done = stream
+            .message()
+            .await?
+            .filter(|m| m.kv_written)
+            .ok_or_else(|| Status::unavailable("prefill-server ended the prefill before its KV write completed"))?;
         // The bytes are ours once the write's notification arrived.
         self.agent
             .wait_notification(tag, self.agent.deadline())
             .await
             .map_err(|e| from_transfer(&e))?;
-        Ok(resp)
+        Ok(done)
     }
 
     async fn run(self: Arc<Self>, id: String, prompt: Vec<u32>, params: engine::SamplingParams, tx: mpsc::UnboundedSender<Event>) {
@@ -418,32 +439,59 @@ impl DecodeService {
         };
         let queue_ms = received.elapsed().as_secs_f64() * 1e3;
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
-        let prefilled = self.prefill(&id, &prompt, &blocks, &params).await;
+        // The first token goes to the client as soon as it is sampled, while the KV
+        // cache moves; the sequence joins the decode batch once the cache is here.
+        let mut early: Option<(Job, Sent)> = None;
+        let backend = self.agent.backend().to_string();
+        let mut on_first = |r: &pb::PrefillResponse, server: &str| {
+            let mut job = Job::new(
+                id.clone(),
+                seq,
+                prompt.clone(),
+                r.first_token,
+                blocks.clone(),
+                params.clone(),
+                tx.clone(),
+                received,
+                queue_ms,
+                r.clone(),
+                server.to_string(),
+                backend.clone(),
+            );
+            let sent = job.send_newest(&self.engine);
+            early = Some((job, sent));
+        };
+        let prefilled = self.prefill(&id, &prompt, &blocks, &params, &mut on_first).await;
         drop(waiting);
-        match prefilled {
-            Ok((first, r, server)) => {
-                reservation.armed = false;
-                self.scheduler.submit(Job::new(
-                    id,
-                    seq,
-                    prompt,
-                    first,
-                    blocks,
-                    params,
-                    tx,
-                    received,
-                    queue_ms,
-                    r,
-                    server,
-                    self.agent.backend().to_string(),
-                ));
+        match (prefilled, early) {
+            (Ok(r), Some((mut job, sent))) => {
+                job.set_prefill(r);
+                match sent {
+                    Sent::More => {
+                        reservation.armed = false;
+                        self.scheduler.submit(job);
+                    }
+                    // Over at the first token: the blocks are released (reservation)
+                    // now that no write into them is pending.
+                    Sent::Finished(reason) => job.complete(reason),
+                    Sent::Failed => {}
+                }
             }
-            Err(s) => {
+            (Ok(_), None) => {
+                let _ = tx.send(Event::Failed(Status::internal("prefill ended without a first token")));
+            }
+            (Err(s), _) => {
                 let _ = tx.send(Event::Failed(s));
             }
         }
     }
 }
+
+/// Called once with the first token of a prefill and the server that computed it.
+type OnFirst<'a> = dyn FnMut(&pb::PrefillResponse, &str) + Send + 'a;
+
+/// `prefill_server` of requests prefilled by the decode-server itself.
+const LOCAL: &str = "local";
 
 type EventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 

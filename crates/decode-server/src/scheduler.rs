@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use daemon::convert;
-use engine::{DecodeInput, Engine, Pick, SamplingParams, TextStream};
+use engine::{DecodeInput, Engine, FinishReason, Pick, SamplingParams, TextStream};
 use proto::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -17,6 +17,15 @@ pub enum Event {
     Chunk(pb::TokenChunk),
     Done(pb::GenerateResult),
     Failed(Status),
+}
+
+/// What streaming a token left of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    More,
+    Finished(FinishReason),
+    /// The client got an error instead.
+    Failed,
 }
 
 pub struct Job {
@@ -36,6 +45,8 @@ pub struct Job {
     first_token_ms: f64,
     last_token: Instant,
     itl_sum_ms: f64,
+    /// The first token went out before the job joined the batch (while its KV moved).
+    first_sent: bool,
 }
 
 impl Job {
@@ -74,6 +85,7 @@ impl Job {
             first_token_ms: 0.0,
             last_token: Instant::now(),
             itl_sum_ms: 0.0,
+            first_sent: false,
         }
     }
 
@@ -81,8 +93,22 @@ impl Job {
         self.tokens.len() - self.prompt_len
     }
 
-    /// Streams the newest token; returns true when the sequence is finished.
+    /// Streams the newest token, then ends the stream if the sequence is finished;
+    /// returns true when it is over.
     fn emit(&mut self, engine: &Engine) -> bool {
+        match self.send_newest(engine) {
+            Sent::More => false,
+            Sent::Finished(reason) => {
+                self.complete(reason);
+                true
+            }
+            Sent::Failed => true,
+        }
+    }
+
+    /// Streams the newest token to the client.
+    pub fn send_newest(&mut self, engine: &Engine) -> Sent {
+        self.first_sent = true;
         let now = Instant::now();
         if self.generated() == 1 {
             self.first_token_ms = self.received.elapsed().as_secs_f64() * 1e3;
@@ -98,7 +124,7 @@ impl Job {
             Ok(x) => x,
             Err(e) => {
                 let _ = self.tx.send(Event::Failed(daemon::status::from_engine(&e)));
-                return true;
+                return Sent::Failed;
             }
         };
         let last = *self.tokens.last().expect("a token");
@@ -106,7 +132,19 @@ impl Job {
             token_ids: vec![last],
             text,
         }));
-        let Some(reason) = finish else { return false };
+        match finish {
+            Some(reason) => Sent::Finished(reason),
+            None => Sent::More,
+        }
+    }
+
+    /// The prefill's final figures (the KV transfer's), once the write completed.
+    pub fn set_prefill(&mut self, prefill: pb::PrefillResponse) {
+        self.prefill = prefill;
+    }
+
+    /// Ends the client's stream with the result.
+    pub fn complete(&mut self, reason: FinishReason) {
         let n = self.generated();
         let result = pb::GenerateResult {
             request_id: self.id.clone(),
@@ -125,7 +163,7 @@ impl Job {
                 mean_inter_token_ms: if n > 1 { self.itl_sum_ms / (n - 1) as f64 } else { 0.0 },
             }),
             prefill_server: self.prefill_server.clone(),
-            kv_backend: if self.prefill_server == "local" {
+            kv_backend: if self.prefill_server == super::LOCAL {
                 "none".into()
             } else {
                 self.backend.clone()
@@ -135,7 +173,6 @@ impl Job {
         metrics::histogram!(daemon::metrics::QUEUE_TIME).record((self.queue_ms + self.prefill.queue_ms) / 1e3);
         info!(request_id = %self.id, tokens = n, reason = reason.as_str(), "finished");
         let _ = self.tx.send(Event::Done(result));
-        true
     }
 }
 
@@ -189,7 +226,7 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
         freed.notify_waiters();
     };
     loop {
-        // Join: new sequences emit their first token (sampled at prefill).
+        // Join: new sequences whose first token (sampled at prefill) is not out yet send it.
         let first = if running.is_empty() {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(j) => Some(j),
@@ -208,7 +245,7 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
             }
             Err(mpsc::TryRecvError::Empty) => None,
         })) {
-            if job.tx.is_closed() || job.emit(&engine) {
+            if job.tx.is_closed() || (!job.first_sent && job.emit(&engine)) {
                 finish(job);
             } else {
                 running.push(job);

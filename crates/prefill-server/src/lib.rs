@@ -15,6 +15,8 @@ use engine::{Engine, EngineConfig, block_runs, sample};
 use kv_transfer::{Agent, PeerId, Registration, Segment, TransferConfig};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -109,7 +111,13 @@ impl PrefillService {
         }
     }
 
-    async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
+    /// Prefills, sends the first token on `first` as soon as it is sampled, writes the
+    /// KV cache; returns the final message (the transfer's figures).
+    async fn prefill(
+        &self,
+        req: pb::PrefillRequest,
+        first: &mpsc::Sender<Result<pb::PrefillResponse, Status>>,
+    ) -> Result<pb::PrefillResponse, Status> {
         let received = Instant::now();
         let session = self
             .sessions
@@ -160,7 +168,16 @@ impl PrefillService {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| from_engine(&e))?;
             let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-            let first = sample(&logits, &params, &tokens, 0);
+            let first_token = sample(&logits, &params, &tokens, 0);
+            let mut msg = pb::PrefillResponse {
+                first_token,
+                queue_ms,
+                prefill_ms,
+                ..Default::default()
+            };
+            // The decode-server may have gone; the write goes on: it owns the blocks
+            // until its own deadline, and ours are released only after the write.
+            let _ = first.send(Ok(msg.clone())).await;
             let segs = self.segments(&session, &local[..n], &req.dst_blocks[..n]);
             let bytes: u64 = segs.iter().map(|s| s.len).sum();
             let t = Instant::now();
@@ -179,13 +196,10 @@ impl PrefillService {
                 metrics::histogram!(daemon::metrics::KV_BANDWIDTH, "backend" => backend).record(bytes as f64 / secs);
             }
             info!(tokens = tokens.len(), segments = segs.len(), bytes, prefill_ms, kv_transfer_ms, peer = %session.name, "prefilled");
-            Ok(pb::PrefillResponse {
-                first_token: first,
-                queue_ms,
-                prefill_ms,
-                kv_transfer_ms,
-                kv_bytes: bytes,
-            })
+            msg.kv_transfer_ms = kv_transfer_ms;
+            msg.kv_bytes = bytes;
+            msg.kv_written = true;
+            Ok(msg)
         }
         .await;
         self.engine.release(seq);
@@ -213,10 +227,8 @@ impl PrefillService {
     }
 }
 
-#[tonic::async_trait]
-impl pb::prefill_server::Prefill for PrefillService {
-    async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
-        let r = req.into_inner();
+impl PrefillService {
+    fn handshake(&self, r: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
         let ours = self.engine.layout();
         if r.backend != self.agent.backend().as_str() {
             return Err(Status::failed_precondition(format!(
@@ -252,24 +264,44 @@ impl pb::prefill_server::Prefill for PrefillService {
             }),
         );
         info!(peer = %r.peer_name, session, "decode-server handshaken");
-        Ok(Response::new(pb::HandshakeResponse {
+        Ok(pb::HandshakeResponse {
             peer_name: self.agent.name().to_string(),
             layout: Some(convert::layout_to_wire(ours)),
             backend: self.agent.backend().to_string(),
             session,
-        }))
+        })
+    }
+}
+
+/// The gRPC service over a shared [`PrefillService`] (a prefill outlives its handler:
+/// it streams two messages from a task of its own).
+#[derive(Clone)]
+pub struct PrefillApi(pub Arc<PrefillService>);
+
+#[tonic::async_trait]
+impl pb::prefill_server::Prefill for PrefillApi {
+    type PrefillStream = ReceiverStream<Result<pb::PrefillResponse, Status>>;
+
+    async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
+        self.0.handshake(req.into_inner()).map(Response::new)
     }
 
-    async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
-        let _waiting = daemon::metrics::GaugeGuard::new(daemon::metrics::QUEUE_DEPTH);
+    async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<Self::PrefillStream>, Status> {
+        let waiting = daemon::metrics::GaugeGuard::new(daemon::metrics::QUEUE_DEPTH);
         let r = req.into_inner();
         let span = info_span!("prefill", request_id = %r.request_id);
-        let out = PrefillService::prefill(self, r).instrument(span.clone()).await;
-        if let Err(s) = &out {
-            span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "prefill failed"));
-        }
-        daemon::metrics::request_done(out.as_ref().map(|_| ()).map_err(|s| s.code()));
-        out.map(Response::new)
+        let (tx, rx) = mpsc::channel(2);
+        let svc = self.0.clone();
+        tokio::spawn(async move {
+            let out = svc.prefill(r, &tx).instrument(span.clone()).await;
+            drop(waiting);
+            if let Err(s) = &out {
+                span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "prefill failed"));
+            }
+            daemon::metrics::request_done(out.as_ref().map(|_| ()).map_err(|s| s.code()));
+            let _ = tx.send(out).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
@@ -278,18 +310,16 @@ impl pb::prefill_server::Prefill for PrefillService {
 pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let addr: SocketAddr = cfg.listen.parse()?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_not_serving::<pb::prefill_server::PrefillServer<PrefillService>>()
-        .await;
+    reporter.set_not_serving::<pb::prefill_server::PrefillServer<PrefillApi>>().await;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     daemon::metrics::install(&cfg.metrics_listen, "prefill-server")?;
     info!(%addr, "prefill-server listening; loading model");
     let mut server = cfg.tls.server()?;
     let svc = PrefillService::new(cfg).await?;
-    reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillService>>().await;
+    reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillApi>>().await;
     info!("prefill-server ready");
     daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
-    let prefill = pb::prefill_server::PrefillServer::from_arc(svc.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+    let prefill = pb::prefill_server::PrefillServer::new(PrefillApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
     server
         .add_service(health)
         .add_service(daemon::reflection())
