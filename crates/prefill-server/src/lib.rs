@@ -178,6 +178,10 @@ impl PrefillService {
             // The decode-server may have gone; the write goes on: it owns the blocks
             // until its own deadline, and ours are released only after the write.
             let _ = first.send(Ok(msg.clone())).await;
+            // Let the response task (woken into this worker's LIFO slot, where no other
+            // worker steals it) send the token before the write keeps this thread busy:
+            // the tcp backend's staging copies and socket writes rarely yield.
+            tokio::task::yield_now().await;
             let segs = self.segments(&session, &local[..n], &req.dst_blocks[..n]);
             let bytes: u64 = segs.iter().map(|s| s.len).sum();
             let t = Instant::now();

@@ -139,7 +139,7 @@ pub fn verdict(share: f64) -> &'static str {
 pub fn table(rows: &[Row]) -> String {
     let pct = |v: Option<f64>| v.map(|v| format!("{:+.1}%", v * 100.0)).unwrap_or_else(|| "-".into());
     let mut s = String::from(
-        "| Method | Input | Prefill ms | Transfer ms | Decode ms | Total ms | TTFT ms | Transfer share | Share of TTFT | vs colocated | TTFT vs colocated |\n\
+        "| Method | Input | Prefill ms | Transfer ms | Decode ms | Total ms | TTFT ms | Transfer share | Transfer / TTFT | vs colocated | TTFT vs colocated |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
