@@ -157,6 +157,9 @@ speed_remote() {
   python3 scripts/hf_reference.py $M --bench --json $OUTDIR/hf_bench.json > /dev/null
   for k in reference auto; do
     $D/pdserve enginebench --model $M --device cuda:0 --kernels $k --json $OUTDIR/enginebench_$k.json > /dev/null
+    echo "== decode at 2048-token contexts, kernels $k"
+    $D/pdserve enginebench --model $M --device cuda:0 --kernels $k --prefill 16 --context 2048 \
+      --json $OUTDIR/enginebench_long_$k.json | tee $OUTDIR/enginebench_long_$k.md
   done
   python3 - $OUTDIR <<'PY' | tee $OUTDIR/speed.md
 import json, sys

@@ -76,13 +76,18 @@ __device__ void silu_mul(const T *__restrict__ gu, T *__restrict__ out, uint32_t
 // 32-key tile of K and V in shared memory. Query i attends keys 0..ctx[i] of sequence
 // seq[i] (the host makes the `qt` queries of a tile belong to one sequence).
 // q, out: [n, H, D]; pools: [slots, KV, D]; tables: [sequences, max_blocks].
+// Split keys (grid z = `splits` > 1, flash-decoding): each block takes a share of the
+// key tiles and leaves its partial softmax state (max, sum, unnormalised output) in
+// part_ml [n, H, splits, 2] and part_acc [n, H, splits, D] for attention_combine; a
+// decode batch of few sequences then still fills the GPU at long contexts.
 #define MAX_WARPS 16
 template <typename T, int D>
 __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k_pool,
                                 const T *__restrict__ v_pool, const uint32_t *__restrict__ tables,
                                 const uint32_t *__restrict__ seq, const uint32_t *__restrict__ ctx,
                                 T *__restrict__ out, uint32_t n, uint32_t H, uint32_t KV,
-                                uint32_t block_size, uint32_t max_blocks, uint32_t qt, float scale) {
+                                uint32_t block_size, uint32_t max_blocks, uint32_t qt, float scale,
+                                uint32_t splits, float *__restrict__ part_ml, float *__restrict__ part_acc) {
   constexpr int E = D / WARP;  // output dims per lane
   __shared__ float ks[WARP][D + 1];  // +1: lane j reads row j, so rows start on different banks
   __shared__ float vs[WARP][D];
@@ -103,7 +108,10 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.0f;
 
-  for (uint32_t k0 = 0; k0 < tile_ctx; k0 += WARP) {
+  const uint32_t chunks = (tile_ctx + WARP - 1) / WARP, per = (chunks + splits - 1) / splits;
+  const uint32_t c_end = min(chunks, (blockIdx.z + 1) * per);
+  for (uint32_t c = blockIdx.z * per; c < c_end; ++c) {
+    const uint32_t k0 = c * WARP;
     __syncthreads();  // the previous tile is consumed (and qs written, the first time)
     for (uint32_t e = threadIdx.x; e < WARP * D; e += blockDim.x) {
       const uint32_t j = e / D, i = e % D, kp = k0 + j;
@@ -146,10 +154,44 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
     }
     m = mnew;
   }
-  if (active) {
+  if (!active) return;
+  if (splits == 1) {
 #pragma unroll
     for (int e = 0; e < E; ++e) out[((uint64_t)qi * H + h) * D + lane + WARP * e] = from_f<T>(acc[e] / l);
+    return;
   }
+  const uint64_t pi = ((uint64_t)qi * H + h) * splits + blockIdx.z;
+  if (lane == 0) {
+    part_ml[2 * pi] = m;  // -inf with l = 0: no key of this query in this share
+    part_ml[2 * pi + 1] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) part_acc[pi * D + lane + WARP * e] = acc[e];
+}
+
+// Merges the `splits` partial states of each (query, head) row: one warp per row.
+template <typename T, int D>
+__device__ void attention_combine(const float *__restrict__ part_ml, const float *__restrict__ part_acc,
+                                  T *__restrict__ out, uint32_t rows, uint32_t splits) {
+  constexpr int E = D / WARP;
+  const uint32_t row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+  if (row >= rows) return;
+  const uint64_t base = (uint64_t)row * splits;
+  float mx = -INFINITY;
+  for (uint32_t s = 0; s < splits; ++s) mx = fmaxf(mx, part_ml[2 * (base + s)]);
+  float sum = 0.0f, acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.0f;
+  for (uint32_t s = 0; s < splits; ++s) {
+    const float m = part_ml[2 * (base + s)];
+    if (m == -INFINITY) continue;
+    const float w = expf(m - mx);
+    sum += w * part_ml[2 * (base + s) + 1];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += w * part_acc[(base + s) * D + lane + WARP * e];
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[(uint64_t)row * D + lane + WARP * e] = from_f<T>(acc[e] / sum);
 }
 
 // Greedy picks on the device: the index of each row's largest value, ties to the
@@ -217,9 +259,13 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
   extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP) paged_attention_##SUFFIX##_##DIM(       \
       const TYPE *q, const TYPE *k_pool, const TYPE *v_pool, const uint32_t *tables, const uint32_t *seq, \
       const uint32_t *ctx, TYPE *out, uint32_t n, uint32_t H, uint32_t KV, uint32_t block_size,          \
-      uint32_t max_blocks, uint32_t qt, float scale) {                                                   \
+      uint32_t max_blocks, uint32_t qt, float scale, uint32_t splits, float *part_ml, float *part_acc) {   \
     paged_attention<TYPE, DIM>(q, k_pool, v_pool, tables, seq, ctx, out, n, H, KV, block_size,           \
-                               max_blocks, qt, scale);                                                   \
+                               max_blocks, qt, scale, splits, part_ml, part_acc);                        \
+  }                                                                                                      \
+  extern "C" __global__ void attention_combine_##SUFFIX##_##DIM(const float *part_ml, const float *part_acc, \
+                                                               TYPE *out, uint32_t rows, uint32_t splits) { \
+    attention_combine<TYPE, DIM>(part_ml, part_acc, out, rows, splits);                                  \
   }
 
 #define ALL(TYPE, SUFFIX)      \

@@ -166,6 +166,8 @@ pub(crate) struct PagedContext<'a> {
     pub block_size: usize,
     /// Consecutive queries per block, all of one sequence.
     pub queries_per_block: usize,
+    /// Blocks sharing each query's keys (flash-decoding); 1: no split.
+    pub key_splits: usize,
 }
 
 /// Attention of q `[n, heads.q, dim]` over the paged pools; `[n, heads.q, dim]`.
@@ -189,8 +191,14 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
         let (tb, sq, cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
         let name = format!("paged_attention_{}_{}", suffix(q.dtype())?, h.dim);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        // SAFETY: the kernel writes every element of `out`.
-        let out = unsafe { dev.alloc::<T>(n * h.q * h.dim)? };
+        let splits = c.key_splits.max(1);
+        let rows = n * h.q;
+        // SAFETY: the kernels write every element of `out`, and of the partial states
+        // when the keys are split (every (query, head, split) once); unused otherwise.
+        let (out, part_ml, part_acc) = unsafe {
+            let parts = if splits > 1 { rows * splits } else { 1 };
+            (dev.alloc::<T>(rows * h.dim)?, dev.alloc::<f32>(parts * 2)?, dev.alloc::<f32>(parts * h.dim)?)
+        };
         let mut b = func.builder();
         b.arg(&qv).arg(&kp).arg(&vp).arg(&tb).arg(&sq).arg(&cx).arg(&out);
         let dims = [n as u32, h.q as u32, h.kv as u32, c.block_size as u32, max_blocks as u32, qt as u32];
@@ -198,15 +206,31 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
             b.arg(d);
         }
         let scale = 1.0f32 / (h.dim as f32).sqrt();
-        b.arg(&scale);
+        let splits_arg = splits as u32;
+        b.arg(&scale).arg(&splits_arg).arg(&part_ml).arg(&part_acc);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(qt) as u32, h.kv as u32, 1),
+            grid_dim: (n.div_ceil(qt) as u32, h.kv as u32, splits as u32),
             block_dim: ((qt * groups * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel's signature; every block table entry and
         // context length was checked against the pools by the model (KvPools::slots).
         unsafe { b.launch(cfg) }.w()?;
+        if splits > 1 {
+            let name = format!("attention_combine_{}_{}", suffix(q.dtype())?, h.dim);
+            let combine = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let mut b = combine.builder();
+            let rows_arg = rows as u32;
+            b.arg(&part_ml).arg(&part_acc).arg(&out).arg(&rows_arg).arg(&splits_arg);
+            let warps_per_block = THREADS as usize / 32;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel's signature; one warp per row.
+            unsafe { b.launch(cfg) }.w()?;
+        }
         drop((qv, kp, vp, tb, sq, cx));
         Ok(wrap(out, dev, (n, h.q, h.dim)))
     }

@@ -171,6 +171,7 @@ impl Model {
                 tables: blocks.to_vec(),
                 sequences: 1,
                 queries_per_block: self.prefill_queries_per_block(),
+                key_splits: 1,
             };
             self.forward_fused(pools, &rows)?
         } else {
@@ -194,6 +195,7 @@ impl Model {
                 tables: Vec::with_capacity(b * width),
                 sequences: b,
                 queries_per_block: 1,
+                key_splits: 1,
             };
             for s in batch {
                 rows.tokens.push(s.token);
@@ -203,6 +205,8 @@ impl Model {
                 rows.tables.extend_from_slice(s.blocks);
                 rows.tables.extend(std::iter::repeat_n(0, width - s.blocks.len()));
             }
+            let longest = batch.iter().map(|s| s.pos + 1).max().unwrap_or(1);
+            rows.key_splits = decode_key_splits(b * self.cfg.num_kv_heads, longest);
             self.forward_fused(pools, &rows)?
         } else {
             self.decode_reference(pools, batch)?
@@ -301,6 +305,7 @@ impl Model {
             ctx: &ctx,
             block_size: pools.layout().block_size,
             queries_per_block: r.queries_per_block,
+            key_splits: r.key_splits,
         };
         let heads = self.heads();
         let ids = Tensor::new(r.tokens.as_slice(), &self.device)?;
@@ -415,6 +420,20 @@ struct Rows {
     tables: Vec<u32>,
     sequences: usize,
     queries_per_block: usize,
+    /// Attention blocks sharing each row's keys (see `decode_key_splits`).
+    key_splits: usize,
+}
+
+/// How many blocks share a decode query's keys: without a split a step runs one block
+/// per (sequence, KV head), too few to fill a GPU at batch 1-16 when contexts are long
+/// (each block then walks thousands of keys alone). Aim at about 256 blocks, with at
+/// least 128 keys per share and at most 32 shares.
+fn decode_key_splits(blocks: usize, longest_context: usize) -> usize {
+    const TARGET_BLOCKS: usize = 256;
+    if blocks >= TARGET_BLOCKS {
+        return 1;
+    }
+    longest_context.div_ceil(128).min(TARGET_BLOCKS.div_ceil(blocks.max(1))).clamp(1, 32)
 }
 
 /// Warps of one attention block (MAX_WARPS in kernels/fused.cu).
