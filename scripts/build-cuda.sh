@@ -34,6 +34,8 @@ for l in "$CU"/lib/lib*.so.*; do
 done
 if [ ! -e "$CU/lib/stubs/libcuda.so" ]; then
   mkdir -p "$CU/lib/stubs"
+  # The stub's symbols come from cudarc's sources: on a fresh machine, fetch them first.
+  cargo fetch --locked -q
   sys=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.10/src/driver/sys/mod.rs | head -1)
   grep -oE "^\s+fn cu[A-Za-z0-9_]+\(" "$sys" | sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
     | awk '{print "int " $1 "(void) { return 999; }"}' > "$CU/lib/stubs/cuda_stub.c"
