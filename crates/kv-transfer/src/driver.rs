@@ -16,6 +16,14 @@ use crate::notify::NotifyHub;
 /// How long an idle driver sleeps between progress calls.
 const IDLE_POLL: Duration = Duration::from_micros(500);
 
+/// Writes up to this size are awaited by polling their answer (yielding to the
+/// runtime in between) rather than by sleeping on it: waking a parked runtime thread
+/// costs more than such a write takes. Larger writes take long enough that the wake
+/// does not matter, and a spinning caller would take a core from the copy.
+pub(crate) const SMALL_WRITE: u64 = 256 << 10;
+/// How long a small write's answer is polled for before the caller sleeps on it.
+const ANSWER_SPIN: Duration = Duration::from_micros(200);
+
 pub(crate) trait Work: 'static {
     type Cmd: Send + 'static;
     /// Handles one command.
@@ -115,10 +123,27 @@ impl<C: Send + 'static> Driver<C> {
     }
 
     /// Sends a command that answers through a oneshot, and awaits the answer without
-    /// blocking the runtime (writes: the driver enforces their deadlines).
-    pub(crate) async fn ask<R: Send + 'static>(&self, make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R>>) -> C) -> Result<R> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    /// blocking the runtime (writes: the driver enforces their deadlines). A `small`
+    /// write's answer is polled for a moment first (see [`SMALL_WRITE`]).
+    pub(crate) async fn ask<R: Send + 'static>(
+        &self,
+        small: bool,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R>>) -> C,
+    ) -> Result<R> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
         self.send(make(tx))?;
+        if small {
+            let until = Instant::now() + ANSWER_SPIN;
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => return r,
+                    Err(TryRecvError::Closed) => return Err(TransferError::Closed),
+                    Err(TryRecvError::Empty) if Instant::now() < until => tokio::task::yield_now().await,
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+        }
         rx.await.map_err(|_| TransferError::Closed)?
     }
 

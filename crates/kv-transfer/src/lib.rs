@@ -427,11 +427,12 @@ impl Agent {
             }
         }
         let deadline = self.inner.deadline;
+        let small = w.bytes <= driver::SMALL_WRITE;
         let fut = async {
             match (&self.inner.backend, &w.backend) {
                 (Backend::Tcp(t), PreparedBackend::Tcp(peer)) => t.write(peer, &w.segs, tag, deadline).await,
-                (Backend::Ucx(u), PreparedBackend::Driver(id)) => u.post(*id, tag, deadline).await,
-                (Backend::Nixl(n), PreparedBackend::Driver(id)) => n.post(*id, tag, deadline).await,
+                (Backend::Ucx(u), PreparedBackend::Driver(id)) => u.post(*id, tag, deadline, small).await,
+                (Backend::Nixl(n), PreparedBackend::Driver(id)) => n.post(*id, tag, deadline, small).await,
                 _ => unreachable!("prepared by another backend"),
             }
         };

@@ -254,9 +254,9 @@ impl Nixl {
         let _ = self.driver.send(Cmd::Release { id });
     }
 
-    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration) -> Result<()> {
+    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration, small: bool) -> Result<()> {
         let deadline = Instant::now() + deadline;
-        self.driver.ask(|reply| Cmd::Post { id, tag, deadline, reply }).await
+        self.driver.ask(small, |reply| Cmd::Post { id, tag, deadline, reply }).await
     }
 
     pub(crate) fn shutdown(&self) {
