@@ -197,7 +197,11 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
         // when the keys are split (every (query, head, split) once); unused otherwise.
         let (out, part_ml, part_acc) = unsafe {
             let parts = if splits > 1 { rows * splits } else { 1 };
-            (dev.alloc::<T>(rows * h.dim)?, dev.alloc::<f32>(parts * 2)?, dev.alloc::<f32>(parts * h.dim)?)
+            (
+                dev.alloc::<T>(rows * h.dim)?,
+                dev.alloc::<f32>(parts * 2)?,
+                dev.alloc::<f32>(parts * h.dim)?,
+            )
         };
         let mut b = func.builder();
         b.arg(&qv).arg(&kp).arg(&vp).arg(&tb).arg(&sq).arg(&cx).arg(&out);

@@ -433,7 +433,10 @@ fn decode_key_splits(blocks: usize, longest_context: usize) -> usize {
     if blocks >= TARGET_BLOCKS {
         return 1;
     }
-    longest_context.div_ceil(128).min(TARGET_BLOCKS.div_ceil(blocks.max(1))).clamp(1, 32)
+    longest_context
+        .div_ceil(128)
+        .min(TARGET_BLOCKS.div_ceil(blocks.max(1)))
+        .clamp(1, 32)
 }
 
 /// Warps of one attention block (MAX_WARPS in kernels/fused.cu).
