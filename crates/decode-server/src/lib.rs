@@ -454,7 +454,7 @@ impl DecodeService {
                 tx.clone(),
                 received,
                 queue_ms,
-                r.clone(),
+                *r,
                 server.to_string(),
                 backend.clone(),
             );

@@ -177,7 +177,7 @@ impl PrefillService {
             };
             // The decode-server may have gone; the write goes on: it owns the blocks
             // until its own deadline, and ours are released only after the write.
-            let _ = first.send(Ok(msg.clone())).await;
+            let _ = first.send(Ok(msg)).await;
             // Let the response task (woken into this worker's LIFO slot, where no other
             // worker steals it) send the token before the write keeps this thread busy:
             // the tcp backend's staging copies and socket writes rarely yield.
