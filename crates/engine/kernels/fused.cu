@@ -194,6 +194,19 @@ __device__ void attention_combine(const float *__restrict__ part_ml, const float
   for (int e = 0; e < E; ++e) out[(uint64_t)row * D + lane + WARP * e] = from_f<T>(acc[e] / sum);
 }
 
+// The warp's best (value, index): larger value wins, equal values the lower index.
+__device__ __forceinline__ void warp_argmax(float &v, uint32_t &idx) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) {
+    const float ov = __shfl_xor_sync(FULL_MASK, v, o);
+    const uint32_t oi = __shfl_xor_sync(FULL_MASK, idx, o);
+    if (ov > v || (ov == v && oi < idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+}
+
 // Greedy picks on the device: the index of each row's largest value, ties to the
 // lowest index (as the host's argmax), NaN never picked. logits: [rows, cols] f32.
 #define ARGMAX_THREADS 1024
@@ -211,16 +224,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
       idx = i;
     }
   }
-  // Larger value wins; equal values: the lower index.
-#pragma unroll
-  for (int o = WARP / 2; o > 0; o /= 2) {
-    const float ov = __shfl_xor_sync(FULL_MASK, v, o);
-    const uint32_t oi = __shfl_xor_sync(FULL_MASK, idx, o);
-    if (ov > v || (ov == v && oi < idx)) {
-      v = ov;
-      idx = oi;
-    }
-  }
+  warp_argmax(v, idx);
   const uint32_t warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   if (lane == 0) {
     best_v[warp] = v;
@@ -231,15 +235,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     const uint32_t warps = blockDim.x / WARP;
     v = lane < warps ? best_v[lane] : -INFINITY;
     idx = lane < warps ? best_i[lane] : 0xffffffffu;
-#pragma unroll
-    for (int o = WARP / 2; o > 0; o /= 2) {
-      const float ov = __shfl_xor_sync(FULL_MASK, v, o);
-      const uint32_t oi = __shfl_xor_sync(FULL_MASK, idx, o);
-      if (ov > v || (ov == v && oi < idx)) {
-        v = ov;
-        idx = oi;
-      }
-    }
+    warp_argmax(v, idx);
     // A row of only NaN or -inf: index 0, as the host's argmax.
     if (lane == 0) out[blockIdx.x] = idx == 0xffffffffu ? 0 : idx;
   }
