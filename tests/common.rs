@@ -56,19 +56,39 @@ pub async fn deploy_full(
     queue_deadline_ms: u64,
     local_prefill_below: usize,
 ) -> (Deployment, tempfile::TempDir) {
-    let work = tempfile::tempdir().unwrap();
-    let args = Args {
+    deploy_args(Args {
+        local_prefill_below,
+        queue_deadline_ms,
+        ..args(backend, prefill, decode, kv_cache_mib)
+    })
+    .await
+}
+
+/// The tests' deployment: one-process-per-daemon on loopback, the test model. The
+/// transfer deadline is short so that a failed prefill's blocks (held for a write
+/// that might still land) come back within a test's patience.
+pub fn args(backend: BackendKind, prefill: usize, decode: usize, kv_cache_mib: u64) -> Args {
+    Args {
         placement: pdserve::up::Placement::cpu(Some(model()), kv_cache_mib),
         backend,
         prefill,
         decode,
         router_addr: None,
-        local_prefill_below,
-        queue_deadline_ms,
-        workdir: Some(work.path().to_path_buf()),
+        local_prefill_below: 0,
+        queue_deadline_ms: 30_000,
+        prefill_deadline_ms: 60_000,
+        transfer_deadline_ms: TEST_TRANSFER_DEADLINE_MS,
+        workdir: None,
         ready_timeout: 60,
         metrics_port: None,
-    };
+    }
+}
+
+pub const TEST_TRANSFER_DEADLINE_MS: u64 = 4_000;
+
+pub async fn deploy_args(mut args: Args) -> (Deployment, tempfile::TempDir) {
+    let work = tempfile::tempdir().unwrap();
+    args.workdir = Some(work.path().to_path_buf());
     let dep = start(&args, work.path())
         .await
         .unwrap_or_else(|e| panic!("deployment failed: {e:#}"));
@@ -109,9 +129,11 @@ pub async fn stats(decode_url: &str) -> pb::StatsResponse {
     c.stats(pb::StatsRequest {}).await.unwrap().into_inner()
 }
 
-/// Waits until the decode-server holds no blocks (release happens on its batch thread).
+/// Waits until the decode-server holds no blocks (release happens on its batch thread,
+/// or, for a failed prefill, once no write of it can land: up to the transfer deadline
+/// and a second).
 pub async fn assert_all_blocks_free(decode_url: &str) {
-    for _ in 0..100 {
+    for _ in 0..(TEST_TRANSFER_DEADLINE_MS / 50 + 60) {
         let s = stats(decode_url).await;
         if s.free_blocks == s.total_blocks && s.sequences == 0 {
             return;

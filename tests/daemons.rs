@@ -600,3 +600,36 @@ async fn unknown_fields_are_refused() {
     );
     stop_cleanly(dep).await;
 }
+
+/// A prefill that outlives the decode-server's deadline: the prefill-server does not
+/// start its KV write (the decode-server may have given the blocks away), and the
+/// decode-server holds the blocks until no write of it can land, then frees them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_past_its_deadline_writes_nothing_and_frees_its_blocks() {
+    let (dep, work) = deploy_args(pdserve::up::Args {
+        prefill_deadline_ms: 100,
+        ..args(BackendKind::Ucx, 1, 1, 64)
+    })
+    .await;
+    let mut c = client(&dep.router).await;
+    let p = SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let ids: Vec<u32> = (0..3000).map(|i| 3 + (i * 7919) % 500).collect();
+    let e = stream(&mut c, request(Input::TokenIds(pb::TokenIds { ids }), &p))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("DeadlineExceeded"), "{}", e.message());
+    let held = stats(&dep.decode[0]).await;
+    assert!(
+        held.free_blocks < held.total_blocks,
+        "the failed prefill's blocks are held while a write could land"
+    );
+    assert_all_blocks_free(&dep.decode[0]).await;
+    let log = std::fs::read_to_string(work.path().join("prefill-0.log")).unwrap();
+    assert!(log.contains("nothing written"), "the prefill-server skipped the write:\n{log}");
+    assert!(!log.contains("prefilled"), "no KV write was made:\n{log}");
+    stop_cleanly(dep).await;
+}

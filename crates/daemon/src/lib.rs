@@ -107,6 +107,11 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<impl
         .expect("descriptor sets are valid")
 }
 
+/// Metadata a prefill-server puts on a failed prefill's status: it is done with the
+/// request, so no write of it can start any more (one it abandoned may still land for
+/// a moment). Without it, the decode-server must assume a write may yet come.
+pub const KV_WRITE_OVER: &str = "pdserve-kv-write-over";
+
 /// The gRPC limits every daemon applies to incoming messages.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 

@@ -106,8 +106,16 @@ impl Validate for DecodeConfig {
 /// A prefill-server and our session with it.
 struct PrefillPeer {
     url: String,
-    conn: tokio::sync::Mutex<Option<(PrefillClient<Channel>, u64)>>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     healthy: AtomicBool,
+}
+
+#[derive(Clone)]
+struct Conn {
+    client: PrefillClient<Channel>,
+    session: u64,
+    /// The prefill-server's transfer deadline: how long one of its writes may last.
+    write_deadline: Duration,
 }
 
 pub struct DecodeService {
@@ -122,18 +130,60 @@ pub struct DecodeService {
     cfg: DecodeConfig,
 }
 
-/// Releases a request's blocks unless the scheduler took them over.
-struct Reservation<'a> {
-    engine: &'a Engine,
+/// A request's KV blocks. Dropped, it releases them, unless the scheduler took them
+/// over (`armed` false) or a prefill-server's write may still land in them (see
+/// [`Lease::quarantine`]).
+struct Lease {
+    engine: Arc<Engine>,
+    freed: Arc<tokio::sync::Notify>,
     seq: u64,
+    blocks: Vec<u32>,
     armed: bool,
 }
 
-impl Drop for Reservation<'_> {
+impl Lease {
+    /// Keeps the blocks from other requests until `until`: a write a failed prefill
+    /// started (or may start) could land in them before then.
+    fn quarantine(mut self, until: tokio::time::Instant) {
+        self.armed = false;
+        let (engine, freed, seq) = (self.engine.clone(), self.freed.clone(), self.seq);
+        warn!(
+            seq,
+            blocks = self.blocks.len(),
+            hold_ms = until.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64,
+            "a failed prefill's blocks are held until no write of it can land"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until).await;
+            release(&engine, &freed, seq);
+        });
+    }
+}
+
+impl Drop for Lease {
     fn drop(&mut self) {
         if self.armed {
-            self.engine.release(self.seq);
+            release(&self.engine, &self.freed, self.seq);
         }
+    }
+}
+
+fn release(engine: &Engine, freed: &tokio::sync::Notify, seq: u64) {
+    engine.release(seq);
+    metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(engine.free_blocks() as f64);
+    freed.notify_waiters();
+}
+
+/// A failed prefill: the status for the client, and until when its blocks must be
+/// held because a prefill-server's write into them may still land (None: none can).
+struct PrefillFailed {
+    status: Status,
+    hold_until: Option<tokio::time::Instant>,
+}
+
+impl From<Status> for PrefillFailed {
+    fn from(status: Status) -> Self {
+        PrefillFailed { status, hold_until: None }
     }
 }
 
@@ -199,7 +249,11 @@ impl DecodeService {
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
-        *peer.conn.lock().await = Some((client, resp.session));
+        *peer.conn.lock().await = Some(Conn {
+            client,
+            session: resp.session,
+            write_deadline: Duration::from_millis(resp.write_deadline_ms),
+        });
         peer.healthy.store(true, Ordering::Relaxed);
         info!(url = %peer.url, prefill = %resp.peer_name, session = resp.session, "prefill-server handshaken");
         Ok(())
@@ -286,13 +340,23 @@ impl DecodeService {
         Ok((prompt, params))
     }
 
-    /// Reserves blocks, waiting up to the queue deadline for others to finish.
-    async fn admit(&self, seq: u64, tokens: usize) -> Result<Vec<u32>, Status> {
+    /// Reserves blocks for `tokens`, waiting up to the queue deadline for others to finish.
+    async fn lease(&self, tokens: usize) -> Result<Lease, Status> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.queue_deadline_ms);
+        let seq = self.engine.next_sequence_id();
         loop {
             let freed = self.scheduler.blocks_freed.notified();
             match self.engine.admit(seq, tokens) {
-                Ok(b) => return Ok(b),
+                Ok(blocks) => {
+                    metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+                    return Ok(Lease {
+                        engine: self.engine.clone(),
+                        freed: self.scheduler.blocks_freed.clone(),
+                        seq,
+                        blocks,
+                        armed: true,
+                    });
+                }
                 Err(EngineError::OutOfBlocks { needed, free, total }) => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
                         return Err(Status::resource_exhausted(format!(
@@ -307,20 +371,22 @@ impl DecodeService {
 
     /// Prefill on a prefill-server (retrying once on another, unless the first token
     /// is out), or here. `on_first` gets the first token as soon as it is known, with
-    /// the server's name; returns the final figures once the KV cache is in our pools.
+    /// the server's name and the blocks' lease; returns the final figures once the KV
+    /// cache is in our pools. A retry after a failure that may still write gets fresh
+    /// blocks, and the old ones are quarantined.
     async fn prefill(
         &self,
         id: &str,
         prompt: &[u32],
-        blocks: &[u32],
+        lease: &mut Lease,
         params: &engine::SamplingParams,
         on_first: &mut OnFirst<'_>,
-    ) -> Result<pb::PrefillResponse, Status> {
+    ) -> Result<pb::PrefillResponse, PrefillFailed> {
         let local = self.peers.is_empty() || prompt.len() < self.cfg.local_prefill_below;
         if !local {
-            let mut last = Status::unavailable("no prefill-server is reachable");
+            let mut last = PrefillFailed::from(Status::unavailable("no prefill-server is reachable"));
             let mut tried: Vec<String> = Vec::new();
-            for _attempt in 0..2 {
+            for attempt in 0..2 {
                 let peer = match self.pick_peer().filter(|p| !tried.contains(&p.url)) {
                     Some(p) => p,
                     // None handshaken (yet): handshake now rather than wait for the background loop.
@@ -330,15 +396,25 @@ impl DecodeService {
                     },
                 };
                 tried.push(peer.url.clone());
+                if attempt > 0
+                    && let Some(until) = last.hold_until
+                {
+                    let tokens = prompt.len() + params.max_tokens as usize;
+                    let fresh = self.lease(tokens).await.map_err(|status| PrefillFailed {
+                        status,
+                        hold_until: Some(until),
+                    })?;
+                    std::mem::replace(lease, fresh).quarantine(until);
+                }
                 let mut first_out = false;
-                let mut first = |r: &pb::PrefillResponse, server: &str| {
+                let mut first = |r: &pb::PrefillResponse, server: &str, l: &Lease| {
                     first_out = true;
-                    on_first(r, server)
+                    on_first(r, server, l)
                 };
-                let result = self.remote_prefill(&peer, id, prompt, blocks, params, &mut first).await;
+                let result = self.remote_prefill(&peer, id, prompt, lease, params, &mut first).await;
                 match result {
                     Ok(r) => return Ok(r),
-                    Err(s)
+                    Err(PrefillFailed { status: s, hold_until })
                         if !first_out
                             && matches!(
                                 s.code(),
@@ -352,16 +428,19 @@ impl DecodeService {
                         peer.healthy.store(false, Ordering::Relaxed);
                         *peer.conn.lock().await = None;
                         // However the prefill-server failed, to the client it is unavailable.
-                        last = Status::unavailable(format!("prefill-server {} failed: {:?}: {}", peer.url, s.code(), s.message()));
+                        last = PrefillFailed {
+                            status: Status::unavailable(format!("prefill-server {} failed: {:?}: {}", peer.url, s.code(), s.message())),
+                            hold_until,
+                        };
                     }
-                    Err(s) => return Err(s),
+                    Err(f) => return Err(f),
                 }
             }
             return Err(last);
         }
         let t = Instant::now();
         let engine = self.engine.clone();
-        let (p, b) = (prompt.to_vec(), blocks.to_vec());
+        let (p, b) = (prompt.to_vec(), lease.blocks.clone());
         let logits = tokio::task::spawn_blocking(move || engine.prefill(&p, 0, &b))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
@@ -371,7 +450,7 @@ impl DecodeService {
             prefill_ms: t.elapsed().as_secs_f64() * 1e3,
             ..Default::default()
         };
-        on_first(&r, LOCAL);
+        on_first(&r, LOCAL, lease);
         Ok(r)
     }
 
@@ -380,11 +459,15 @@ impl DecodeService {
         peer: &PrefillPeer,
         id: &str,
         prompt: &[u32],
-        blocks: &[u32],
+        lease: &Lease,
         params: &engine::SamplingParams,
         on_first: &mut OnFirst<'_>,
-    ) -> Result<pb::PrefillResponse, Status> {
-        let (mut client, session) = peer
+    ) -> Result<pb::PrefillResponse, PrefillFailed> {
+        let Conn {
+            mut client,
+            session,
+            write_deadline,
+        } = peer
             .conn
             .lock()
             .await
@@ -392,22 +475,65 @@ impl DecodeService {
             .ok_or_else(|| Status::unavailable("not handshaken"))?;
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let n = self.engine.blocks_for(prompt.len());
+        let deadline = Duration::from_millis(self.cfg.prefill_deadline_ms);
         let mut req = Request::new(pb::PrefillRequest {
             request_id: id.to_string(),
             session,
             token_ids: prompt.to_vec(),
-            dst_blocks: blocks[..n].to_vec(),
+            dst_blocks: lease.blocks[..n].to_vec(),
             notify_tag: tag,
             sampling: Some(convert::sampling_to_wire(params)),
+            write_by_ms: deadline.as_millis() as u64,
         });
-        let deadline = Duration::from_millis(self.cfg.prefill_deadline_ms);
         req.set_timeout(deadline);
+        // The deadline travels as grpc-timeout, but tonic's client does not enforce it.
+        let call = self.remote_prefill_call(&mut client, req, tag, &peer.url, lease, on_first);
+        tokio::time::timeout(deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "the prefill took longer than prefill_deadline_ms ({} ms)",
+                    deadline.as_millis()
+                )))
+            })
+            .map_err(|status| {
+                let now = tokio::time::Instant::now();
+                let hold_until = if status.metadata().contains_key(daemon::KV_WRITE_OVER) {
+                    // The prefill-server answered: it is done with the request; a
+                    // refusal came before any write, and an abandoned write may land
+                    // for a moment.
+                    let refused = matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted
+                    );
+                    (!refused).then_some(now + WRITE_MARGIN)
+                } else {
+                    // Our deadline passed or the connection broke: the prefill-server
+                    // may still be at it. It starts no write once it sees the call
+                    // gone (nor past `write_by_ms`), and one it started ends within its
+                    // write deadline. (A prefill-server that never sees the call go, on
+                    // a half-open connection, could start one until `write_by_ms`.)
+                    Some(now + write_deadline + WRITE_MARGIN)
+                };
+                PrefillFailed { status, hold_until }
+            })
+    }
+
+    async fn remote_prefill_call(
+        &self,
+        client: &mut PrefillClient<Channel>,
+        req: Request<pb::PrefillRequest>,
+        tag: u64,
+        url: &str,
+        lease: &Lease,
+        on_first: &mut OnFirst<'_>,
+    ) -> Result<pb::PrefillResponse, Status> {
         let mut stream = client.prefill(req).await?.into_inner();
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::unavailable("prefill-server ended the prefill without a first token"))?;
-        on_first(&first, &peer.url);
+        on_first(&first, url, lease);
         let done = stream
             .message()
             .await?
@@ -424,32 +550,25 @@ impl DecodeService {
     async fn run(self: Arc<Self>, id: String, prompt: Vec<u32>, params: engine::SamplingParams, tx: mpsc::UnboundedSender<Event>) {
         let received = Instant::now();
         let waiting = daemon::metrics::GaugeGuard::new(daemon::metrics::QUEUE_DEPTH);
-        let seq = self.engine.next_sequence_id();
-        let blocks = match self.admit(seq, prompt.len() + params.max_tokens as usize).await {
-            Ok(b) => b,
+        let mut lease = match self.lease(prompt.len() + params.max_tokens as usize).await {
+            Ok(l) => l,
             Err(s) => {
                 let _ = tx.send(Event::Failed(s));
                 return;
             }
         };
-        let mut reservation = Reservation {
-            engine: &self.engine,
-            seq,
-            armed: true,
-        };
         let queue_ms = received.elapsed().as_secs_f64() * 1e3;
-        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
         // The first token goes to the client as soon as it is sampled, while the KV
         // cache moves; the sequence joins the decode batch once the cache is here.
         let mut early: Option<(Job, Sent)> = None;
         let backend = self.agent.backend().to_string();
-        let mut on_first = |r: &pb::PrefillResponse, server: &str| {
+        let mut on_first = |r: &pb::PrefillResponse, server: &str, l: &Lease| {
             let mut job = Job::new(
                 id.clone(),
-                seq,
+                l.seq,
                 prompt.clone(),
                 r.first_token,
-                blocks.clone(),
+                l.blocks.clone(),
                 params.clone(),
                 tx.clone(),
                 received,
@@ -461,17 +580,17 @@ impl DecodeService {
             let sent = job.send_newest(&self.engine);
             early = Some((job, sent));
         };
-        let prefilled = self.prefill(&id, &prompt, &blocks, &params, &mut on_first).await;
+        let prefilled = self.prefill(&id, &prompt, &mut lease, &params, &mut on_first).await;
         drop(waiting);
         match (prefilled, early) {
             (Ok(r), Some((mut job, sent))) => {
                 job.set_prefill(r);
                 match sent {
                     Sent::More => {
-                        reservation.armed = false;
+                        lease.armed = false;
                         self.scheduler.submit(job);
                     }
-                    // Over at the first token: the blocks are released (reservation)
+                    // Over at the first token: the blocks are released (the lease)
                     // now that no write into them is pending.
                     Sent::Finished(reason) => job.complete(reason),
                     Sent::Failed => {}
@@ -480,15 +599,23 @@ impl DecodeService {
             (Ok(_), None) => {
                 let _ = tx.send(Event::Failed(Status::internal("prefill ended without a first token")));
             }
-            (Err(s), _) => {
-                let _ = tx.send(Event::Failed(s));
+            (Err(PrefillFailed { status, hold_until }), _) => {
+                if let Some(until) = hold_until {
+                    lease.quarantine(until);
+                }
+                let _ = tx.send(Event::Failed(status));
             }
         }
     }
 }
 
-/// Called once with the first token of a prefill and the server that computed it.
-type OnFirst<'a> = dyn FnMut(&pb::PrefillResponse, &str) + Send + 'a;
+/// Called once with the first token of a prefill, the server that computed it, and
+/// the blocks it went into.
+type OnFirst<'a> = dyn FnMut(&pb::PrefillResponse, &str, &Lease) + Send + 'a;
+
+/// How much longer than a prefill-server's own deadlines a failed prefill's blocks are
+/// held: an abandoned write's last bytes, and the request's time on the wire.
+const WRITE_MARGIN: Duration = Duration::from_secs(1);
 
 /// `prefill_server` of requests prefilled by the decode-server itself.
 const LOCAL: &str = "local";

@@ -58,6 +58,12 @@ pub struct Args {
     /// How long a request may wait for KV blocks on a decode-server, ms.
     #[arg(long, default_value_t = 30_000)]
     pub queue_deadline_ms: u64,
+    /// Deadline of one prefill call on the decode-servers, ms.
+    #[arg(long, default_value_t = 60_000)]
+    pub prefill_deadline_ms: u64,
+    /// Deadline of one KV write (and notification wait) in every daemon, ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub transfer_deadline_ms: u64,
     /// Where configs, logs and the synthetic model go (default: a temporary folder).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
@@ -146,11 +152,12 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     let model = model.canonicalize().with_context(|| format!("model {}", model.display()))?;
     let engine = |device: &str| {
         format!(
-            "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\n",
+            "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\ndeadline_ms = {}\n",
             toml_str(&model.display().to_string()),
             toml_str(device),
             p.kv_cache_mib,
-            a.backend
+            a.backend,
+            a.transfer_deadline_ms
         )
     };
     let engine_section = engine(&p.device);
@@ -192,10 +199,11 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\n{}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\n\n{engine_section}",
+                "listen = \"{addr}\"\n{}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\nprefill_deadline_ms = {}\n\n{engine_section}",
                 metrics(1 + i),
                 a.local_prefill_below,
-                a.queue_deadline_ms
+                a.queue_deadline_ms,
+                a.prefill_deadline_ms
             ),
         )?);
         decode.push(format!("http://{addr}"));

@@ -126,6 +126,8 @@ impl PrefillService {
             .get(&req.session)
             .cloned()
             .ok_or_else(|| Status::failed_precondition(format!("unknown session {}: handshake again", req.session)))?;
+        // Past this the decode-server may have given the blocks to another request.
+        let write_by = (req.write_by_ms > 0).then(|| received + Duration::from_millis(req.write_by_ms));
         let tokens = req.token_ids;
         if tokens.is_empty() {
             return Err(Status::invalid_argument("the prompt is empty"));
@@ -182,6 +184,16 @@ impl PrefillService {
             // worker steals it) send the token before the write keeps this thread busy:
             // the tcp backend's staging copies and socket writes rarely yield.
             tokio::task::yield_now().await;
+            if first.is_closed() {
+                return Err(Status::cancelled(
+                    "the decode-server went away before the KV write: nothing written",
+                ));
+            }
+            if write_by.is_some_and(|w| Instant::now() >= w) {
+                return Err(Status::deadline_exceeded(
+                    "the decode-server's deadline passed before the KV write could start: nothing written",
+                ));
+            }
             let segs = self.segments(&session, &local[..n], &req.dst_blocks[..n]);
             let bytes: u64 = segs.iter().map(|s| s.len).sum();
             let t = Instant::now();
@@ -273,6 +285,7 @@ impl PrefillService {
             layout: Some(convert::layout_to_wire(ours)),
             backend: self.agent.backend().to_string(),
             session,
+            write_deadline_ms: self.cfg.transfer.deadline_ms,
         })
     }
 }
@@ -297,7 +310,11 @@ impl pb::prefill_server::Prefill for PrefillApi {
         let (tx, rx) = mpsc::channel(2);
         let svc = self.0.clone();
         tokio::spawn(async move {
-            let out = svc.prefill(r, &tx).instrument(span.clone()).await;
+            let out = svc.prefill(r, &tx).instrument(span.clone()).await.map_err(|mut s| {
+                s.metadata_mut()
+                    .insert(daemon::KV_WRITE_OVER, tonic::metadata::MetadataValue::from_static("1"));
+                s
+            });
             drop(waiting);
             if let Err(s) = &out {
                 span.in_scope(|| warn!(code = ?s.code(), message = s.message(), "prefill failed"));

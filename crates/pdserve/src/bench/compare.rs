@@ -192,6 +192,8 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         router_addr: None,
         local_prefill_below: 0,
         queue_deadline_ms: 30_000,
+        prefill_deadline_ms: 60_000,
+        transfer_deadline_ms: 30_000,
         workdir: Some(workdir.to_path_buf()),
         ready_timeout: 300,
         metrics_port: None,
