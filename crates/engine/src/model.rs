@@ -461,10 +461,13 @@ fn fused_supported(_: &Device, _: &ModelConfig) -> bool {
 
 /// Argmax of a logits vector (greedy decoding, ties to the lowest id).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
+    let Some(&first) = logits.first() else { return 0 };
+    // The best value rides in a register: the scan is one compare per logit.
+    let (mut best, mut best_v) = (0, first);
+    for (i, &v) in logits.iter().enumerate().skip(1) {
+        if v > best_v {
             best = i;
+            best_v = v;
         }
     }
     best as u32

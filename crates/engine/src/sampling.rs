@@ -70,8 +70,10 @@ impl SamplingParams {
 /// Picks the next token from `logits`, given every token so far (prompt and output)
 /// and the index of this generation step.
 pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], step: u64) -> u32 {
-    let mut l = logits.to_vec();
+    // A copy only when the penalty changes logits (a vocabulary's worth per token).
+    let mut l = std::borrow::Cow::Borrowed(logits);
     if params.repetition_penalty != 1.0 {
+        let l = l.to_mut();
         let mut seen = std::collections::HashSet::new();
         for &t in history {
             if (t as usize) < l.len() && seen.insert(t) {
