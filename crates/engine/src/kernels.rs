@@ -79,29 +79,33 @@ pub(crate) struct Heads {
     pub dim: usize,
 }
 
-/// RoPE on q and k from the fused projection `qkv` `[n, (q + 2 kv) * dim]`, k and v
-/// written into the pools at `slots`; returns q `[n, q, dim]`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rope_kv(
-    qkv: &Tensor,
-    pos: &Tensor,
-    slots: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    k_pool: &Tensor,
-    v_pool: &Tensor,
-    h: Heads,
-) -> Result<Tensor> {
-    fn go<T: CudaDType + DeviceRepr>(
-        qkv: &Tensor,
-        pos: &Tensor,
-        slots: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        k_pool: &Tensor,
-        v_pool: &Tensor,
-        h: Heads,
-    ) -> Result<Tensor> {
+/// The inputs of [`rope_kv`]: the fused projection `qkv` `[n, (q + 2 kv) * dim]`, each
+/// row's position and pool slot, the RoPE tables, one layer's pools.
+#[derive(Clone, Copy)]
+pub(crate) struct RopeKv<'a> {
+    pub qkv: &'a Tensor,
+    pub pos: &'a Tensor,
+    pub slots: &'a Tensor,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub k_pool: &'a Tensor,
+    pub v_pool: &'a Tensor,
+    pub heads: Heads,
+}
+
+/// RoPE on q and k, k and v written into the pools at the slots; returns q `[n, q, dim]`.
+pub(crate) fn rope_kv(a: RopeKv<'_>) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(a: RopeKv<'_>) -> Result<Tensor> {
+        let RopeKv {
+            qkv,
+            pos,
+            slots,
+            cos,
+            sin,
+            k_pool,
+            v_pool,
+            heads: h,
+        } = a;
         let n = qkv.dim(0)?;
         if qkv.dims() != [n, (h.q + 2 * h.kv) * h.dim] || pos.dims() != [n] || slots.dims() != [n] {
             return Err(invalid("rope_kv: shapes"));
@@ -130,7 +134,7 @@ pub(crate) fn rope_kv(
         drop((x, p, s, c, sn, kp, vp));
         Ok(wrap(out, dev, (n, h.q, h.dim)))
     }
-    by_dtype!(qkv.dtype(), go(qkv, pos, slots, cos, sin, k_pool, v_pool, h))
+    by_dtype!(a.qkv.dtype(), go(a))
 }
 
 /// `silu(gate) * up` from the fused projection `[n, 2 i]`; `[n, i]`.

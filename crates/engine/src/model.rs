@@ -313,7 +313,16 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let (kp, vp) = pools.layer(li);
             let qkv = layer.qkv.forward(&self.rms(&x, &layer.in_norm)?)?;
-            let q = kernels::rope_kv(&qkv, &pos, &slots, &self.cos, &self.sin, kp, vp, heads)?;
+            let q = kernels::rope_kv(kernels::RopeKv {
+                qkv: &qkv,
+                pos: &pos,
+                slots: &slots,
+                cos: &self.cos,
+                sin: &self.sin,
+                k_pool: kp,
+                v_pool: vp,
+                heads,
+            })?;
             let att = kernels::paged_attention(&q, kp, vp, &paged, heads)?;
             x = (x + layer.o.forward(&att.reshape((n, ()))?)?)?;
             let gu = layer.gate_up.forward(&self.rms(&x, &layer.post_norm)?)?;
