@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
-use scheduler::{Event, Job, Scheduler, Sent};
+use scheduler::{Event, Job, Scheduler, Sent, release};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -166,12 +166,6 @@ impl Drop for Lease {
             release(&self.engine, &self.freed, self.seq);
         }
     }
-}
-
-fn release(engine: &Engine, freed: &tokio::sync::Notify, seq: u64) {
-    engine.release(seq);
-    metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(engine.free_blocks() as f64);
-    freed.notify_waiters();
 }
 
 /// A failed prefill: the status for the client, and until when its blocks must be

@@ -217,14 +217,17 @@ impl Scheduler {
     }
 }
 
+/// Releases a sequence's blocks, and wakes the admissions waiting for blocks.
+pub(crate) fn release(engine: &Engine, freed: &tokio::sync::Notify, seq: u64) {
+    engine.release(seq);
+    metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(engine.free_blocks() as f64);
+    freed.notify_waiters();
+}
+
 fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<tokio::sync::Notify>) {
     let mut running: Vec<Job> = Vec::new();
     let mut offset = 0usize;
-    let finish = |job: Job| {
-        engine.release(job.seq);
-        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(engine.free_blocks() as f64);
-        freed.notify_waiters();
-    };
+    let finish = |job: Job| release(&engine, &freed, job.seq);
     loop {
         // Join: new sequences whose first token (sampled at prefill) is not out yet send it.
         let first = if running.is_empty() {

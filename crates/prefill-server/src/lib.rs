@@ -177,8 +177,8 @@ impl PrefillService {
                 prefill_ms,
                 ..Default::default()
             };
-            // The decode-server may have gone; the write goes on: it owns the blocks
-            // until its own deadline, and ours are released only after the write.
+            // If the decode-server has gone, the checks below skip the write (ours
+            // are released either way).
             let _ = first.send(Ok(msg)).await;
             // Let the response task (woken into this worker's LIFO slot, where no other
             // worker steals it) send the token before the write keeps this thread busy:
