@@ -73,14 +73,9 @@ pub fn args(backend: BackendKind, prefill: usize, decode: usize, kv_cache_mib: u
         backend,
         prefill,
         decode,
-        router_addr: None,
-        local_prefill_below: 0,
-        queue_deadline_ms: 30_000,
-        prefill_deadline_ms: 60_000,
         transfer_deadline_ms: TEST_TRANSFER_DEADLINE_MS,
-        workdir: None,
         ready_timeout: 60,
-        metrics_port: None,
+        ..Default::default()
     }
 }
 
@@ -151,6 +146,26 @@ pub async fn stop_cleanly(dep: Deployment) {
     for (name, code) in dep.stop().await {
         assert_eq!(code, Some(0), "{name} did not exit 0 after SIGTERM");
     }
+}
+
+/// GET /metrics on 127.0.0.1:`port`.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of the first sample of `name` whose labels include every one of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A free TCP port on loopback (for daemons started from config files).

@@ -633,3 +633,113 @@ async fn a_prefill_past_its_deadline_writes_nothing_and_frees_its_blocks() {
     assert!(!log.contains("prefilled"), "no KV write was made:\n{log}");
     stop_cleanly(dep).await;
 }
+
+/// The router starts every prompt on the prefill-server early. The decode-server's
+/// Prefill takes that computation over only when the request id, tokens and sampling
+/// all match; otherwise it computes afresh (tokens still equal the reference). An
+/// early start nobody claims gives its blocks back after `early_hold_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_prefills_are_used_only_when_they_match_and_never_leak() {
+    let port = free_port();
+    let (dep, work) = deploy_args(pdserve::up::Args {
+        metrics_port: Some(port),
+        ..args(BackendKind::Ucx, 1, 1, 64)
+    })
+    .await;
+    // Router, decode-server, then the prefill-server.
+    let prefill_metrics = port + 2;
+    let mut c = client(&dep.router).await;
+    let mut pc = pb::prefill_client::PrefillClient::connect(dep.prefill[0].clone()).await.unwrap();
+    let ids = |k: u32| {
+        Input::TokenIds(pb::TokenIds {
+            ids: (0..40).map(|j| 3 + (j * 7919 + k * 31) % 500).collect(),
+        })
+    };
+    let greedy = SamplingParams {
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let sampled = |seed| SamplingParams {
+        temperature: 1.2,
+        seed,
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let check = |input: &Input, p: &SamplingParams, got: &pb::GenerateResult| {
+        let want = engine::generate_local(reference_engine(), &prompt_ids(input), p).unwrap();
+        assert_eq!(got.token_ids, want.tokens, "{p:?}");
+    };
+
+    // Through the router alone: the early start is used (when it reaches the
+    // prefill-server before the decode-server's Prefill, as it nearly always does).
+    for k in 0..3 {
+        let (_, got) = stream(&mut c, request(ids(10 + k), &greedy)).await.unwrap();
+        check(&ids(10 + k), &greedy, &got);
+    }
+
+    // An early start under the request's id, but of another prompt, then of the same
+    // prompt with another seed: the router's own early start finds the id taken, and
+    // the decode-server's Prefill must not take the stale result.
+    for (id, stale_input, stale_params, input, params) in [
+        ("early-other-prompt", ids(3), greedy.clone(), ids(2), greedy.clone()),
+        ("early-other-seed", ids(4), sampled(8), ids(4), sampled(7)),
+    ] {
+        let stale = pb::GenerateRequest {
+            request_id: id.into(),
+            ..request(stale_input, &stale_params)
+        };
+        assert!(pc.early_prefill(stale).await.unwrap().into_inner().started);
+        let req = pb::GenerateRequest {
+            request_id: id.into(),
+            ..request(input.clone(), &params)
+        };
+        let (_, got) = stream(&mut c, req).await.unwrap();
+        check(&input, &params, &got);
+    }
+
+    // Refused: no request id, an empty prompt, a token outside the vocabulary.
+    let no_id = request(ids(5), &greedy);
+    let empty = pb::GenerateRequest {
+        request_id: "early-empty".into(),
+        ..request(Input::TokenIds(pb::TokenIds { ids: vec![] }), &greedy)
+    };
+    let outside = pb::GenerateRequest {
+        request_id: "early-outside".into(),
+        ..request(Input::TokenIds(pb::TokenIds { ids: vec![1 << 30] }), &greedy)
+    };
+    for bad in [no_id, empty, outside] {
+        let e = pc.early_prefill(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    }
+
+    // Unclaimed: computed, held, then released.
+    let orphan = pb::GenerateRequest {
+        request_id: "early-orphan".into(),
+        ..request(ids(6), &greedy)
+    };
+    assert!(pc.early_prefill(orphan).await.unwrap().into_inner().started);
+    let early = |outcome: &str| {
+        sample(
+            &scrape(prefill_metrics),
+            "pdserve_early_prefills_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while early("unclaimed").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the unclaimed early prefill was not released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = scrape(prefill_metrics);
+    assert_eq!(
+        sample(&m, "pdserve_kv_blocks_free", &[]),
+        sample(&m, "pdserve_kv_blocks_total", &[]),
+        "the prefill-server holds no blocks"
+    );
+    assert_eq!(early("mismatch"), Some(2.0));
+    assert!(early("used").is_some_and(|n| n >= 1.0), "the router's early starts were used");
+    let log = std::fs::read_to_string(work.path().join("prefill-0.log")).unwrap();
+    assert!(log.contains("early=true") && log.contains("early=false"), "{log}");
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}

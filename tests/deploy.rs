@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{Daemon, free_port};
+use e2e::{Daemon, free_port, sample, scrape};
 use proto::v1 as pb;
 
 fn repo() -> PathBuf {
@@ -169,26 +169,6 @@ fn exec_start(unit: &str) -> Vec<String> {
     let text = std::fs::read_to_string(repo().join("deploy/systemd").join(unit)).unwrap();
     let line = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     line.split_whitespace().map(String::from).collect()
-}
-
-/// GET /metrics on 127.0.0.1:`port`.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
-}
-
-/// The value of the first sample of `name` whose labels include every one of `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Starts a unit's ExecStart as systemd would: `/usr/local/bin` -> the built binaries,

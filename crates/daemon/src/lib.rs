@@ -71,11 +71,14 @@ where
     kv_transfer::exit_now(code)
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
+/// Logs to stderr; `RUST_LOG` filters (default `info`). Colours only on a terminal:
+/// journald and log files get plain text.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
@@ -111,6 +114,11 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<impl
 /// request, so no write of it can start any more (one it abandoned may still land for
 /// a moment). Without it, the decode-server must assume a write may yet come.
 pub const KV_WRITE_OVER: &str = "pdserve-kv-write-over";
+
+/// Metadata on the router's Generate to a decode-server: the prefill-server (its URL as
+/// both configs name it) that the router started the prompt on early, and that the
+/// decode-server should therefore ask first.
+pub const PREFILL_HINT: &str = "pdserve-prefill-server";
 
 /// The gRPC limits every daemon applies to incoming messages.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;

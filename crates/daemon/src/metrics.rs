@@ -24,6 +24,7 @@ pub const KV_BYTES: &str = "pdserve_kv_transfer_bytes_total";
 pub const KV_TIME: &str = "pdserve_kv_transfer_duration_seconds";
 pub const KV_BANDWIDTH: &str = "pdserve_kv_transfer_bandwidth_bytes_per_second";
 pub const OUTSTANDING: &str = "pdserve_router_outstanding_requests";
+pub const EARLY_PREFILLS: &str = "pdserve_early_prefills_total";
 
 const SECONDS: [f64; 20] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
@@ -79,6 +80,10 @@ fn describe() {
     describe_histogram!(KV_TIME, Unit::Seconds, "Duration of one request's KV write, by backend");
     describe_histogram!(KV_BANDWIDTH, "Bytes per second of one request's KV write, by backend");
     describe_gauge!(OUTSTANDING, "Requests in flight through the router");
+    describe_counter!(
+        EARLY_PREFILLS,
+        "Prompts the router started early, by outcome (used, unclaimed, mismatch, failed)"
+    );
 }
 
 /// Counts a finished request: `ok` or the gRPC code's name.

@@ -270,7 +270,13 @@ impl DecodeService {
         }
     }
 
-    fn pick_peer(&self) -> Option<Arc<PrefillPeer>> {
+    /// The next healthy prefill-server, or `preferred` (the router's hint) if healthy.
+    fn pick_peer(&self, preferred: Option<&str>) -> Option<Arc<PrefillPeer>> {
+        if let Some(p) = preferred.and_then(|u| self.peers.iter().find(|p| p.url == u))
+            && p.healthy.load(Ordering::Relaxed)
+        {
+            return Some(p.clone());
+        }
         let n = self.peers.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         (0..n)
@@ -371,6 +377,7 @@ impl DecodeService {
     async fn prefill(
         &self,
         id: &str,
+        hint: Option<&str>,
         prompt: &[u32],
         lease: &mut Lease,
         params: &engine::SamplingParams,
@@ -381,7 +388,8 @@ impl DecodeService {
             let mut last = PrefillFailed::from(Status::unavailable("no prefill-server is reachable"));
             let mut tried: Vec<String> = Vec::new();
             for attempt in 0..2 {
-                let peer = match self.pick_peer().filter(|p| !tried.contains(&p.url)) {
+                let hint = if attempt == 0 { hint } else { None };
+                let peer = match self.pick_peer(hint).filter(|p| !tried.contains(&p.url)) {
                     Some(p) => p,
                     // None handshaken (yet): handshake now rather than wait for the background loop.
                     None => match self.handshake_any(&tried).await {
@@ -541,7 +549,14 @@ impl DecodeService {
         Ok(done)
     }
 
-    async fn run(self: Arc<Self>, id: String, prompt: Vec<u32>, params: engine::SamplingParams, tx: mpsc::UnboundedSender<Event>) {
+    async fn run(
+        self: Arc<Self>,
+        id: String,
+        hint: Option<String>,
+        prompt: Vec<u32>,
+        params: engine::SamplingParams,
+        tx: mpsc::UnboundedSender<Event>,
+    ) {
         let received = Instant::now();
         let waiting = daemon::metrics::GaugeGuard::new(daemon::metrics::QUEUE_DEPTH);
         let mut lease = match self.lease(prompt.len() + params.max_tokens as usize).await {
@@ -574,7 +589,9 @@ impl DecodeService {
             let sent = job.send_newest(&self.engine);
             early = Some((job, sent));
         };
-        let prefilled = self.prefill(&id, &prompt, &mut lease, &params, &mut on_first).await;
+        let prefilled = self
+            .prefill(&id, hint.as_deref(), &prompt, &mut lease, &params, &mut on_first)
+            .await;
         drop(waiting);
         match (prefilled, early) {
             (Ok(r), Some((mut job, sent))) => {
@@ -625,6 +642,12 @@ impl pb::generation_server::Generation for DecodeApi {
     type GenerateStream = EventStream;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        // The prefill-server the router started this prompt on, if it did.
+        let hint = req
+            .metadata()
+            .get(daemon::PREFILL_HINT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut r = req.into_inner();
         if r.request_id.is_empty() {
             r.request_id = daemon::new_request_id();
@@ -635,7 +658,7 @@ impl pb::generation_server::Generation for DecodeApi {
             daemon::metrics::request_done(Err(s.code()));
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(self.0.clone().run(r.request_id.clone(), prompt, params, tx).instrument(span));
+        tokio::spawn(self.0.clone().run(r.request_id.clone(), hint, prompt, params, tx).instrument(span));
         use tokio_stream::StreamExt;
         let stream = UnboundedReceiverStream::new(rx).map(|e| match e {
             Event::Chunk(c) => Ok(pb::GenerateResponse {

@@ -64,6 +64,10 @@ pub struct Args {
     /// Deadline of one KV write (and notification wait) in every daemon, ms.
     #[arg(long, default_value_t = 30_000)]
     pub transfer_deadline_ms: u64,
+    /// The router does not start prompts on the prefill-servers early (its
+    /// `prefill_servers` stays empty): each decode-server asks one itself.
+    #[arg(long)]
+    pub no_early_prefill: bool,
     /// Where configs, logs and the synthetic model go (default: a temporary folder).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
@@ -74,6 +78,18 @@ pub struct Args {
     /// decode-server, then each prefill-server on the following ports.
     #[arg(long)]
     pub metrics_port: Option<u16>,
+}
+
+impl Default for Args {
+    /// `pdserve up` without flags: the defaults above, in one place.
+    fn default() -> Args {
+        #[derive(clap::Parser)]
+        struct Up {
+            #[command(flatten)]
+            args: Args,
+        }
+        <Up as clap::Parser>::parse_from(["up"]).args
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -213,10 +229,14 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         None => format!("127.0.0.1:{}", free_port()?),
     };
     let ds = decode.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
+    let early = if a.no_early_prefill { "" } else { peers.as_str() };
     children.push(spawn(
         "router",
         "router",
-        format!("listen = \"{router_addr}\"\n{}decode_servers = [{ds}]\n", metrics(0)),
+        format!(
+            "listen = \"{router_addr}\"\n{}decode_servers = [{ds}]\nprefill_servers = [{early}]\n",
+            metrics(0)
+        ),
     )?);
     let mut dep = Deployment {
         router: format!("http://{router_addr}"),

@@ -2,6 +2,12 @@
 //! straight into a decode-server's pools through the data plane, then answers with
 //! the first token. Decode-servers handshake once (layouts compared, data-plane
 //! metadata exchanged) and then name their session in each request.
+//!
+//! The router may start a prompt before its decode-server asks (`EarlyPrefill`): the
+//! prompt is computed into local blocks at once and held, and the decode-server's
+//! Prefill of the same request id, tokens and sampling then only adds the KV write.
+//! This takes the decode-server's hop off the first token's path. Anything that does
+//! not match exactly is ignored, and the Prefill computes afresh.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,11 +17,11 @@ use std::time::{Duration, Instant};
 use daemon::config::Validate;
 use daemon::convert;
 use daemon::status::{from_engine, from_transfer};
-use engine::{Engine, EngineConfig, block_runs, sample};
+use engine::{Engine, EngineConfig, SamplingParams, block_runs, sample};
 use kv_transfer::{Agent, PeerId, Registration, Segment, TransferConfig};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
@@ -35,6 +41,9 @@ pub struct PrefillConfig {
     pub max_prompt_tokens: usize,
     /// How long a request may wait for the compute slot before it is refused.
     pub queue_deadline_ms: u64,
+    /// How long a prompt started early (the router's EarlyPrefill) is held for its
+    /// decode-server's Prefill once computed; unclaimed, its blocks are then released.
+    pub early_hold_ms: u64,
 }
 
 impl Default for PrefillConfig {
@@ -47,6 +56,7 @@ impl Default for PrefillConfig {
             transfer: TransferConfig::default(),
             max_prompt_tokens: 0,
             queue_deadline_ms: 30_000,
+            early_hold_ms: 2_000,
         }
     }
 }
@@ -67,6 +77,49 @@ impl Validate for PrefillConfig {
     }
 }
 
+/// A prompt computed into local blocks, its first token sampled. Dropped, it releases
+/// the blocks.
+struct Computed {
+    engine: Arc<Engine>,
+    seq: u64,
+    blocks: Vec<u32>,
+    first_token: u32,
+    queue_ms: f64,
+    prefill_ms: f64,
+}
+
+impl Drop for Computed {
+    fn drop(&mut self) {
+        self.engine.release(self.seq);
+        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+    }
+}
+
+/// A prompt the router started early, waiting for its decode-server's Prefill.
+struct Early {
+    generation: u64,
+    tokens: Vec<u32>,
+    params: SamplingParams,
+    /// The computation's outcome. Dropped unclaimed, the computed blocks are released.
+    result: oneshot::Receiver<Result<Computed, Status>>,
+}
+
+/// Request ids with an early start (`Some`), or with a Prefill running without one
+/// (`None`: a late EarlyPrefill of that id is not started).
+type EarlyMap = Mutex<HashMap<String, Option<Early>>>;
+
+/// Removes a request id's `None` entry of the [`EarlyMap`] when the Prefill ends.
+struct Running<'a>(&'a EarlyMap, String);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap();
+        if matches!(m.get(&self.1), Some(None)) {
+            m.remove(&self.1);
+        }
+    }
+}
+
 struct Session {
     name: String,
     peer: PeerId,
@@ -82,6 +135,8 @@ pub struct PrefillService {
     next_session: AtomicU64,
     /// One prefill computes at a time; others queue here.
     compute: tokio::sync::Semaphore,
+    early: EarlyMap,
+    next_early: AtomicU64,
     cfg: PrefillConfig,
 }
 
@@ -99,6 +154,8 @@ impl PrefillService {
             sessions: Mutex::default(),
             next_session: AtomicU64::new(1),
             compute: tokio::sync::Semaphore::new(1),
+            early: Mutex::default(),
+            next_early: AtomicU64::new(1),
             cfg,
         }))
     }
@@ -111,8 +168,130 @@ impl PrefillService {
         }
     }
 
-    /// Prefills, sends the first token on `first` as soon as it is sampled, writes the
-    /// KV cache; returns the final message (the transfer's figures).
+    fn check_prompt(&self, tokens: &[u32]) -> Result<(), Status> {
+        if tokens.is_empty() {
+            return Err(Status::invalid_argument("the prompt is empty"));
+        }
+        if tokens.len() > self.max_prompt() {
+            return Err(Status::invalid_argument(format!(
+                "prompt of {} tokens exceeds the limit of {}",
+                tokens.len(),
+                self.max_prompt()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Computes `tokens` into fresh local blocks and samples the first token, after
+    /// waiting (up to the queue deadline) for the compute slot. The slot is free again
+    /// on return: the KV write overlaps the next prompt's compute.
+    async fn compute(&self, tokens: &[u32], params: &SamplingParams, received: Instant) -> Result<Computed, Status> {
+        let _permit = tokio::time::timeout(Duration::from_millis(self.cfg.queue_deadline_ms), self.compute.acquire())
+            .await
+            .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let seq = self.engine.next_sequence_id();
+        let blocks = self.engine.admit(seq, tokens.len()).map_err(|e| from_engine(&e))?;
+        let mut c = Computed {
+            engine: self.engine.clone(),
+            seq,
+            blocks,
+            first_token: 0,
+            queue_ms: received.elapsed().as_secs_f64() * 1e3,
+            prefill_ms: 0.0,
+        };
+        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+        let t = Instant::now();
+        let engine = self.engine.clone();
+        let (toks, blocks) = (tokens.to_vec(), c.blocks.clone());
+        let logits = tokio::task::spawn_blocking(move || engine.prefill(&toks, 0, &blocks))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| from_engine(&e))?;
+        c.prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        c.first_token = sample(&logits, params, tokens, 0);
+        Ok(c)
+    }
+
+    /// Starts computing a prompt ahead of its Prefill (see the module's comment).
+    fn early_prefill(self: &Arc<Self>, req: pb::GenerateRequest) -> Result<pb::EarlyPrefillResponse, Status> {
+        let received = Instant::now();
+        if req.request_id.is_empty() {
+            return Err(Status::invalid_argument("an early prefill needs a request id"));
+        }
+        let tokens = match req.input {
+            Some(pb::generate_request::Input::Text(t)) => self.engine.tokenize(&t).map_err(|e| from_engine(&e))?,
+            Some(pb::generate_request::Input::TokenIds(ids)) => ids.ids,
+            None => return Err(Status::invalid_argument("the request has no prompt")),
+        };
+        self.check_prompt(&tokens)?;
+        let params = convert::sampling(req.sampling.as_ref());
+        params.validate(u32::MAX).map_err(Status::invalid_argument)?;
+        self.engine.check_prompt(&tokens, &params).map_err(|e| from_engine(&e))?;
+        let generation = self.next_early.fetch_add(1, Ordering::Relaxed);
+        let (tx, result) = oneshot::channel();
+        {
+            let mut m = self.early.lock().unwrap();
+            if m.contains_key(&req.request_id) {
+                return Ok(pb::EarlyPrefillResponse { started: false });
+            }
+            let early = Early {
+                generation,
+                tokens: tokens.clone(),
+                params: params.clone(),
+                result,
+            };
+            m.insert(req.request_id.clone(), Some(early));
+        }
+        let svc = self.clone();
+        let span = info_span!("early_prefill", request_id = %req.request_id);
+        let id = req.request_id;
+        tokio::spawn(
+            async move {
+                let out = svc.compute(&tokens, &params, received).await;
+                // Claimed or not, the outcome waits in the channel; dropped with an
+                // unclaimed entry, it releases its blocks.
+                let _ = tx.send(out);
+                tokio::time::sleep(Duration::from_millis(svc.cfg.early_hold_ms)).await;
+                let mut m = svc.early.lock().unwrap();
+                if matches!(m.get(&id), Some(Some(e)) if e.generation == generation) {
+                    m.remove(&id);
+                    early_outcome("unclaimed");
+                    info!(hold_ms = svc.cfg.early_hold_ms, "early prefill not claimed: released");
+                }
+            }
+            .instrument(span),
+        );
+        Ok(pb::EarlyPrefillResponse { started: true })
+    }
+
+    /// Takes the early start of `id` if its tokens and sampling are these; marks the id
+    /// as running either way (until the returned guard drops).
+    fn claim_early(&self, id: &str, tokens: &[u32], params: &SamplingParams) -> (Option<Early>, Option<Running<'_>>) {
+        if id.is_empty() {
+            return (None, None);
+        }
+        let mut m = self.early.lock().unwrap();
+        let found = match m.remove(id) {
+            // Another Prefill of this id runs: it keeps the mark.
+            Some(None) => {
+                m.insert(id.to_string(), None);
+                return (None, None);
+            }
+            Some(Some(e)) if e.tokens == tokens && e.params == *params => Some(e),
+            Some(Some(_)) => {
+                early_outcome("mismatch");
+                None
+            }
+            None => None,
+        };
+        m.insert(id.to_string(), None);
+        (found, Some(Running(&self.early, id.to_string())))
+    }
+
+    /// Prefills (or takes the early start's result), sends the first token on `first`
+    /// as soon as it is sampled, writes the KV cache; returns the final message (the
+    /// transfer's figures).
     async fn prefill(
         &self,
         req: pb::PrefillRequest,
@@ -129,16 +308,7 @@ impl PrefillService {
         // Past this the decode-server may have given the blocks to another request.
         let write_by = (req.write_by_ms > 0).then(|| received + Duration::from_millis(req.write_by_ms));
         let tokens = req.token_ids;
-        if tokens.is_empty() {
-            return Err(Status::invalid_argument("the prompt is empty"));
-        }
-        if tokens.len() > self.max_prompt() {
-            return Err(Status::invalid_argument(format!(
-                "prompt of {} tokens exceeds the limit of {}",
-                tokens.len(),
-                self.max_prompt()
-            )));
-        }
+        self.check_prompt(&tokens)?;
         let n = self.engine.blocks_for(tokens.len());
         if req.dst_blocks.len() < n {
             return Err(Status::invalid_argument(format!(
@@ -154,73 +324,73 @@ impl PrefillService {
             )));
         }
         let params = convert::sampling(req.sampling.as_ref());
-        let permit = tokio::time::timeout(Duration::from_millis(self.cfg.queue_deadline_ms), self.compute.acquire())
-            .await
-            .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
-            .map_err(|_| Status::unavailable("shutting down"))?;
-        let queue_ms = received.elapsed().as_secs_f64() * 1e3;
-        let seq = self.engine.next_sequence_id();
-        let local = self.engine.admit(seq, tokens.len()).map_err(|e| from_engine(&e))?;
-        let result = async {
-            let t = Instant::now();
-            let engine = self.engine.clone();
-            let (toks, blocks) = (tokens.clone(), local.clone());
-            let logits = tokio::task::spawn_blocking(move || engine.prefill(&toks, 0, &blocks))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| from_engine(&e))?;
-            let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-            let first_token = sample(&logits, &params, &tokens, 0);
-            let mut msg = pb::PrefillResponse {
-                first_token,
-                queue_ms,
-                prefill_ms,
-                ..Default::default()
-            };
-            // If the decode-server has gone, the checks below skip the write (ours
-            // are released either way).
-            let _ = first.send(Ok(msg)).await;
-            // Let the response task (woken into this worker's LIFO slot, where no other
-            // worker steals it) send the token before the write keeps this thread busy:
-            // the tcp backend's staging copies and socket writes rarely yield.
-            tokio::task::yield_now().await;
-            if first.is_closed() {
-                return Err(Status::cancelled(
-                    "the decode-server went away before the KV write: nothing written",
-                ));
+        let (early, _running) = self.claim_early(&req.request_id, &tokens, &params);
+        let early = match early {
+            Some(e) => match e.result.await {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(s)) => {
+                    early_outcome("failed");
+                    warn!(code = ?s.code(), message = s.message(), "early prefill failed; computing again");
+                    None
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let started_early = early.is_some();
+        let local = match early {
+            Some(c) => {
+                early_outcome("used");
+                c
             }
-            if write_by.is_some_and(|w| Instant::now() >= w) {
-                return Err(Status::deadline_exceeded(
-                    "the decode-server's deadline passed before the KV write could start: nothing written",
-                ));
-            }
-            let segs = self.segments(&session, &local[..n], &req.dst_blocks[..n]);
-            let bytes: u64 = segs.iter().map(|s| s.len).sum();
-            let t = Instant::now();
-            self.agent
-                .write(session.peer, &segs, req.notify_tag)
-                .await
-                .map_err(|e| from_transfer(&e))?;
-            let secs = t.elapsed().as_secs_f64();
-            let kv_transfer_ms = secs * 1e3;
-            let backend = self.agent.backend().as_str();
-            metrics::histogram!(daemon::metrics::PREFILL_TIME).record(prefill_ms / 1e3);
-            metrics::counter!(daemon::metrics::PROMPT_TOKENS).increment(tokens.len() as u64);
-            metrics::counter!(daemon::metrics::KV_BYTES, "backend" => backend).increment(bytes);
-            metrics::histogram!(daemon::metrics::KV_TIME, "backend" => backend).record(secs);
-            if secs > 0.0 {
-                metrics::histogram!(daemon::metrics::KV_BANDWIDTH, "backend" => backend).record(bytes as f64 / secs);
-            }
-            info!(tokens = tokens.len(), segments = segs.len(), bytes, prefill_ms, kv_transfer_ms, peer = %session.name, "prefilled");
-            msg.kv_transfer_ms = kv_transfer_ms;
-            msg.kv_bytes = bytes;
-            msg.kv_written = true;
-            Ok(msg)
+            None => self.compute(&tokens, &params, received).await?,
+        };
+        let mut msg = pb::PrefillResponse {
+            first_token: local.first_token,
+            queue_ms: local.queue_ms,
+            prefill_ms: local.prefill_ms,
+            early: started_early,
+            ..Default::default()
+        };
+        // If the decode-server has gone, the checks below skip the write (ours
+        // are released either way).
+        let _ = first.send(Ok(msg)).await;
+        // Let the response task (woken into this worker's LIFO slot, where no other
+        // worker steals it) send the token before the write keeps this thread busy:
+        // the tcp backend's staging copies and socket writes rarely yield.
+        tokio::task::yield_now().await;
+        if first.is_closed() {
+            return Err(Status::cancelled(
+                "the decode-server went away before the KV write: nothing written",
+            ));
         }
-        .await;
-        self.engine.release(seq);
-        drop(permit);
-        result
+        if write_by.is_some_and(|w| Instant::now() >= w) {
+            return Err(Status::deadline_exceeded(
+                "the decode-server's deadline passed before the KV write could start: nothing written",
+            ));
+        }
+        let segs = self.segments(&session, &local.blocks[..n], &req.dst_blocks[..n]);
+        let bytes: u64 = segs.iter().map(|s| s.len).sum();
+        let t = Instant::now();
+        self.agent
+            .write(session.peer, &segs, req.notify_tag)
+            .await
+            .map_err(|e| from_transfer(&e))?;
+        let secs = t.elapsed().as_secs_f64();
+        let kv_transfer_ms = secs * 1e3;
+        let backend = self.agent.backend().as_str();
+        metrics::histogram!(daemon::metrics::PREFILL_TIME).record(local.prefill_ms / 1e3);
+        metrics::counter!(daemon::metrics::PROMPT_TOKENS).increment(tokens.len() as u64);
+        metrics::counter!(daemon::metrics::KV_BYTES, "backend" => backend).increment(bytes);
+        metrics::histogram!(daemon::metrics::KV_TIME, "backend" => backend).record(secs);
+        if secs > 0.0 {
+            metrics::histogram!(daemon::metrics::KV_BANDWIDTH, "backend" => backend).record(bytes as f64 / secs);
+        }
+        info!(tokens = tokens.len(), segments = segs.len(), bytes, prefill_ms = local.prefill_ms, kv_transfer_ms, early = started_early, peer = %session.name, "prefilled");
+        msg.kv_transfer_ms = kv_transfer_ms;
+        msg.kv_bytes = bytes;
+        msg.kv_written = true;
+        Ok(msg)
     }
 
     /// One segment per pool per run of blocks contiguous on both sides.
@@ -241,6 +411,10 @@ impl PrefillService {
         }
         segs
     }
+}
+
+fn early_outcome(outcome: &'static str) {
+    metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => outcome).increment(1);
 }
 
 impl PrefillService {
@@ -301,6 +475,10 @@ impl pb::prefill_server::Prefill for PrefillApi {
 
     async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
         self.0.handshake(req.into_inner()).map(Response::new)
+    }
+
+    async fn early_prefill(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::EarlyPrefillResponse>, Status> {
+        self.0.early_prefill(req.into_inner()).map(Response::new)
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<Self::PrefillStream>, Status> {

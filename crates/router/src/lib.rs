@@ -1,6 +1,11 @@
 //! The router: a thin front for clients. It keeps the decode-servers' health (gRPC
 //! health checks), picks one per request (round-robin or least outstanding requests,
 //! by config), and forwards the stream. No model, no tokenizer.
+//!
+//! With `prefill_servers` set, it also sends each request to one of them
+//! (`EarlyPrefill`, round-robin over the healthy ones) as it forwards it, and tells the
+//! decode-server which one: the prompt is being computed while the decode-server
+//! reserves its blocks, so the first token skips the decode-server's hop.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -9,6 +14,7 @@ use std::time::Duration;
 use daemon::config::Validate;
 use proto::v1 as pb;
 use proto::v1::generation_client::GenerationClient;
+use proto::v1::prefill_client::PrefillClient;
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
@@ -16,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +44,9 @@ pub struct RouterConfig {
     pub auth_token: String,
     /// Decode-servers, as `http://host:port`.
     pub decode_servers: Vec<String>,
+    /// Prefill-servers to start prompts on early, named exactly as in the
+    /// decode-servers' `prefill_servers` (empty: the decode-servers pick alone).
+    pub prefill_servers: Vec<String>,
     /// `round_robin` or `least_outstanding`.
     pub policy: Policy,
     /// How often each decode-server's health is checked.
@@ -54,6 +63,7 @@ impl Default for RouterConfig {
             tls: Default::default(),
             auth_token: String::new(),
             decode_servers: vec!["http://127.0.0.1:50051".into()],
+            prefill_servers: vec![],
             policy: Policy::RoundRobin,
             health_interval_ms: 500,
             connect_timeout_ms: 2_000,
@@ -70,8 +80,10 @@ impl Validate for RouterConfig {
         if self.decode_servers.is_empty() {
             return Err("decode_servers: at least one is needed".into());
         }
-        for d in &self.decode_servers {
-            Endpoint::from_shared(d.clone()).map_err(|e| format!("decode_servers: {d:?} is not a URL ({e})"))?;
+        for (key, urls) in [("decode_servers", &self.decode_servers), ("prefill_servers", &self.prefill_servers)] {
+            for u in urls {
+                Endpoint::from_shared(u.clone()).map_err(|e| format!("{key}: {u:?} is not a URL ({e})"))?;
+            }
         }
         if self.health_interval_ms == 0 || self.connect_timeout_ms == 0 {
             return Err("health_interval_ms and connect_timeout_ms must be positive".into());
@@ -82,6 +94,8 @@ impl Validate for RouterConfig {
 
 struct Backend {
     url: String,
+    /// The gRPC health service name checked.
+    service: &'static str,
     channel: Channel,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
@@ -89,8 +103,11 @@ struct Backend {
 
 pub struct Router {
     backends: Vec<Arc<Backend>>,
+    prefill: Vec<Arc<Backend>>,
     policy: Policy,
     rr: AtomicUsize,
+    prefill_rr: AtomicUsize,
+    timeout: Duration,
     /// Sent to the decode-servers (which check the same token).
     token: daemon::tls::BearerToken,
 }
@@ -107,24 +124,28 @@ impl Drop for Outstanding {
 impl Router {
     pub fn new(cfg: &RouterConfig) -> anyhow::Result<Arc<Router>> {
         let timeout = Duration::from_millis(cfg.connect_timeout_ms);
-        let backends = cfg
-            .decode_servers
-            .iter()
-            .map(|u| {
-                let channel = cfg.tls.endpoint(u)?.connect_timeout(timeout).tcp_nodelay(true).connect_lazy();
-                Ok(Arc::new(Backend {
-                    url: u.clone(),
-                    channel,
-                    healthy: AtomicBool::new(false),
-                    outstanding: AtomicUsize::new(0),
-                }))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let connect = |urls: &[String], service: &'static str| {
+            urls.iter()
+                .map(|u| {
+                    let channel = cfg.tls.endpoint(u)?.connect_timeout(timeout).tcp_nodelay(true).connect_lazy();
+                    Ok(Arc::new(Backend {
+                        url: u.clone(),
+                        service,
+                        channel,
+                        healthy: AtomicBool::new(false),
+                        outstanding: AtomicUsize::new(0),
+                    }))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        };
         Ok(Arc::new(Router {
-            backends,
+            backends: connect(&cfg.decode_servers, "pdserve.v1.Generation")?,
+            prefill: connect(&cfg.prefill_servers, "pdserve.v1.Prefill")?,
             token: daemon::tls::BearerToken::new(&cfg.auth_token),
             policy: cfg.policy,
             rr: AtomicUsize::new(0),
+            prefill_rr: AtomicUsize::new(0),
+            timeout,
         }))
     }
 
@@ -146,20 +167,39 @@ impl Router {
         v
     }
 
+    /// Starts `req` on the next healthy prefill-server (in the background, with the
+    /// connect timeout as its deadline); returns that server's URL.
+    fn start_early(&self, req: &pb::GenerateRequest) -> Option<String> {
+        let n = self.prefill.len();
+        let start = self.prefill_rr.fetch_add(1, Ordering::Relaxed);
+        let b = (0..n)
+            .map(|i| &self.prefill[(start + i) % n])
+            .find(|b| b.healthy.load(Ordering::Relaxed))?;
+        let mut client = PrefillClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+        let (req, timeout, url, id) = (req.clone(), self.timeout, b.url.clone(), req.request_id.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, client.early_prefill(req)).await {
+                Ok(Ok(r)) if r.get_ref().started => {}
+                Ok(Ok(_)) => debug!(request_id = %id, prefill = %url, "early prefill not started: the id is in use"),
+                Ok(Err(s)) => debug!(request_id = %id, prefill = %url, code = ?s.code(), message = s.message(), "early prefill refused"),
+                Err(_) => debug!(request_id = %id, prefill = %url, "early prefill timed out"),
+            }
+        });
+        Some(b.url.clone())
+    }
+
     fn spawn_health_checks(self: &Arc<Self>, interval: Duration, timeout: Duration) {
-        for b in self.backends.clone() {
+        for b in self.backends.iter().chain(&self.prefill).cloned() {
             tokio::spawn(async move {
                 let mut client = HealthClient::new(b.channel.clone());
                 loop {
-                    let req = tonic_health::pb::HealthCheckRequest {
-                        service: "pdserve.v1.Generation".into(),
-                    };
+                    let req = tonic_health::pb::HealthCheckRequest { service: b.service.into() };
                     let ok = matches!(
                         tokio::time::timeout(timeout, client.check(req)).await,
                         Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
                     );
                     if ok != b.healthy.swap(ok, Ordering::Relaxed) {
-                        info!(url = %b.url, healthy = ok, "decode-server health changed");
+                        info!(url = %b.url, service = b.service, healthy = ok, "health changed");
                     }
                     tokio::time::sleep(interval).await;
                 }
@@ -194,6 +234,7 @@ impl RouterApi {
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         Router::prepare(&mut req);
+        let early = self.0.start_early(&req);
         let mut last = Status::unavailable("no healthy decode-server");
         for b in self.0.candidates() {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +243,9 @@ impl RouterApi {
             let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
             let mut request = Request::new(req.clone());
             self.0.token.attach(&mut request);
+            if let Some(url) = early.as_deref().and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
+                request.metadata_mut().insert(daemon::PREFILL_HINT, url);
+            }
             match call(client, request).await {
                 Ok(resp) => {
                     info!(request_id = %req.request_id, decode = %b.url, "routed");

@@ -17,7 +17,8 @@ pub struct Args {
     #[arg(long = "target", value_parser = parse_target)]
     pub targets: Vec<(String, String)>,
     /// Or start these deployments on this machine, one at a time (daemons on loopback):
-    /// colocated, tcp, nixl, ucx.
+    /// colocated, tcp, nixl, ucx; a `-late` suffix (nixl-late) turns the router's early
+    /// prefill off, so that the decode-server alone asks the prefill-server.
     #[arg(long, value_delimiter = ',')]
     pub local: Vec<String>,
     /// Model, devices and KV memory of the `--local` deployments.
@@ -73,13 +74,20 @@ pub struct Row {
 }
 
 fn method_name(name: &str) -> String {
-    match name {
+    let (base, late) = split_late(name);
+    let method = match base {
         "colocated" => "Colocated (one daemon)".into(),
         "tcp" => "Disaggregated + TCP".into(),
         "nixl" => "Disaggregated + NIXL".into(),
         "ucx" => "Disaggregated + UCX".into(),
-        other => other.to_string(),
-    }
+        _ => return name.to_string(),
+    };
+    if late { format!("{method}, no early prefill") } else { method }
+}
+
+/// A `--local` name without its `-late` suffix, and whether it had one.
+fn split_late(name: &str) -> (&str, bool) {
+    name.strip_suffix("-late").map_or((name, false), |b| (b, true))
 }
 
 /// The rows at the first load level of each deployment and prompt length.
@@ -175,6 +183,7 @@ pub fn table(rows: &[Row]) -> String {
 }
 
 fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result<up::Args> {
+    let (name, late) = split_late(name);
     let (backend, prefill) = match name {
         "colocated" => (BackendKind::Tcp, 0),
         other => (
@@ -188,15 +197,10 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         placement: a.placement.clone(),
         backend,
         prefill,
-        decode: 1,
-        router_addr: None,
-        local_prefill_below: 0,
-        queue_deadline_ms: 30_000,
-        prefill_deadline_ms: 60_000,
-        transfer_deadline_ms: 30_000,
+        no_early_prefill: late,
         workdir: Some(workdir.to_path_buf()),
         ready_timeout: 300,
-        metrics_port: None,
+        ..Default::default()
     })
 }
 
