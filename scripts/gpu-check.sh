@@ -9,7 +9,7 @@
 #                                  # a short table last. Results under $OUT (or /tmp/gpu-out).
 #   scripts/gpu-check.sh engine    # 10 prompts: ours == transformers, disaggregated == one process (nixl, ucx, tcp)
 #   scripts/gpu-check.sh bench     # pdserve bench compare at 512/2048/8192 tokens, with the plot
-#                                  # (env LOCAL, INPUTS, REQUESTS, CONCURRENCY, KVBENCH, OUT)
+#                                  # (env LOCAL, INPUTS, REQUESTS, CONCURRENCY, KVBENCH (none: off), OUT)
 #   scripts/gpu-check.sh leak      # 1,000 requests: VRAM, registered regions, free blocks unchanged
 #   scripts/gpu-check.sh doctor    # pdserve doctor, with the UCX protocol of VRAM writes
 #   scripts/gpu-check.sh twogpu    # two GPUs of one host: prefill on GPU 0, decode on GPU 1
@@ -182,11 +182,12 @@ PY
 # deployment at a time on the one GPU, a 1B-shape Llama in bf16, prompts of 512, 2048
 # and 8192 tokens; latency against load from the concurrency sweep.
 bench_remote() {
-  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b kv="--kvbench ${KVBENCH:-nixl,ucx,tcp}"
+  [ "${KVBENCH:-}" = none ] && kv=--no-kvbench
   gpu_env
   $D/pdserve bench compare --local "${LOCAL:-colocated,nixl,ucx,tcp}" --device cuda:0 --model $M --kv-cache-mib 8192 \
     --input-len "${INPUTS:-512,2048,8192}" --output-len "${OUTPUT_LEN:-64}" --requests "${REQUESTS:-8}" \
-    --concurrency "${CONCURRENCY:-1,4}" --vocab 120000 --quiet --kvbench "${KVBENCH:-nixl,ucx,tcp}" \
+    --concurrency "${CONCURRENCY:-1,4}" --vocab 120000 --quiet $kv \
     --json $OUTDIR/compare.json --plot $OUTDIR/compare.svg | tee $OUTDIR/compare.md
   gzip -f $OUTDIR/compare.json
 }

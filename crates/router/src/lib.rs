@@ -235,6 +235,12 @@ impl RouterApi {
     {
         Router::prepare(&mut req);
         let early = self.0.start_early(&req);
+        if early.is_some() {
+            // The early call's task sits in this worker's next-task slot: let it send
+            // its request before ours, since the prefill-server's compute is the
+            // first token's critical path.
+            tokio::task::yield_now().await;
+        }
         let mut last = Status::unavailable("no healthy decode-server");
         for b in self.0.candidates() {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
