@@ -743,3 +743,53 @@ async fn early_prefills_are_used_only_when_they_match_and_never_leak() {
     assert_all_blocks_free(&dep.decode[0]).await;
     stop_cleanly(dep).await;
 }
+
+/// Early starts nobody claims hold the prefill-server's blocks only until a Prefill
+/// needs them: short of blocks, it drops them and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclaimed_early_prefills_give_way_to_prefills() {
+    let port = free_port();
+    // 1 MiB of KV per daemon: 128 blocks of 16 tokens.
+    let (dep, _work) = deploy_args(pdserve::up::Args {
+        metrics_port: Some(port),
+        ..args(BackendKind::Tcp, 1, 1, 1)
+    })
+    .await;
+    let prefill_metrics = port + 2;
+    let mut pc = pb::prefill_client::PrefillClient::connect(dep.prefill[0].clone()).await.unwrap();
+    let greedy = SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let prompt = |n: u32| {
+        Input::TokenIds(pb::TokenIds {
+            ids: (0..n).map(|j| 3 + (j * 7919) % 500).collect(),
+        })
+    };
+    // 1,500 tokens: 94 of the prefill-server's 128 blocks, held unclaimed.
+    let orphan = pb::GenerateRequest {
+        request_id: "early-hog".into(),
+        ..request(prompt(1500), &greedy)
+    };
+    assert!(pc.early_prefill(orphan).await.unwrap().into_inner().started);
+    let total = sample(&scrape(prefill_metrics), "pdserve_kv_blocks_total", &[]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sample(&scrape(prefill_metrics), "pdserve_kv_blocks_free", &[]) == Some(total) {
+        assert!(std::time::Instant::now() < deadline, "the early prefill never took its blocks");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 1,000 tokens need 63 blocks, 34 are free.
+    let input = prompt(1000);
+    let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &greedy).unwrap();
+    let (_, got) = stream(&mut client(&dep.router).await, request(input, &greedy)).await.unwrap();
+    assert_eq!(got.token_ids, want.tokens);
+    let m = scrape(prefill_metrics);
+    assert_eq!(
+        sample(&m, "pdserve_early_prefills_total", &["outcome=\"evicted\""]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "pdserve_kv_blocks_free", &[]), Some(total));
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use daemon::config::Validate;
 use daemon::convert;
 use daemon::status::{from_engine, from_transfer};
-use engine::{Engine, EngineConfig, SamplingParams, block_runs, sample};
+use engine::{Engine, EngineConfig, EngineError, SamplingParams, block_runs, sample};
 use kv_transfer::{Agent, PeerId, Registration, Segment, TransferConfig};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,8 @@ impl Validate for PrefillConfig {
 /// the blocks.
 struct Computed {
     engine: Arc<Engine>,
+    /// Woken when the blocks are released.
+    freed: Arc<tokio::sync::Notify>,
     seq: u64,
     blocks: Vec<u32>,
     first_token: u32,
@@ -92,12 +94,16 @@ impl Drop for Computed {
     fn drop(&mut self) {
         self.engine.release(self.seq);
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+        self.freed.notify_waiters();
     }
 }
 
 /// A prompt the router started early, waiting for its decode-server's Prefill.
 struct Early {
     generation: u64,
+    /// Set once the outcome is in `result`: only then may a Prefill short of blocks
+    /// evict it (an early start still computing is about to be claimed).
+    ready: Arc<std::sync::atomic::AtomicBool>,
     tokens: Vec<u32>,
     params: SamplingParams,
     /// The computation's outcome. Dropped unclaimed, the computed blocks are released.
@@ -137,6 +143,8 @@ pub struct PrefillService {
     compute: tokio::sync::Semaphore,
     early: EarlyMap,
     next_early: AtomicU64,
+    /// Notified whenever a prompt's local blocks are released.
+    freed: Arc<tokio::sync::Notify>,
     cfg: PrefillConfig,
 }
 
@@ -156,6 +164,7 @@ impl PrefillService {
             compute: tokio::sync::Semaphore::new(1),
             early: Mutex::default(),
             next_early: AtomicU64::new(1),
+            freed: Default::default(),
             cfg,
         }))
     }
@@ -184,16 +193,32 @@ impl PrefillService {
 
     /// Computes `tokens` into fresh local blocks and samples the first token, after
     /// waiting (up to the queue deadline) for the compute slot. The slot is free again
-    /// on return: the KV write overlaps the next prompt's compute.
-    async fn compute(&self, tokens: &[u32], params: &SamplingParams, received: Instant) -> Result<Computed, Status> {
-        let _permit = tokio::time::timeout(Duration::from_millis(self.cfg.queue_deadline_ms), self.compute.acquire())
+    /// on return: the KV write overlaps the next prompt's compute. Short of blocks, a
+    /// Prefill (`speculative` false) drops the computed early starts nobody has claimed,
+    /// then waits for writes in flight to release theirs; an early start just fails.
+    async fn compute(&self, tokens: &[u32], params: &SamplingParams, received: Instant, speculative: bool) -> Result<Computed, Status> {
+        let deadline = tokio::time::Instant::from_std(received) + Duration::from_millis(self.cfg.queue_deadline_ms);
+        let _permit = tokio::time::timeout_at(deadline, self.compute.acquire())
             .await
             .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
             .map_err(|_| Status::unavailable("shutting down"))?;
         let seq = self.engine.next_sequence_id();
-        let blocks = self.engine.admit(seq, tokens.len()).map_err(|e| from_engine(&e))?;
+        let blocks = loop {
+            let freed = self.freed.notified();
+            match self.engine.admit(seq, tokens.len()) {
+                Err(EngineError::OutOfBlocks { needed, total, .. }) if !speculative && needed <= total => {
+                    if self.evict_early() == 0 && tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(Status::resource_exhausted(format!(
+                            "no free KV blocks on the prefill-server within queue_deadline_ms: need {needed} of {total}"
+                        )));
+                    }
+                }
+                other => break other.map_err(|e| from_engine(&e))?,
+            }
+        };
         let mut c = Computed {
             engine: self.engine.clone(),
+            freed: self.freed.clone(),
             seq,
             blocks,
             first_token: 0,
@@ -213,6 +238,19 @@ impl PrefillService {
         Ok(c)
     }
 
+    /// Drops every computed, unclaimed early start (releasing its blocks); returns how many.
+    fn evict_early(&self) -> usize {
+        let mut m = self.early.lock().unwrap();
+        let before = m.len();
+        m.retain(|_, e| !e.as_ref().is_some_and(|e| e.ready.load(Ordering::Acquire)));
+        let n = before - m.len();
+        if n > 0 {
+            metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => "evicted").increment(n as u64);
+            info!(evicted = n, "out of KV blocks: unclaimed early prefills dropped");
+        }
+        n
+    }
+
     /// Starts computing a prompt ahead of its Prefill (see the module's comment).
     fn early_prefill(self: &Arc<Self>, req: pb::GenerateRequest) -> Result<pb::EarlyPrefillResponse, Status> {
         let received = Instant::now();
@@ -230,6 +268,7 @@ impl PrefillService {
         self.engine.check_prompt(&tokens, &params).map_err(|e| from_engine(&e))?;
         let generation = self.next_early.fetch_add(1, Ordering::Relaxed);
         let (tx, result) = oneshot::channel();
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let mut m = self.early.lock().unwrap();
             if m.contains_key(&req.request_id) {
@@ -237,6 +276,7 @@ impl PrefillService {
             }
             let early = Early {
                 generation,
+                ready: ready.clone(),
                 tokens: tokens.clone(),
                 params: params.clone(),
                 result,
@@ -248,10 +288,11 @@ impl PrefillService {
         let id = req.request_id;
         tokio::spawn(
             async move {
-                let out = svc.compute(&tokens, &params, received).await;
+                let out = svc.compute(&tokens, &params, received, true).await;
                 // Claimed or not, the outcome waits in the channel; dropped with an
                 // unclaimed entry, it releases its blocks.
                 let _ = tx.send(out);
+                ready.store(true, Ordering::Release);
                 tokio::time::sleep(Duration::from_millis(svc.cfg.early_hold_ms)).await;
                 let mut m = svc.early.lock().unwrap();
                 if matches!(m.get(&id), Some(Some(e)) if e.generation == generation) {
@@ -343,7 +384,7 @@ impl PrefillService {
                 early_outcome("used");
                 c
             }
-            None => self.compute(&tokens, &params, received).await?,
+            None => self.compute(&tokens, &params, received, false).await?,
         };
         let mut msg = pb::PrefillResponse {
             first_token: local.first_token,
