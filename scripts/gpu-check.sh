@@ -213,6 +213,8 @@ leak_remote() {
       --concurrency 16 --vocab 120000 --seed $((round + 1)) --quiet --json $OUTDIR/leak_bench_$round.json | tee $OUTDIR/leak_bench_$round.md
     sleep 1; snap round$round
   done
+  echo "== the router's early prefills on the prefill-server, by outcome" | tee $OUTDIR/leak_early.txt
+  curl -s localhost:19402/metrics | grep -E "^pdserve_early_prefills_total" | tee -a $OUTDIR/leak_early.txt
   up_stop
   gzip -f $OUTDIR/leak_bench_*.json
   echo "== VRAM per process (pid, used): after warm-up | after round 1 | after round 2" | tee $OUTDIR/leak_summary.txt
