@@ -634,22 +634,35 @@ async fn a_prefill_past_its_deadline_writes_nothing_and_frees_its_blocks() {
     stop_cleanly(dep).await;
 }
 
+/// One router, decode-server and prefill-server with metrics; returns the prefill-server's
+/// metrics port and a client of its Prefill service.
+async fn deploy_with_metrics(
+    a: pdserve::up::Args,
+) -> (
+    pdserve::up::Deployment,
+    tempfile::TempDir,
+    u16,
+    pb::prefill_client::PrefillClient<tonic::transport::Channel>,
+) {
+    let port = free_port();
+    let (dep, work) = deploy_args(pdserve::up::Args {
+        metrics_port: Some(port),
+        ..a
+    })
+    .await;
+    let pc = pb::prefill_client::PrefillClient::connect(dep.prefill[0].clone()).await.unwrap();
+    // Router, decode-server, then the prefill-server.
+    (dep, work, port + 2, pc)
+}
+
 /// The router starts every prompt on the prefill-server early. The decode-server's
 /// Prefill takes that computation over only when the request id, tokens and sampling
 /// all match; otherwise it computes afresh (tokens still equal the reference). An
 /// early start nobody claims gives its blocks back after `early_hold_ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_prefills_are_used_only_when_they_match_and_never_leak() {
-    let port = free_port();
-    let (dep, work) = deploy_args(pdserve::up::Args {
-        metrics_port: Some(port),
-        ..args(BackendKind::Ucx, 1, 1, 64)
-    })
-    .await;
-    // Router, decode-server, then the prefill-server.
-    let prefill_metrics = port + 2;
+    let (dep, work, prefill_metrics, mut pc) = deploy_with_metrics(args(BackendKind::Ucx, 1, 1, 64)).await;
     let mut c = client(&dep.router).await;
-    let mut pc = pb::prefill_client::PrefillClient::connect(dep.prefill[0].clone()).await.unwrap();
     let ids = |k: u32| {
         Input::TokenIds(pb::TokenIds {
             ids: (0..40).map(|j| 3 + (j * 7919 + k * 31) % 500).collect(),
@@ -748,15 +761,8 @@ async fn early_prefills_are_used_only_when_they_match_and_never_leak() {
 /// needs them: short of blocks, it drops them and goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unclaimed_early_prefills_give_way_to_prefills() {
-    let port = free_port();
     // 1 MiB of KV per daemon: 128 blocks of 16 tokens.
-    let (dep, _work) = deploy_args(pdserve::up::Args {
-        metrics_port: Some(port),
-        ..args(BackendKind::Tcp, 1, 1, 1)
-    })
-    .await;
-    let prefill_metrics = port + 2;
-    let mut pc = pb::prefill_client::PrefillClient::connect(dep.prefill[0].clone()).await.unwrap();
+    let (dep, _work, prefill_metrics, mut pc) = deploy_with_metrics(args(BackendKind::Tcp, 1, 1, 1)).await;
     let greedy = SamplingParams {
         max_tokens: 4,
         ..Default::default()

@@ -153,6 +153,25 @@ pub fn report_readiness<S: tonic::server::NamedService>(
 }
 
 /// Registers the engine's KV pools with the data plane: K then V for every layer.
+/// Runs `prompt` through the model into `blocks` (on a blocking thread) and samples
+/// its first token; returns the token and the forward pass's time in ms (sampling not
+/// included, on every path, so that colocated and disaggregated figures compare).
+pub async fn prefill_first_token(
+    engine: &std::sync::Arc<engine::Engine>,
+    prompt: &[u32],
+    blocks: &[u32],
+    params: &engine::SamplingParams,
+) -> Result<(u32, f64), tonic::Status> {
+    let t = std::time::Instant::now();
+    let (e, p, b) = (engine.clone(), prompt.to_vec(), blocks.to_vec());
+    let logits = tokio::task::spawn_blocking(move || e.prefill(&p, 0, &b))
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .map_err(|e| status::from_engine(&e))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok((engine::sample(&logits, params, prompt, 0), ms))
+}
+
 pub fn register_pools(engine: &engine::Engine, agent: &kv_transfer::Agent) -> anyhow::Result<Vec<kv_transfer::Registration>> {
     let pools = engine.pools();
     let mut regs = Vec::new();

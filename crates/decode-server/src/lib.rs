@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use daemon::config::Validate;
 use daemon::convert;
 use daemon::status::{from_engine, from_transfer};
-use engine::{Engine, EngineConfig, EngineError, sample};
+use engine::{Engine, EngineConfig, EngineError};
 use kv_transfer::{Agent, Registration, TransferConfig};
 use proto::v1 as pb;
 use proto::v1::prefill_client::PrefillClient;
@@ -440,16 +440,10 @@ impl DecodeService {
             }
             return Err(last);
         }
-        let t = Instant::now();
-        let engine = self.engine.clone();
-        let (p, b) = (prompt.to_vec(), lease.blocks.clone());
-        let logits = tokio::task::spawn_blocking(move || engine.prefill(&p, 0, &b))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| from_engine(&e))?;
+        let (first_token, prefill_ms) = daemon::prefill_first_token(&self.engine, prompt, &lease.blocks, params).await?;
         let r = pb::PrefillResponse {
-            first_token: sample(&logits, params, prompt, 0),
-            prefill_ms: t.elapsed().as_secs_f64() * 1e3,
+            first_token,
+            prefill_ms,
             ..Default::default()
         };
         on_first(&r, LOCAL, lease);

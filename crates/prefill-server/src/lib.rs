@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use daemon::config::Validate;
 use daemon::convert;
 use daemon::status::{from_engine, from_transfer};
-use engine::{Engine, EngineConfig, EngineError, SamplingParams, block_runs, sample};
+use engine::{Engine, EngineConfig, EngineError, SamplingParams, block_runs};
 use kv_transfer::{Agent, PeerId, Registration, Segment, TransferConfig};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -226,15 +226,7 @@ impl PrefillService {
             prefill_ms: 0.0,
         };
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
-        let t = Instant::now();
-        let engine = self.engine.clone();
-        let (toks, blocks) = (tokens.to_vec(), c.blocks.clone());
-        let logits = tokio::task::spawn_blocking(move || engine.prefill(&toks, 0, &blocks))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| from_engine(&e))?;
-        c.prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-        c.first_token = sample(&logits, params, tokens, 0);
+        (c.first_token, c.prefill_ms) = daemon::prefill_first_token(&self.engine, tokens, &c.blocks, params).await?;
         Ok(c)
     }
 
