@@ -153,9 +153,9 @@ pub fn report_readiness<S: tonic::server::NamedService>(
 }
 
 /// Registers the engine's KV pools with the data plane: K then V for every layer.
-/// Runs `prompt` through the model into `blocks` (on a blocking thread) and samples
-/// its first token; returns the token and the forward pass's time in ms (sampling not
-/// included, on every path, so that colocated and disaggregated figures compare).
+/// Runs `prompt` through the model into `blocks` and picks its first token (on a
+/// blocking thread); returns the token and the time both took in ms. Colocated and
+/// disaggregated prefills both come through here, so their figures compare.
 pub async fn prefill_first_token(
     engine: &std::sync::Arc<engine::Engine>,
     prompt: &[u32],
@@ -163,13 +163,12 @@ pub async fn prefill_first_token(
     params: &engine::SamplingParams,
 ) -> Result<(u32, f64), tonic::Status> {
     let t = std::time::Instant::now();
-    let (e, p, b) = (engine.clone(), prompt.to_vec(), blocks.to_vec());
-    let logits = tokio::task::spawn_blocking(move || e.prefill(&p, 0, &b))
+    let (e, p, b, params) = (engine.clone(), prompt.to_vec(), blocks.to_vec(), params.clone());
+    let first = tokio::task::spawn_blocking(move || e.prefill_pick(&p, &b, &params))
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))?
         .map_err(|e| status::from_engine(&e))?;
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok((engine::sample(&logits, params, prompt, 0), ms))
+    Ok((first, t.elapsed().as_secs_f64() * 1e3))
 }
 
 pub fn register_pools(engine: &engine::Engine, agent: &kv_transfer::Agent) -> anyhow::Result<Vec<kv_transfer::Registration>> {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Engine, Pick};
 use crate::error::Result;
 use crate::model::DecodeInput;
-use crate::sampling::{SamplingParams, sample};
+use crate::sampling::SamplingParams;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -111,11 +111,10 @@ pub fn generate_local(engine: &Engine, prompt: &[u32], params: &SamplingParams) 
     let seq = engine.next_sequence_id();
     let blocks = engine.admit(seq, prompt.len() + params.max_tokens as usize)?;
     let result = (|| {
-        let logits = engine.prefill(prompt, 0, &blocks)?;
+        let mut next = engine.prefill_pick(prompt, &blocks, params)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let mut tokens = prompt.to_vec();
         let mut stream = TextStream::new(prompt.len());
-        let mut next = sample(&logits, params, &tokens, 0);
         let first_token_ms = start.elapsed().as_secs_f64() * 1e3;
         loop {
             tokens.push(next);
