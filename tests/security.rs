@@ -77,7 +77,8 @@ struct Secured {
     _daemons: Vec<Daemon>,
 }
 
-/// prefill <-mTLS- decode <-mTLS- router <-TLS + token- clients. `decode_trusts` is the
+/// prefill <-mTLS- decode <-mTLS- router <-TLS + token- clients, and the router's
+/// early prefills over mTLS. `decode_trusts` is the
 /// CA the decode-server verifies the prefill-server with.
 fn deploy(dir: &Path, pki: &Pki, decode_trusts: &str) -> Secured {
     let engine = format!(
@@ -105,7 +106,7 @@ fn deploy(dir: &Path, pki: &Pki, decode_trusts: &str) -> Secured {
         dir,
         "router",
         &format!(
-            "listen = \"127.0.0.1:{r}\"\ndecode_servers = [\"https://127.0.0.1:{d}\"]\nauth_token = \"{TOKEN}\"\n{}",
+            "listen = \"127.0.0.1:{r}\"\ndecode_servers = [\"https://127.0.0.1:{d}\"]\nprefill_servers = [\"https://127.0.0.1:{p}\"]\nauth_token = \"{TOKEN}\"\n{}",
             pki.section(false, "ca.pem")
         ),
     );
@@ -182,6 +183,8 @@ async fn tls_mutual_tls_and_token_guard_the_deployment() {
     )
     .unwrap();
     assert_eq!(ok.token_ids, want.tokens);
+    let log = std::fs::read_to_string(dir.path().join("prefill.log")).unwrap();
+    assert!(log.contains("early=true"), "the router's early prefill came over mTLS:\n{log}");
 
     // No token, a wrong token: UNAUTHENTICATED, with a message a person understands.
     let e = generate(&router, &client(&pki, None, "ca.pem")).await.unwrap_err();
@@ -214,7 +217,8 @@ async fn tls_mutual_tls_and_token_guard_the_deployment() {
 
 /// A prefill-server whose certificate the decode-server does not trust is never
 /// handshaken (no KV memory metadata is exchanged): the decode-server says why, never
-/// reports SERVING, and the router answers UNAVAILABLE at once.
+/// reports SERVING, and the router answers UNAVAILABLE at once, starting nothing on the
+/// prefill-server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_prefill_server_is_never_used() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,4 +244,9 @@ async fn an_untrusted_prefill_server_is_never_used() {
         .unwrap_err();
     assert!(e.starts_with("Unavailable"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5));
+    // With no decode-server to take the request, the router started nothing early on
+    // the prefill-server (an unclaimed start is logged once its 2 s hold ends).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let prefill_log = std::fs::read_to_string(dir.path().join("prefill.log")).unwrap();
+    assert!(!prefill_log.contains("early prefill"), "{prefill_log}");
 }

@@ -234,7 +234,9 @@ impl RouterApi {
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         Router::prepare(&mut req);
-        let early = self.0.start_early(&req);
+        let candidates = self.0.candidates();
+        // No decode-server to take it: nothing to start early either.
+        let early = if candidates.is_empty() { None } else { self.0.start_early(&req) };
         if early.is_some() {
             // The early call's task sits in this worker's next-task slot: let it send
             // its request before ours, since the prefill-server's compute is the
@@ -242,7 +244,7 @@ impl RouterApi {
             tokio::task::yield_now().await;
         }
         let mut last = Status::unavailable("no healthy decode-server");
-        for b in self.0.candidates() {
+        for b in candidates {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(daemon::metrics::OUTSTANDING, "decode" => b.url.clone()).increment(1.0);
             let guard = Outstanding(b.clone());
