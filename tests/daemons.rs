@@ -500,7 +500,7 @@ async fn oversized_messages_are_refused() {
 /// with the same tokens; longer ones still go to the prefill-server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_prompts_are_prefilled_locally() {
-    let (dep, _work) = deploy_full(BackendKind::Tcp, 1, 1, 64, 30_000, 20).await;
+    let (dep, work) = deploy_full(BackendKind::Tcp, 1, 1, 64, 30_000, 20).await;
     let mut c = client(&dep.router).await;
     let p = SamplingParams {
         max_tokens: 8,
@@ -514,6 +514,10 @@ async fn short_prompts_are_prefilled_locally() {
         assert_eq!(r.prefill_server == "local", local, "prompt {len} prefilled at {}", r.prefill_server);
         assert_eq!(r.timings.unwrap().kv_bytes == 0, local);
     }
+    // The router started the local ones on the prefill-server too; the decode-server
+    // has them dropped there rather than left for their 2 s hold.
+    let log = std::fs::read_to_string(work.path().join("prefill-0.log")).unwrap();
+    assert!(log.contains("early prefill dropped"), "{log}");
     stop_cleanly(dep).await;
 }
 

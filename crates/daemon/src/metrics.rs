@@ -82,7 +82,7 @@ fn describe() {
     describe_gauge!(OUTSTANDING, "Requests in flight through the router");
     describe_counter!(
         EARLY_PREFILLS,
-        "Prompts the router started early, by outcome (used, unclaimed, mismatch, failed, evicted)"
+        "Prompts the router started early, by outcome (used, unclaimed, mismatch, failed, evicted, dropped)"
     );
 }
 

@@ -285,6 +285,24 @@ impl DecodeService {
             .cloned()
     }
 
+    /// Tells the prefill-server at `url` (in the background, best effort: unclaimed, it
+    /// goes after its hold anyway) to release the router's early start of `id`.
+    fn drop_early(&self, url: &str, id: &str) {
+        let Some(peer) = self.peers.iter().find(|p| p.url == url).cloned() else {
+            return;
+        };
+        let request_id = id.to_string();
+        tokio::spawn(async move {
+            let Some(mut client) = peer.conn.lock().await.as_ref().map(|c| c.client.clone()) else {
+                return;
+            };
+            let call = client.drop_early(pb::DropEarlyRequest { request_id });
+            if let Ok(Err(s)) = tokio::time::timeout(DROP_EARLY_DEADLINE, call).await {
+                warn!(url = %peer.url, code = ?s.code(), message = s.message(), "could not drop the early prefill");
+            }
+        });
+    }
+
     /// Handshakes, in order, with the not-yet-handshaken peers outside `skip`; the first that answers.
     async fn handshake_any(&self, skip: &[String]) -> Option<Arc<PrefillPeer>> {
         for peer in self
@@ -439,6 +457,9 @@ impl DecodeService {
                 }
             }
             return Err(last);
+        }
+        if let Some(url) = hint {
+            self.drop_early(url, id);
         }
         let (first_token, prefill_ms) = daemon::prefill_first_token(&self.engine, prompt, &lease.blocks, params).await?;
         let r = pb::PrefillResponse {
@@ -621,6 +642,9 @@ type OnFirst<'a> = dyn FnMut(&pb::PrefillResponse, &str, &Lease) + Send + 'a;
 /// How much longer than a prefill-server's own deadlines a failed prefill's blocks are
 /// held: an abandoned write's last bytes, and the request's time on the wire.
 const WRITE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Deadline of a DropEarly call (it only saves the prefill-server some memory).
+const DROP_EARLY_DEADLINE: Duration = Duration::from_secs(2);
 
 /// `prefill_server` of requests prefilled by the decode-server itself.
 const LOCAL: &str = "local";

@@ -298,6 +298,18 @@ impl PrefillService {
         Ok(pb::EarlyPrefillResponse { started: true })
     }
 
+    /// Releases the early start of `id`, which its decode-server will not claim.
+    fn drop_early(&self, id: &str) -> pb::DropEarlyResponse {
+        let mut m = self.early.lock().unwrap();
+        let dropped = matches!(m.get(id), Some(Some(_)));
+        if dropped {
+            m.remove(id);
+            early_outcome("dropped");
+            info!(request_id = %id, "early prefill dropped: the decode-server prefills it itself");
+        }
+        pb::DropEarlyResponse { dropped }
+    }
+
     /// Takes the early start of `id` if its tokens and sampling are these; marks the id
     /// as running either way (until the returned guard drops).
     fn claim_early(&self, id: &str, tokens: &[u32], params: &SamplingParams) -> (Option<Early>, Option<Running<'_>>) {
@@ -512,6 +524,10 @@ impl pb::prefill_server::Prefill for PrefillApi {
 
     async fn early_prefill(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::EarlyPrefillResponse>, Status> {
         self.0.early_prefill(req.into_inner()).map(Response::new)
+    }
+
+    async fn drop_early(&self, req: Request<pb::DropEarlyRequest>) -> Result<Response<pb::DropEarlyResponse>, Status> {
+        Ok(Response::new(self.0.drop_early(&req.into_inner().request_id)))
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<Self::PrefillStream>, Status> {
