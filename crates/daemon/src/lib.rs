@@ -152,7 +152,6 @@ pub fn report_readiness<S: tonic::server::NamedService>(
     });
 }
 
-/// Registers the engine's KV pools with the data plane: K then V for every layer.
 /// Runs `prompt` through the model into `blocks` and picks its first token (on a
 /// blocking thread); returns the token and the time both took in ms. Colocated and
 /// disaggregated prefills both come through here, so their figures compare.
@@ -171,6 +170,7 @@ pub async fn prefill_first_token(
     Ok((first, t.elapsed().as_secs_f64() * 1e3))
 }
 
+/// Registers the engine's KV pools with the data plane: K then V for every layer.
 pub fn register_pools(engine: &engine::Engine, agent: &kv_transfer::Agent) -> anyhow::Result<Vec<kv_transfer::Registration>> {
     let pools = engine.pools();
     let mut regs = Vec::new();

@@ -270,9 +270,14 @@ impl DecodeService {
         }
     }
 
+    /// The prefill-server our config names `url`.
+    fn peer(&self, url: &str) -> Option<&Arc<PrefillPeer>> {
+        self.peers.iter().find(|p| p.url == url)
+    }
+
     /// The next healthy prefill-server, or `preferred` (the router's hint) if healthy.
     fn pick_peer(&self, preferred: Option<&str>) -> Option<Arc<PrefillPeer>> {
-        if let Some(p) = preferred.and_then(|u| self.peers.iter().find(|p| p.url == u))
+        if let Some(p) = preferred.and_then(|u| self.peer(u))
             && p.healthy.load(Ordering::Relaxed)
         {
             return Some(p.clone());
@@ -288,7 +293,7 @@ impl DecodeService {
     /// Tells the prefill-server at `url` (in the background, best effort: unclaimed, it
     /// goes after its hold anyway) to release the router's early start of `id`.
     fn drop_early(&self, url: &str, id: &str) {
-        let Some(peer) = self.peers.iter().find(|p| p.url == url).cloned() else {
+        let Some(peer) = self.peer(url).cloned() else {
             return;
         };
         let request_id = id.to_string();
