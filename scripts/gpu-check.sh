@@ -12,7 +12,9 @@
 #                                  # (env LOCAL, INPUTS, REQUESTS, CONCURRENCY, KVBENCH (none: off), OUT)
 #   scripts/gpu-check.sh leak      # 1,000 requests: VRAM, registered regions, free blocks unchanged
 #   scripts/gpu-check.sh doctor    # pdserve doctor, with the UCX protocol of VRAM writes
-#   scripts/gpu-check.sh twogpu    # two GPUs of one host: prefill on GPU 0, decode on GPU 1
+#   scripts/gpu-check.sh twogpu    # two GPUs of one host: prefill on GPU 0, decode on GPU 1; tokens
+#                                  # per backend, kvbench 0 -> 1 beside the peer copy and NIXL Python
+#   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
@@ -241,7 +243,7 @@ doctor_remote() {
 # NVLink/PCIe peer access (CUDA IPC); tokens against the one-process run, per backend;
 # kvbench GPU 0 -> GPU 1 with the protocol UCX chose; doctor.
 twogpu_remote() {
-  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b N=${PROMPTS:-4}
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b N=${PROMPTS:-6}
   gpu_env
   nvidia-smi topo -m | tee $OUTDIR/topo.txt
   $D/pdserve doctor --backend nixl,ucx | tee $OUTDIR/doctor.txt
@@ -259,11 +261,16 @@ twogpu_remote() {
     done < $OUTDIR/twogpu_prompts.txt
     up_stop
   done
-  echo "== kvbench GPU 0 -> GPU 1"
-  UCX_PROTO_INFO=y $D/pdserve kvbench --mem vram --device 0 --target-device 1 --backend nixl,ucx,tcp --sizes 16MiB,256MiB,1GiB --iters 20 \
-    > $OUTDIR/twogpu_kvbench_raw.txt 2>&1 || true
-  grep -E "^\|" $OUTDIR/twogpu_kvbench_raw.txt | tee $OUTDIR/twogpu_kvbench.md
-  grep -A6 "ucp_put\* from cuda" $OUTDIR/twogpu_kvbench_raw.txt | grep -E "\.\.|from cuda" | head -6 | tee $OUTDIR/twogpu_proto.txt
+  echo "== kvbench GPU 0 -> GPU 1, beside the peer-copy limit and NIXL's Python API"
+  local S=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
+  python3 scripts/p2p_limit.py --sizes "$S" --json $OUTDIR/p2p_limit.json > $OUTDIR/p2p_limit.md
+  UCX_PROTO_INFO=y $D/pdserve kvbench --mem vram --device 0 --target-device 1 --backend nixl,ucx,tcp --sizes "$S" \
+    --iters $ITERS --json $OUTDIR/twogpu_kvbench.json > $OUTDIR/twogpu_kvbench_raw.txt 2>&1 || true
+  grep -A6 "ucp_put\* from cuda" $OUTDIR/twogpu_kvbench_raw.txt | grep -E "\.\.|from cuda" | head -6 > $OUTDIR/twogpu_proto.txt || true
+  PYTHONPATH=$D PYTHONUNBUFFERED=1 python3 scripts/nixl_anchor_2gpu.py .carry/nixl_anchor.py --mem vram --sizes "$S" \
+    --iters $ITERS --json $OUTDIR/twogpu_anchor.json > $OUTDIR/twogpu_anchor.md 2>&1 || true
+  python3 scripts/compare-anchor.py $OUTDIR/twogpu_anchor.json $OUTDIR/twogpu_kvbench.json --limit $OUTDIR/p2p_limit.json \
+    --protocols $OUTDIR/twogpu_proto.txt | tee $OUTDIR/twogpu_kvbench.md
   python3 - $OUTDIR <<'PY' | tee $OUTDIR/twogpu_tokens.md
 import json, sys
 d = sys.argv[1]
@@ -324,9 +331,11 @@ case "${1:-}" in
   doctor) doctor_remote ;;
   twogpu) twogpu_remote ;;
   twogpu-bench)
-    gpu_env; python3 scripts/p2p_limit.py | tee ${OUT:-/tmp/gpu-out}/p2p_limit.md
+    # PRESET=1b|8b: the synthetic Llama shape; colocated runs on GPU 1 alone.
+    gpu_env; P=${PRESET:-1b}
+    [ -e /tmp/m$P/config.json ] || /tmp/pdserve-gpu/pdserve model synth --preset $P --seed 0 --out /tmp/m$P
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
-      --model /tmp/m1b --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048}" --output-len 64 --requests "${REQUESTS:-6}" \
-      --concurrency 1 --vocab 120000 --quiet --no-kvbench | tee ${OUT:-/tmp/gpu-out}/twogpu_compare.md ;;
-  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor|twogpu" >&2; exit 2 ;;
+      --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
+      --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
+  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench" >&2; exit 2 ;;
 esac
