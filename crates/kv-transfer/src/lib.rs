@@ -31,6 +31,7 @@ mod ucx;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -205,6 +206,8 @@ pub struct PreparedWrite {
     peer_name: String,
     segs: Vec<Resolved>,
     bytes: u64,
+    /// How `post` waits for this write (decided once, from its size and memory).
+    wait: driver::Wait,
     backend: PreparedBackend,
     busy: tokio::sync::Mutex<()>,
 }
@@ -397,6 +400,7 @@ impl Agent {
         let p = self.inner.peer(peer.0)?;
         let segs = self.inner.resolve(&p, segments)?;
         let bytes = segs.iter().map(|s| s.len).sum();
+        let host = segs.iter().all(|s| s.local_kind == MemKind::Dram && s.remote_kind == MemKind::Dram);
         let backend = match (&self.inner.backend, &p.conn) {
             (Backend::Tcp(_), BackendPeer::Tcp(tp)) => PreparedBackend::Tcp(tp.clone()),
             (Backend::Ucx(u), BackendPeer::Ucx(ep)) => PreparedBackend::Driver(u.prepare(*ep, &segs)?),
@@ -409,6 +413,7 @@ impl Agent {
             peer_name: p.name.clone(),
             segs,
             bytes,
+            wait: driver::Wait::for_write(bytes, host),
             backend,
             busy: tokio::sync::Mutex::new(()),
         })
@@ -426,16 +431,20 @@ impl Agent {
                 return Err(TransferError::UnknownLocalRegion(s.local));
             }
         }
-        let deadline = self.inner.deadline;
-        let small = w.bytes <= driver::SMALL_WRITE;
+        let (deadline, wait) = (self.inner.deadline, w.wait);
         let fut = async {
             match (&self.inner.backend, &w.backend) {
                 (Backend::Tcp(t), PreparedBackend::Tcp(peer)) => t.write(peer, &w.segs, tag, deadline).await,
-                (Backend::Ucx(u), PreparedBackend::Driver(id)) => u.post(*id, tag, deadline, small).await,
-                (Backend::Nixl(n), PreparedBackend::Driver(id)) => n.post(*id, tag, deadline, small).await,
+                (Backend::Ucx(u), PreparedBackend::Driver(id)) => u.post(*id, tag, deadline, wait).await,
+                (Backend::Nixl(n), PreparedBackend::Driver(id)) => n.post(*id, tag, deadline, wait).await,
                 _ => unreachable!("prepared by another backend"),
             }
         };
+        // A write posted inline is usually done in its first poll: no timer for it.
+        let mut fut = std::pin::pin!(fut);
+        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+            return r;
+        }
         // The backends enforce the deadline themselves; this margin is the last guard.
         match tokio::time::timeout(deadline + Duration::from_secs(1), fut).await {
             Ok(r) => r,

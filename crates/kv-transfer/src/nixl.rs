@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nixl_sys as nx;
 use tokio::sync::oneshot;
 
-use crate::driver::{Driver, Work};
+use crate::driver::{Driver, Wait, Work};
 use crate::error::{Result, TransferError};
 use crate::metadata::Metadata;
 use crate::notify::NotifyHub;
@@ -175,7 +175,7 @@ enum Cmd {
 }
 
 pub(crate) struct Nixl {
-    driver: Driver<Cmd>,
+    driver: Driver<NixlWork>,
     info: String,
 }
 
@@ -254,9 +254,9 @@ impl Nixl {
         let _ = self.driver.send(Cmd::Release { id });
     }
 
-    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration, small: bool) -> Result<()> {
+    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration, wait: Wait) -> Result<()> {
         let deadline = Instant::now() + deadline;
-        self.driver.ask(small, |reply| Cmd::Post { id, tag, deadline, reply }).await
+        self.driver.ask(wait, |reply| Cmd::Post { id, tag, deadline, reply }).await
     }
 
     pub(crate) fn shutdown(&self) {
@@ -295,7 +295,7 @@ impl NixlWork {
             backend: BackendKind::Nixl,
             detail: format!("{op}: {e}"),
         };
-        // This thread is the agent's only user, and it progresses UCX itself.
+        // The driver progresses UCX itself; its lock serializes every use of the agent.
         let cfg = nx::AgentConfig {
             enable_prog_thread: false,
             ..Default::default()
@@ -452,6 +452,12 @@ impl NixlWork {
         }
     }
 }
+
+// SAFETY: with no progress thread and thread sync NONE, NIXL's UCX backend creates its
+// worker in UCS_THREAD_MODE_SERIALIZED (any thread, one at a time) and the agent takes
+// no locks of its own: every use of the agent and its handles goes through the driver's
+// lock, which also orders their memory between threads.
+unsafe impl Send for NixlWork {}
 
 impl Work for NixlWork {
     type Cmd = Cmd;

@@ -3,8 +3,9 @@
 //! A write is `ucp_put_nbx` per segment (local buffers pre-mapped, so no per-call
 //! registration), `ucp_worker_fence` so the puts land before what follows, one
 //! active message carrying the tag (the target's notification), then
-//! `ucp_ep_flush_nbx`, whose completion is the write's completion. All UCP objects
-//! live on the driver thread (`UCS_THREAD_MODE_SINGLE`).
+//! `ucp_ep_flush_nbx`, whose completion is the write's completion. The worker is in
+//! `UCS_THREAD_MODE_SERIALIZED`: the driver thread progresses it, and a caller's thread
+//! may post a small host write on it, never both at once (the driver's lock).
 use std::collections::HashMap;
 use std::ffi::{CStr, c_void};
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use ucx_sys as sys;
 
-use crate::driver::{Driver, Work};
+use crate::driver::{Driver, Wait, Work};
 use crate::error::{Result, TransferError};
 use crate::metadata::Metadata;
 use crate::notify::NotifyHub;
@@ -78,7 +79,7 @@ enum Cmd {
 }
 
 pub(crate) struct Ucx {
-    driver: Driver<Cmd>,
+    driver: Driver<UcxWork>,
     worker_addr: Vec<u8>,
     info: String,
 }
@@ -154,9 +155,9 @@ impl Ucx {
         let _ = self.driver.send(Cmd::Release { id });
     }
 
-    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration, small: bool) -> Result<()> {
+    pub(crate) async fn post(&self, id: u64, tag: u64, deadline: Duration, wait: Wait) -> Result<()> {
         let deadline = Instant::now() + deadline;
-        self.driver.ask(small, |reply| Cmd::Post { id, tag, deadline, reply }).await
+        self.driver.ask(wait, |reply| Cmd::Post { id, tag, deadline, reply }).await
     }
 
     pub(crate) fn shutdown(&self) {
@@ -313,7 +314,7 @@ impl UcxWork {
         })?;
         let wparams = sys::ucp_worker_params_t {
             field_mask: sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64,
-            thread_mode: sys::UCS_THREAD_MODE_SINGLE,
+            thread_mode: sys::UCS_THREAD_MODE_SERIALIZED,
             ..Default::default()
         };
         // SAFETY: a valid context and params; the worker pointer is written on success.
@@ -592,7 +593,11 @@ impl UcxWork {
     }
 }
 
-// The libraries' handles never leave the driver thread; the struct is built there.
+// SAFETY: the worker is created in UCS_THREAD_MODE_SERIALIZED, which lets any thread use
+// it and its endpoints, mappings and requests one at a time; every use goes through the
+// driver's lock. The raw pointers are owned here and released in `finish`.
+unsafe impl Send for UcxWork {}
+
 impl Work for UcxWork {
     type Cmd = Cmd;
 
