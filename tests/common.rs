@@ -173,6 +173,25 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The first of `n` consecutive free loopback ports (`pdserve up --metrics-port` takes
+/// a run). Looked for below the kernel's ephemeral range (32768 up): there, the ports
+/// after a free one are often taken by other tests' client connections.
+pub fn free_port_run(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let spread = (std::process::id() % 400) as u16 * 25;
+    for _ in 0..400 {
+        let base = 20_000 + (spread + NEXT.fetch_add(n, Ordering::Relaxed)) % 10_000;
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+    panic!("no run of {n} free ports in 20000-30000");
+}
+
 /// A daemon process started by a test; killed and reaped when dropped.
 pub struct Daemon(pub std::process::Child);
 

@@ -648,7 +648,7 @@ async fn deploy_with_metrics(
     u16,
     pb::prefill_client::PrefillClient<tonic::transport::Channel>,
 ) {
-    let port = free_port();
+    let port = free_port_run(3);
     let (dep, work) = deploy_args(pdserve::up::Args {
         metrics_port: Some(port),
         ..a

@@ -447,6 +447,9 @@ impl DecodeService {
                                     | tonic::Code::FailedPrecondition
                                     | tonic::Code::DeadlineExceeded
                                     | tonic::Code::Unknown
+                                    // A prefill-server killed while our call is on its
+                                    // connection: the transport reports the call cancelled.
+                                    | tonic::Code::Cancelled
                             ) =>
                     {
                         warn!(url = %peer.url, code = ?s.code(), message = s.message(), "prefill-server failed; marking it unhealthy");

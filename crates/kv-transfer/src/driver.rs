@@ -240,10 +240,7 @@ impl<W: Work> Driver<W> {
     /// [`ANSWER_SPIN`] has passed; after that the driver thread completes it. Only for
     /// host memory (GPU pointers need the device's context, bound on the driver thread)
     /// and writes up to [`INLINE_WRITE`].
-    async fn ask_inline<R: Send + 'static>(
-        &self,
-        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R>>) -> W::Cmd,
-    ) -> Result<R> {
+    async fn ask_inline<R: Send + 'static>(&self, make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R>>) -> W::Cmd) -> Result<R> {
         use tokio::sync::oneshot::error::TryRecvError;
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         self.shared.inline.fetch_add(1, Ordering::AcqRel);

@@ -167,6 +167,11 @@ impl Router {
         v
     }
 
+    /// Every decode-server whose URL is not in `urls`, in configured order.
+    fn backends_except(&self, urls: &[String]) -> Vec<Arc<Backend>> {
+        self.backends.iter().filter(|b| !urls.contains(&b.url)).cloned().collect()
+    }
+
     /// Starts `req` on the next healthy prefill-server (in the background, with the
     /// connect timeout as its deadline); returns that server's URL.
     fn start_early(&self, req: &pb::GenerateRequest) -> Option<String> {
@@ -244,7 +249,15 @@ impl RouterApi {
             tokio::task::yield_now().await;
         }
         let mut last = Status::unavailable("no healthy decode-server");
-        for b in candidates {
+        // Health checks lag: when every healthy server turns out unreachable, the ones
+        // marked unhealthy are tried too, as a last resort, before the client hears no.
+        let tried: Vec<String> = candidates.iter().map(|b| b.url.clone()).collect();
+        let rest = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            self.0.backends_except(&tried)
+        };
+        for b in candidates.into_iter().chain(rest) {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(daemon::metrics::OUTSTANDING, "decode" => b.url.clone()).increment(1.0);
             let guard = Outstanding(b.clone());
