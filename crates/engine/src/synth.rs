@@ -271,7 +271,7 @@ pub fn synthesize(arch: Arch, preset: Preset, seed: u64, out: &Path) -> Result<(
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut drawn: Vec<(usize, (String, Vec<usize>, Vec<u8>))> = std::thread::scope(|sc| {
+        let mut drawn: Vec<(usize, Drawn)> = std::thread::scope(|sc| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     sc.spawn(|| {
@@ -287,7 +287,7 @@ pub fn synthesize(arch: Arch, preset: Preset, seed: u64, out: &Path) -> Result<(
             workers.into_iter().flat_map(|w| w.join().expect("synth worker panicked")).collect()
         });
         drawn.sort_by_key(|(k, _)| *k);
-        let data: Vec<(String, Vec<usize>, Vec<u8>)> = drawn.into_iter().map(|(_, t)| t).collect();
+        let data: Vec<Drawn> = drawn.into_iter().map(|(_, t)| t).collect();
         for (name, _, _) in &data {
             weight_map.insert(name.clone(), file.clone());
         }
@@ -315,6 +315,9 @@ pub fn synthesize(arch: Arch, preset: Preset, seed: u64, out: &Path) -> Result<(
     }
     Ok(())
 }
+
+/// One tensor's name, shape and little-endian bytes.
+type Drawn = (String, Vec<usize>, Vec<u8>);
 
 fn fnv(s: &str) -> u64 {
     s.bytes()
