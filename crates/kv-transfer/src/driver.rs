@@ -243,8 +243,8 @@ impl<W: Work> Driver<W> {
     async fn ask_inline<R: Send + 'static>(&self, make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R>>) -> W::Cmd) -> Result<R> {
         use tokio::sync::oneshot::error::TryRecvError;
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        self.shared.inline.fetch_add(1, Ordering::AcqRel);
         let answer = {
+            let _inline = InlineGuard::enter(&self.shared.inline);
             let mut guard = self.shared.lock();
             // Commands sent before this write (a deregistration, a release) go first.
             match guard.as_mut().and_then(|l| l.drain().map(|_| l)) {
@@ -265,7 +265,6 @@ impl<W: Work> Driver<W> {
                 None => Some(Err(TransferError::Closed)),
             }
         };
-        self.shared.inline.fetch_sub(1, Ordering::AcqRel);
         match answer {
             Some(r) => r,
             None => {
@@ -284,6 +283,23 @@ impl<W: Work> Driver<W> {
         {
             tracing::error!(backend = %self.backend, "data-plane driver thread panicked");
         }
+    }
+}
+
+/// Counts a caller posting inline for as long as it lives, and no longer, even
+/// if the post panics half-way: the driver thread keeps off the lock meanwhile.
+struct InlineGuard<'a>(&'a AtomicUsize);
+
+impl<'a> InlineGuard<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InlineGuard(count)
+    }
+}
+
+impl Drop for InlineGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
