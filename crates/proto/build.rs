@@ -1,7 +1,9 @@
 //! Generates the pdserve.v1 client and server code, and the descriptor set that
 //! server reflection serves. protoc comes from protoc-bin-vendored: none on PATH needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build script compiled for one checkout may be reused by
+    // another (same crate, same hash), and `env!` would point it at the first.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     // SAFETY (of intent): build scripts run single-threaded; PROTOC is read by the
     // code generator below.
     unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
