@@ -4,10 +4,11 @@
 #   scripts/kvbench-vs-raw.sh [ROUNDS]     # default 8; env SIZES (bytes), OUT
 #
 # Alternates, ROUNDS times: `raw_put` (crates/ucx-sys/examples: put + flush, and put +
-# fence + notification + flush, one thread, back to back, then with a 50 µs pause
-# between writes) and `pdserve kvbench --backend ucx,nixl` (which confirms each write at
-# the target before the next, a pause of the same order). Prints the median over the
-# rounds of each run's median write time, in µs.
+# fence + notification + flush, one thread) and `pdserve kvbench --backend ucx,nixl`,
+# each two ways: back to back (`-gap0`, kvbench `--back-to-back`), and with a pause
+# between writes (`raw -gap50`: 50 µs; kvbench by default confirms each write at the
+# target before posting the next, a pause of the same order). Prints the median over
+# the rounds of each run's median write time, in µs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-8} SIZES=${SIZES:-4096,65536,1048576} OUT=${OUT:-/tmp/kvbench-vs-raw}
@@ -23,8 +24,11 @@ for _ in $(seq 1 "$ROUNDS"); do
     $raw --sizes "$SIZES" --iters 300 --gap-us $gap 2>/dev/null | awk -F'|' -v g=$gap \
       '/^\| [0-9]/ {gsub(/ /,""); print "raw-put-gap" g, $2, $3; print "raw-put+notify-gap" g, $2, $4}' >> "$OUT/rounds.txt"
   done
-  $pd kvbench --backend ucx,nixl --sizes "$kv_sizes" --iters 300 --warmup 20 2>/dev/null | awk -F'|' \
-    '/^\| (ucx|nixl)/ {gsub(/ /,""); print "pdserve-" $2, $4, $6 * 1000}' >> "$OUT/rounds.txt"
+  for mode in gap0 paused; do
+    flag=$([ $mode = gap0 ] && echo --back-to-back || true)
+    $pd kvbench --backend ucx,nixl --sizes "$kv_sizes" --iters 300 --warmup 20 $flag 2>/dev/null | awk -F'|' -v m=$mode \
+      '/^\| (ucx|nixl)/ {gsub(/ /,""); print "pdserve-" $2 "-" m, $4, $6 * 1000}' >> "$OUT/rounds.txt"
+  done
 done
 python3 - "$OUT/rounds.txt" <<'PY'
 import collections, statistics, sys

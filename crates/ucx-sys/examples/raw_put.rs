@@ -31,7 +31,10 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 struct Ucx {
@@ -92,7 +95,9 @@ impl Ucx {
     fn address(&self) -> Vec<u8> {
         let (mut a, mut n) = (ptr::null_mut(), 0usize);
         // SAFETY: a live worker; the address is copied, then released.
-        check("ucp_worker_get_address", unsafe { self.lib.ucp_worker_get_address(self.worker, &mut a, &mut n) });
+        check("ucp_worker_get_address", unsafe {
+            self.lib.ucp_worker_get_address(self.worker, &mut a, &mut n)
+        });
         // SAFETY: UCX returned `n` bytes at `a`.
         let v = unsafe { std::slice::from_raw_parts(a as *const u8, n) }.to_vec();
         // SAFETY: releasing UCX's address once.
@@ -141,7 +146,9 @@ fn target(len: usize) {
         ..Default::default()
     };
     // SAFETY: a live worker; the callback touches only a static counter.
-    check("ucp_worker_set_am_recv_handler", unsafe { u.lib.ucp_worker_set_am_recv_handler(u.worker, &am) });
+    check("ucp_worker_set_am_recv_handler", unsafe {
+        u.lib.ucp_worker_set_am_recv_handler(u.worker, &am)
+    });
     let mut buf = vec![0u8; len];
     let (_memh, key) = u.map(&mut buf);
     println!("{}\n{}\n{}", hex(&u.address()), buf.as_ptr() as u64, hex(&key));
@@ -174,7 +181,10 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
             .unwrap_or_else(|| default.to_string())
     };
-    let sizes: Vec<usize> = opt("--sizes", "4096,65536,1048576").split(',').map(|s| s.parse().unwrap()).collect();
+    let sizes: Vec<usize> = opt("--sizes", "4096,65536,1048576")
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     let iters: usize = opt("--iters", "300").parse().unwrap();
     let gap = std::time::Duration::from_micros(opt("--gap-us", "0").parse().unwrap());
     let max = *sizes.iter().max().unwrap();
@@ -204,7 +214,9 @@ fn main() {
     check("ucp_ep_create", unsafe { u.lib.ucp_ep_create(u.worker, &ep_params, &mut ep) });
     let mut key = ptr::null_mut();
     // SAFETY: a key packed by the target's context for the buffer at `raddr`.
-    check("ucp_ep_rkey_unpack", unsafe { u.lib.ucp_ep_rkey_unpack(ep, rkey.as_ptr() as *const c_void, &mut key) });
+    check("ucp_ep_rkey_unpack", unsafe {
+        u.lib.ucp_ep_rkey_unpack(ep, rkey.as_ptr() as *const c_void, &mut key)
+    });
 
     println!("| size | put µs | put+notify µs |\n|---|---|---|");
     let mut tag = 0u64;
@@ -235,7 +247,9 @@ fn main() {
                             flags: sys::UCP_AM_SEND_FLAG_COPY_HEADER,
                             ..Default::default()
                         };
-                        let r = u.lib.ucp_am_send_nbx(ep, AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am);
+                        let r = u
+                            .lib
+                            .ucp_am_send_nbx(ep, AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am);
                         if !r.is_null() {
                             assert!((r as usize) < (sys::UCS_ERR_LAST as isize as usize), "am failed");
                             u.lib.ucp_request_free(r);

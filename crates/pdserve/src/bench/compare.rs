@@ -257,6 +257,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             warmup: 3,
             segments: 1,
             deadline_ms: 60_000,
+            back_to_back: false,
             json: None,
         };
         println!("### KV transfer alone (pdserve kvbench, {mem:?}, the workload's KV bytes per request)\n");
