@@ -167,9 +167,9 @@ impl Router {
         v
     }
 
-    /// Every decode-server whose URL is not in `urls`, in configured order.
-    fn backends_except(&self, urls: &[String]) -> Vec<Arc<Backend>> {
-        self.backends.iter().filter(|b| !urls.contains(&b.url)).cloned().collect()
+    /// Every decode-server not in `tried`, in configured order.
+    fn backends_except<'a>(&'a self, tried: &'a [Arc<Backend>]) -> impl Iterator<Item = Arc<Backend>> + 'a {
+        self.backends.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(b, t))).cloned()
     }
 
     /// Starts `req` on the next healthy prefill-server (in the background, with the
@@ -251,13 +251,11 @@ impl RouterApi {
         let mut last = Status::unavailable("no healthy decode-server");
         // Health checks lag: when every healthy server turns out unreachable, the ones
         // marked unhealthy are tried too, as a last resort, before the client hears no.
-        let tried: Vec<String> = candidates.iter().map(|b| b.url.clone()).collect();
-        let rest = if candidates.is_empty() {
-            Vec::new()
-        } else {
-            self.0.backends_except(&tried)
-        };
-        for b in candidates.into_iter().chain(rest) {
+        // (Chain asks for them only then; with no healthy server there is no last resort.)
+        let rest = std::iter::once(())
+            .filter(|_| !candidates.is_empty())
+            .flat_map(|_| self.0.backends_except(&candidates));
+        for b in candidates.iter().cloned().chain(rest) {
             b.outstanding.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(daemon::metrics::OUTSTANDING, "decode" => b.url.clone()).increment(1.0);
             let guard = Outstanding(b.clone());
