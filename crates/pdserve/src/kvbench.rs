@@ -226,6 +226,8 @@ async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[
         let bytes = layout.total();
         fill_source(src, 1, layout.src_span())?;
         let n = args.warmup + args.iters;
+        // The last write carries fresh bytes, so verifying it proves that write landed.
+        let seed = |last: bool| if last { 2 } else { 1 };
         let mut times = Vec::with_capacity(n);
         let mut verified = false;
         // The target waits for each announced tag in turn (a notification that arrives
@@ -234,13 +236,12 @@ async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[
         if args.back_to_back {
             for i in 0..n {
                 let last = i + 1 == n;
-                target.expect(first_tag + i as u64, if last { 2 } else { 1 }, layout, last).await?;
+                target.expect(first_tag + i as u64, seed(last), layout, last).await?;
             }
         }
         for i in 0..n {
             let last = i + 1 == n;
-            // The last write carries fresh bytes, so verifying it proves that write landed.
-            let seed = if last { 2 } else { 1 };
+            let seed = seed(last);
             if last {
                 fill_source(src, seed, layout.src_span())?;
             }
