@@ -26,6 +26,11 @@ fn check(op: &str, s: sys::ucs_status_t) {
     assert!(s == sys::UCS_OK, "{op} failed: status {s}");
 }
 
+/// Whether a request pointer UCX returned is an error status in disguise.
+fn is_err(req: *mut c_void) -> bool {
+    (req as usize) >= (sys::UCS_ERR_LAST as isize as usize)
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -105,12 +110,22 @@ impl Ucx {
         v
     }
 
+    /// Lets go of a request whose completion the flush below will show (checks that the
+    /// call did not fail outright).
+    fn release(&self, op: &str, req: *mut c_void) {
+        if !req.is_null() {
+            assert!(!is_err(req), "{op} failed");
+            // SAFETY: a live request of this worker, freed once; UCX completes it later.
+            unsafe { self.lib.ucp_request_free(req) };
+        }
+    }
+
     /// Progresses until `req` (a request of this worker, or an immediate status) is done.
     fn wait(&self, req: *mut c_void) {
         if req.is_null() {
             return;
         }
-        assert!((req as usize) < (sys::UCS_ERR_LAST as isize as usize), "request failed");
+        assert!(!is_err(req), "request failed");
         // SAFETY: a live request of this worker, freed once when done.
         unsafe {
             while self.lib.ucp_request_check_status(req) == sys::UCS_INPROGRESS {
@@ -153,19 +168,32 @@ fn target(len: usize) {
     let (_memh, key) = u.map(&mut buf);
     println!("{}\n{}\n{}", hex(&u.address()), buf.as_ptr() as u64, hex(&key));
     std::io::stdout().flush().unwrap();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let d = done.clone();
+    // The initiator sends the number of notifications it posted, then closes stdin.
+    // They may still be in flight then (a put completes before the target has run its
+    // handler): keep progressing until all arrived, for up to 5 s.
+    let expected = std::sync::Arc::new(AtomicU64::new(u64::MAX));
+    let e = expected.clone();
     std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        d.store(true, Ordering::Relaxed);
+        let mut text = String::new();
+        let _ = std::io::stdin().read_to_string(&mut text);
+        e.store(text.trim().parse().unwrap_or(0), Ordering::Relaxed);
     });
-    while !done.load(Ordering::Relaxed) {
+    let mut since = None;
+    loop {
+        let want = expected.load(Ordering::Relaxed);
+        if want != u64::MAX {
+            let t = *since.get_or_insert_with(Instant::now);
+            if NOTIFIED.load(Ordering::Relaxed) >= want || t.elapsed().as_secs() >= 5 {
+                break;
+            }
+        }
         // SAFETY: our worker, on the thread that created it.
         unsafe { u.lib.ucp_worker_progress(u.worker) };
     }
-    eprintln!("raw_put target: {} notifications", NOTIFIED.load(Ordering::Relaxed));
+    let (got, want) = (NOTIFIED.load(Ordering::Relaxed), expected.load(Ordering::Relaxed));
+    eprintln!("raw_put target: {got} of {want} notifications arrived");
     // Exit without tearing UCX down: the process ends here.
-    std::process::exit(0);
+    std::process::exit(if got == want { 0 } else { 1 });
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -234,11 +262,7 @@ fn main() {
                 let t = Instant::now();
                 // SAFETY: `src` and `raddr` are mapped ranges of at least `n` bytes.
                 unsafe {
-                    let r = u.lib.ucp_put_nbx(ep, src.as_ptr() as *const c_void, n, raddr, key, &put);
-                    if !r.is_null() {
-                        assert!((r as usize) < (sys::UCS_ERR_LAST as isize as usize), "put failed");
-                        u.lib.ucp_request_free(r);
-                    }
+                    u.release("put", u.lib.ucp_put_nbx(ep, src.as_ptr() as *const c_void, n, raddr, key, &put));
                     if notify {
                         check("ucp_worker_fence", u.lib.ucp_worker_fence(u.worker));
                         tag += 1;
@@ -250,10 +274,7 @@ fn main() {
                         let r = u
                             .lib
                             .ucp_am_send_nbx(ep, AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am);
-                        if !r.is_null() {
-                            assert!((r as usize) < (sys::UCS_ERR_LAST as isize as usize), "am failed");
-                            u.lib.ucp_request_free(r);
-                        }
+                        u.release("active message", r);
                     }
                     u.wait(u.lib.ucp_ep_flush_nbx(ep, &sys::ucp_request_param_t::default()));
                 }
@@ -268,6 +289,9 @@ fn main() {
         }
         println!("| {n} | {} | {} |", cells[0], cells[1]);
     }
-    drop(child.stdin.take());
-    let _ = child.wait();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{tag}").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the target did not see every notification");
 }
