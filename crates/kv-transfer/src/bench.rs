@@ -4,7 +4,7 @@
 //! side ([`TargetProcess`]) drives it over the child's stdin/stdout.
 //!
 //! ```text
-//! child  -> READY <hex metadata> <region id>
+//! child  -> READY <hex metadata> <region id> <hex key>
 //! parent -> EXPECT <tag> <seed> <segments> <seg_len> <dst_stride> <verify 0|1>
 //! child  -> OK <tag> | BAD <tag> <what> | ERR <tag> <error>
 //! parent -> EXIT
@@ -138,12 +138,16 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Runs the target side until `EXIT` or end of input. `mem` is the region (already
-/// poisoned), registered as `reg`.
+/// poisoned), registered as `reg`. The READY line carries a key issued for the parent
+/// (over the child's stdout, which only the parent reads).
 pub async fn serve_target(agent: &Agent, mem: Arc<dyn ReadBack>, reg: &Registration, deadline: Duration) -> crate::Result<()> {
-    let md = agent.local_metadata()?;
+    let md = agent.local_metadata().await?;
+    let key = agent.issue_key();
     let mut out = tokio::io::stdout();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    out.write_all(format!("READY {} {}\n", hex(&md), reg.id().0).as_bytes()).await.ok();
+    out.write_all(format!("READY {} {} {}\n", hex(&md), reg.id().0, hex(&key)).as_bytes())
+        .await
+        .ok();
     out.flush().await.ok();
     while let Ok(Some(line)) = lines.next_line().await {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -193,6 +197,8 @@ pub struct TargetProcess {
     stdin: ChildStdin,
     lines: tokio::io::Lines<BufReader<ChildStdout>>,
     pub metadata: Vec<u8>,
+    /// The key the target issued for this process's [`Agent::connect`].
+    pub key: Vec<u8>,
     pub region: u32,
     deadline: Duration,
 }
@@ -217,10 +223,11 @@ impl TargetProcess {
         .await
         .map_err(|_| bad("target did not start in time".into()))??;
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (metadata, region) = match f.as_slice() {
-            ["READY", md, region] => (
+        let (metadata, region, key) = match f.as_slice() {
+            ["READY", md, region, key] => (
                 unhex(md).ok_or_else(|| bad("bad READY metadata".into()))?,
                 region.parse().map_err(|_| bad("bad region".into()))?,
+                unhex(key).ok_or_else(|| bad("bad READY key".into()))?,
             ),
             _ => return Err(bad(format!("unexpected target output {line:?}"))),
         };
@@ -229,6 +236,7 @@ impl TargetProcess {
             stdin,
             lines,
             metadata,
+            key,
             region,
             deadline,
         })
@@ -280,6 +288,11 @@ impl TargetProcess {
             .await
             .map_err(|_| std::io::Error::other("target did not exit"))??;
         Ok(status.code())
+    }
+
+    /// The target's process id (to stop and continue it in failure tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Kills the target (failure tests).

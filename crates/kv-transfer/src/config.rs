@@ -23,7 +23,8 @@ pub struct TransferConfig {
     /// Folder holding `libucp.so` (default: `$PDSERVE_UCX_LIB_DIR`, then
     /// `/usr/lib/pdserve/ucx`, then the UCX the build used).
     pub ucx_lib_dir: Option<PathBuf>,
-    /// UCX and NIXL's UCX plugin: ask for peer-failure detection on endpoints. UCX then uses only transports
+    /// UCX: ask for peer-failure detection on endpoints (not applied to NIXL's UCX
+    /// plugin, which crashes with it when a peer hangs under a write). UCX then uses only transports
     /// that can detect a dead peer, which excludes every shared-memory transport
     /// (cma, posix, sysv) and falls back to TCP emulation on one host. Off by default:
     /// the deadlines already turn a dead peer into an error. Worth turning on across

@@ -194,7 +194,8 @@ impl<W: Work> Driver<W> {
     }
 
     /// Sends a command that answers through the given reply channel, and waits for
-    /// the answer (set-up calls only: these are quick on the driver thread).
+    /// the answer, blocking the calling thread (registration and deregistration only:
+    /// start-up, shutdown and `Drop`).
     pub(crate) fn call<R: Send + 'static>(&self, deadline: Duration, make: impl FnOnce(mpsc::SyncSender<R>) -> W::Cmd) -> Result<R> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(make(tx))?;
@@ -205,6 +206,25 @@ impl<W: Work> Driver<W> {
             },
             RecvTimeoutError::Disconnected => TransferError::Closed,
         })
+    }
+
+    /// Sends a command that answers through a oneshot, and awaits the answer without
+    /// blocking the runtime (connect, prepare: on the request path).
+    pub(crate) async fn call_async<R: Send + 'static>(
+        &self,
+        deadline: Duration,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<R>) -> W::Cmd,
+    ) -> Result<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(make(tx))?;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(TransferError::Closed),
+            Err(_) => Err(TransferError::Timeout {
+                what: "data-plane driver call",
+                after: deadline,
+            }),
+        }
     }
 
     /// Runs a command that answers through a oneshot (a write: the driver enforces its

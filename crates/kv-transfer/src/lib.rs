@@ -4,17 +4,24 @@
 //! registered memory with one-sided writes, then notifies the peer with a tag:
 //!
 //! 1. both sides [`Agent::register`] their memory once (host or GPU);
-//! 2. each exports [`Agent::local_metadata`] (opaque bytes the daemons carry over gRPC);
-//! 3. the initiator [`Agent::connect`]s to the target's metadata;
-//! 4. the initiator [`Agent::write`]s a list of [`Segment`]s with a tag (or
-//!    [`Agent::prepare`]s once and [`Agent::post`]s many times); the target
-//!    [`Agent::wait_notification`]s for the tag, after which the bytes are there.
+//! 2. each exports [`Agent::local_metadata`] (opaque bytes the daemons carry over gRPC),
+//!    and the target [`Agent::issue_key`]s a key for the initiator (carried likewise);
+//! 3. the initiator [`Agent::connect`]s to the target's metadata with that key;
+//! 4. the initiator [`Agent::write`]s a list of [`Segment`]s with a tag drawn by
+//!    [`random_tag`] (or [`Agent::prepare`]s once and [`Agent::post`]s many times); the
+//!    target [`Agent::wait_notification_from`]s the initiator for the tag, after which
+//!    the bytes are there.
 //!
 //! Backends: `nixl` (NVIDIA NIXL, through nixl-sys, loaded at run time), `ucx` (UCX
 //! directly, through our `ucx-sys`), `tcp` (tokio sockets: the baseline). Every wait has
 //! a deadline; bad input is refused before anything is posted.
+//!
+//! The TCP target serves only connections that authenticate with a key it issued
+//! ([`Agent::revoke_key`] closes them). UCX and NIXL have no such hook: their keys are
+//! kept but unused, and those backends rely on the network they run on being private.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod auth;
 pub mod bench;
 mod config;
 #[cfg(feature = "cuda")]
@@ -36,8 +43,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use auth::random_tag;
 pub use config::TransferConfig;
-pub use error::{Result, TransferError};
+pub use error::{LANDING_GRACE, Result, TransferError};
 pub use memory::{HostBuffer, MemKind, Memory};
 pub use metadata::{METADATA_VERSION, Metadata, RegionInfo};
 pub use nixl::{exit_now, load_library as load_nixl_library};
@@ -91,6 +99,14 @@ pub struct RegionId(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerId(u64);
 
+impl PeerId {
+    /// A peer id from its number, for tables of peers in other crates' tests: writes
+    /// to an id no `connect` returned fail with `UnknownPeer`.
+    pub fn from_raw(n: u64) -> PeerId {
+        PeerId(n)
+    }
+}
+
 /// One contiguous piece of a write: `len` bytes from a local region to a remote one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -126,6 +142,10 @@ impl RegionTable {
     pub(crate) fn get(&self, id: u32) -> Option<Memory> {
         self.map.lock().unwrap().get(&id).cloned()
     }
+    /// Every region now, each kept alive by its clone (the TCP target, once per frame).
+    pub(crate) fn snapshot(&self) -> HashMap<u32, Memory> {
+        self.map.lock().unwrap().clone()
+    }
     fn contains(&self, id: u32) -> bool {
         self.map.lock().unwrap().contains_key(&id)
     }
@@ -157,6 +177,8 @@ struct Inner {
     regions: Arc<RegionTable>,
     /// Backend key material per region, for the metadata.
     keys: Mutex<HashMap<u32, Vec<u8>>>,
+    /// Data-plane keys issued to peers (checked by the TCP target).
+    peer_keys: Arc<auth::KeyTable>,
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     notify: Arc<notify::NotifyHub>,
     next_region: AtomicU32,
@@ -242,6 +264,9 @@ impl Drop for PreparedWrite {
     }
 }
 
+/// How long the blocks of a write whose backend never answered are held.
+const UNCONFIRMED_HOLD: Duration = Duration::from_secs(60);
+
 /// Appends a short random suffix so that agent names are unique among peers.
 fn unique_name(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -256,11 +281,20 @@ impl Agent {
     /// error here, never later.
     pub async fn start(cfg: &TransferConfig) -> Result<Agent> {
         let name = unique_name(&cfg.name);
+        // Peers learn the name from the data plane itself (TCP AUTH frame, UCX
+        // notification header), where it is capped.
+        if name.len() > auth::MAX_NAME_LEN {
+            return Err(TransferError::Invalid(format!(
+                "agent name {name:?} is longer than {} bytes",
+                auth::MAX_NAME_LEN
+            )));
+        }
         let regions = Arc::new(RegionTable::default());
         let notify = Arc::new(notify::NotifyHub::default());
+        let peer_keys = Arc::new(auth::KeyTable::default());
         let backend = match cfg.backend {
-            BackendKind::Tcp => Backend::Tcp(tcp::Tcp::start(cfg, regions.clone(), notify.clone()).await?),
-            BackendKind::Ucx => Backend::Ucx(ucx::Ucx::start(cfg, notify.clone())?),
+            BackendKind::Tcp => Backend::Tcp(tcp::Tcp::start(cfg, &name, regions.clone(), notify.clone(), peer_keys.clone()).await?),
+            BackendKind::Ucx => Backend::Ucx(ucx::Ucx::start(cfg, &name, notify.clone())?),
             BackendKind::Nixl => Backend::Nixl(nixl::Nixl::start(cfg, &name, notify.clone())?),
         };
         tracing::info!(agent = %name, backend = %cfg.backend, "data-plane agent started");
@@ -271,6 +305,7 @@ impl Agent {
                 deadline: cfg.deadline(),
                 regions,
                 keys: Mutex::default(),
+                peer_keys,
                 peers: Mutex::default(),
                 notify,
                 next_region: AtomicU32::new(1),
@@ -308,6 +343,8 @@ impl Agent {
 
     /// Registers memory once; the handle deregisters it when dropped. Blocks briefly
     /// (the backend's driver thread does the registration): call it at start-up.
+    /// Dropping the handle blocks likewise until the deregistration is done, writes
+    /// that read the region abandoned first: its memory may be freed right after.
     pub fn register(&self, mem: Memory) -> Result<Registration> {
         if mem.len == 0 {
             return Err(TransferError::Invalid("cannot register an empty region".into()));
@@ -334,7 +371,7 @@ impl Agent {
 
     /// This agent's metadata, for a peer's [`Agent::connect`]. Export it again after
     /// registering more regions: peers only know the regions listed when they connected.
-    pub fn local_metadata(&self) -> Result<Vec<u8>> {
+    pub async fn local_metadata(&self) -> Result<Vec<u8>> {
         let regions = {
             let map = self.inner.regions.map.lock().unwrap();
             let keys = self.inner.keys.lock().unwrap();
@@ -354,18 +391,75 @@ impl Agent {
         let conn = match &self.inner.backend {
             Backend::Tcp(t) => t.conn_info(),
             Backend::Ucx(u) => u.conn_info(),
-            Backend::Nixl(n) => n.conn_info()?,
+            Backend::Nixl(n) => n.conn_info().await?,
         };
         Ok(Metadata::new(self.inner.kind, self.inner.name.clone(), regions, conn).encode())
     }
 
-    /// Loads a peer's metadata; the returned id addresses it in writes.
-    pub fn connect(&self, metadata: &[u8]) -> Result<PeerId> {
+    /// Issues a fresh random data-plane key for one peer and returns its wire form
+    /// (opaque bytes, carried to the peer for its [`Agent::connect`]). The TCP target
+    /// serves only connections that prove they hold a key issued here; UCX and NIXL
+    /// keep it unused. At most 4096 keys are kept, the oldest evicted past that.
+    pub fn issue_key(&self) -> Vec<u8> {
+        self.inner.peer_keys.issue(None)
+    }
+
+    /// As [`Agent::issue_key`], for the peer agent named `peer_name` only: the TCP
+    /// target refuses a connection with this key that claims another name, so the
+    /// sender that [`Agent::wait_notification_from`] scopes by cannot be claimed by
+    /// another key holder.
+    pub fn issue_key_for(&self, peer_name: &str) -> Vec<u8> {
+        self.inner.peer_keys.issue(Some(peer_name))
+    }
+
+    /// A key that authenticates nobody until [`Agent::bind_key`] names its holder: for a
+    /// target that must send the key before it learns the writer's name (the
+    /// decode-server's Handshake carries the key; the answer names the prefill-server's
+    /// agent). An empty name never authenticates (names are 1 to 256 bytes).
+    pub fn issue_pending_key(&self) -> Vec<u8> {
+        self.inner.peer_keys.issue(Some(""))
+    }
+
+    /// Binds a key issued here to the agent `peer_name`: from now on only a connection
+    /// under that name authenticates with it. False if the key is not (or no longer) here.
+    pub fn bind_key(&self, key: &[u8], peer_name: &str) -> bool {
+        self.inner.peer_keys.bind(key, peer_name)
+    }
+
+    /// Revokes a key issued here: new connections with it are refused and the TCP
+    /// connections that authenticated with it are closed (a write in flight on one
+    /// fails, unnotified). A key that is not (or no longer) here is ignored.
+    pub fn revoke_key(&self, key: &[u8]) {
+        if self.inner.peer_keys.revoke(key) {
+            tracing::debug!(agent = %self.inner.name, "data-plane key revoked");
+        }
+    }
+
+    /// Keys issued and not revoked (leak checks).
+    pub fn issued_keys(&self) -> usize {
+        self.inner.peer_keys.len()
+    }
+
+    /// Where the TCP backend listens (`host:port`, as its metadata advertises it);
+    /// None for the other backends.
+    pub fn tcp_listen_addr(&self) -> Option<String> {
+        match &self.inner.backend {
+            Backend::Tcp(t) => Some(t.listen_addr().to_string()),
+            _ => None,
+        }
+    }
+
+    /// Loads a peer's metadata, with the key that peer issued for us
+    /// ([`Agent::issue_key`] on its side); the returned id addresses it in writes.
+    /// A malformed key is refused here (every backend), a revoked or foreign one by
+    /// the TCP target at the first write.
+    pub async fn connect(&self, metadata: &[u8], key: &[u8]) -> Result<PeerId> {
+        let key = auth::PeerKey::decode(key)?;
         let md = Metadata::decode(metadata, self.inner.kind)?;
         let conn = match &self.inner.backend {
-            Backend::Tcp(t) => BackendPeer::Tcp(t.connect(&md)?),
-            Backend::Ucx(u) => BackendPeer::Ucx(u.connect(&md)?),
-            Backend::Nixl(n) => BackendPeer::Nixl(n.connect(&md)?),
+            Backend::Tcp(t) => BackendPeer::Tcp(t.connect(&md, key)?),
+            Backend::Ucx(u) => BackendPeer::Ucx(u.connect(&md).await?),
+            Backend::Nixl(n) => BackendPeer::Nixl(n.connect(&md).await?),
         };
         let id = self.inner.next_peer.fetch_add(1, Ordering::Relaxed);
         let peer = Peer {
@@ -396,15 +490,15 @@ impl Agent {
     }
 
     /// Validates and resolves a write once.
-    pub fn prepare(&self, peer: PeerId, segments: &[Segment]) -> Result<PreparedWrite> {
+    pub async fn prepare(&self, peer: PeerId, segments: &[Segment]) -> Result<PreparedWrite> {
         let p = self.inner.peer(peer.0)?;
         let segs = self.inner.resolve(&p, segments)?;
         let bytes = segs.iter().map(|s| s.len).sum();
         let host = segs.iter().all(|s| s.local_kind == MemKind::Dram && s.remote_kind == MemKind::Dram);
         let backend = match (&self.inner.backend, &p.conn) {
             (Backend::Tcp(_), BackendPeer::Tcp(tp)) => PreparedBackend::Tcp(tp.clone()),
-            (Backend::Ucx(u), BackendPeer::Ucx(ep)) => PreparedBackend::Driver(u.prepare(*ep, &segs)?),
-            (Backend::Nixl(n), BackendPeer::Nixl(name)) => PreparedBackend::Driver(n.prepare(name, &segs)?),
+            (Backend::Ucx(u), BackendPeer::Ucx(ep)) => PreparedBackend::Driver(u.prepare(*ep, &segs).await?),
+            (Backend::Nixl(n), BackendPeer::Nixl(name)) => PreparedBackend::Driver(n.prepare(name, &segs).await?),
             _ => unreachable!("peer connected through another backend"),
         };
         Ok(PreparedWrite {
@@ -421,7 +515,10 @@ impl Agent {
 
     /// Posts a prepared write and waits (up to the deadline) for its local completion:
     /// when this returns Ok the bytes are in the peer's memory and the peer has been
-    /// (or is being) notified with `tag`.
+    /// (or is being) notified with `tag`. An error is either clean (nothing was
+    /// posted: nothing lands) or [`TransferError::Abandoned`]: the write's connection
+    /// was force-closed and its bytes may land until the time it names, so neither
+    /// side may reuse its blocks before then ([`TransferError::may_land_until`]).
     pub async fn post(&self, w: &PreparedWrite, tag: u64) -> Result<()> {
         let _one_at_a_time = w.busy.lock().await;
         // The peer or a local region may have gone since `prepare`.
@@ -448,22 +545,40 @@ impl Agent {
         // The backends enforce the deadline themselves; this margin is the last guard.
         match tokio::time::timeout(deadline + Duration::from_secs(1), fut).await {
             Ok(r) => r,
-            Err(_) => Err(TransferError::Timeout {
-                what: "write completion",
-                after: deadline,
-            }),
+            // The backend did not answer (its driver is stuck): nothing was confirmed
+            // closed, so the hold is long.
+            Err(_) => Err(TransferError::abandoned_for(
+                self.inner.kind,
+                &TransferError::Timeout {
+                    what: "write completion",
+                    after: deadline,
+                },
+                UNCONFIRMED_HOLD,
+            )),
         }
     }
 
     /// Prepares and posts in one go.
     pub async fn write(&self, peer: PeerId, segments: &[Segment], tag: u64) -> Result<()> {
-        let w = self.prepare(peer, segments)?;
+        let w = self.prepare(peer, segments).await?;
         self.post(&w, tag).await
     }
 
-    /// Waits until a peer's write with notification `tag` has landed here.
+    /// Waits until a write with notification `tag` by any peer has landed here (tools
+    /// and tests; the daemons wait with [`Agent::wait_notification_from`]).
     pub async fn wait_notification(&self, tag: u64, deadline: Duration) -> Result<()> {
-        self.inner.notify.wait(tag, deadline).await
+        self.inner.notify.wait(None, tag, deadline).await
+    }
+
+    /// Waits until a write with notification `tag` by the peer agent named `sender`
+    /// ([`Agent::name`] on its side) has landed here. The same tag delivered by another
+    /// peer does not answer it (it is kept as that peer's early arrival, bounded). The
+    /// sender is the name a TCP connection authenticated with (any name the key holder
+    /// chooses, unless the key came from [`Agent::issue_key_for`]), the source agent of
+    /// a NIXL notification, the name in a UCX notification (both as the peer's library
+    /// states them, unauthenticated).
+    pub async fn wait_notification_from(&self, sender: &str, tag: u64, deadline: Duration) -> Result<()> {
+        self.inner.notify.wait(Some(sender), tag, deadline).await
     }
 
     /// Stops the backend (closing endpoints and connections, releasing registrations).
@@ -492,13 +607,19 @@ impl Inner {
     }
 
     fn deregister(&self, id: u32) {
-        match &self.backend {
-            Backend::Tcp(_) => {}
+        let clean = match &self.backend {
+            Backend::Tcp(_) => true,
             Backend::Ucx(u) => u.deregister(id),
             Backend::Nixl(n) => n.deregister(id),
-        }
+        };
         self.keys.lock().unwrap().remove(&id);
-        self.regions.map.lock().unwrap().remove(&id);
+        let mem = self.regions.map.lock().unwrap().remove(&id);
+        if !clean && let Some(m) = mem {
+            // A write that may still read it could not be stopped: the memory stays
+            // allocated (leaked) rather than freed under it.
+            tracing::error!(region = id, "deregistration incomplete: the region's memory is kept");
+            std::mem::forget(m);
+        }
     }
 
     fn resolve(&self, peer: &Peer, segments: &[Segment]) -> Result<Vec<Resolved>> {

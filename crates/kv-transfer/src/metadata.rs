@@ -8,8 +8,9 @@ use crate::error::{Result, TransferError};
 use crate::{BackendKind, MemKind};
 
 const MAGIC: [u8; 8] = *b"PDSKVMD\x01";
-/// Bumped whenever the wire form changes.
-pub const METADATA_VERSION: u32 = 1;
+/// Bumped whenever the wire form changes, of the metadata or of what the backends
+/// send (v2: TCP AUTH frames, the sender's name in UCX notifications).
+pub const METADATA_VERSION: u32 = 2;
 /// Metadata larger than this is refused before decoding (a KV pool set is a few KiB).
 const MAX_METADATA: u64 = 16 << 20;
 

@@ -6,7 +6,8 @@
 //!
 //! A write is one NIXL WRITE request, created once per prepared write and re-posted
 //! with the tag as its notification message (`pdkv:<tag>`); completion is polled on
-//! the driver thread, as are the target's notifications.
+//! the driver thread, as are the target's notifications, each delivered with the
+//! name of the agent NIXL says sent it.
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -147,13 +148,16 @@ enum Cmd {
     },
     Deregister {
         id: u32,
+        reply: SyncSender<bool>,
     },
     Metadata {
-        reply: SyncSender<Result<Vec<u8>>>,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
     },
     Connect {
         md: Vec<u8>,
-        reply: SyncSender<Result<String>>,
+        /// The agent the envelope names (checked against NIXL's reading of `md`).
+        agent: String,
+        reply: oneshot::Sender<Result<String>>,
     },
     Disconnect {
         name: String,
@@ -161,7 +165,7 @@ enum Cmd {
     Prepare {
         peer: String,
         segs: Vec<Resolved>,
-        reply: SyncSender<Result<u64>>,
+        reply: oneshot::Sender<Result<u64>>,
     },
     Release {
         id: u64,
@@ -173,6 +177,13 @@ enum Cmd {
         reply: oneshot::Sender<Result<()>>,
     },
 }
+
+/// How long an abandoned NIXL write's blocks are held: NIXL cannot abort it (see
+/// `NixlWork::zombies`), so this is a generous bound, not a guarantee (README).
+const ABANDON_HOLD: Duration = Duration::from_secs(60);
+
+/// How long a deregistration waits for abandoned writes that read the region.
+const DEREGISTER_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Nixl {
     driver: Driver<NixlWork>,
@@ -221,17 +232,23 @@ impl Nixl {
         })?
     }
 
-    pub(crate) fn deregister(&self, id: u32) {
-        let _ = self.driver.send(Cmd::Deregister { id });
+    /// Returns once the region is deregistered (writes that use it abandoned first).
+    pub(crate) fn deregister(&self, id: u32) -> bool {
+        self.driver
+            .call(SETUP_DEADLINE, |reply| Cmd::Deregister { id, reply })
+            .unwrap_or(false)
     }
 
-    pub(crate) fn conn_info(&self) -> Result<Vec<u8>> {
-        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Metadata { reply })?
+    pub(crate) async fn conn_info(&self) -> Result<Vec<u8>> {
+        self.driver.call_async(SETUP_DEADLINE, |reply| Cmd::Metadata { reply }).await?
     }
 
-    pub(crate) fn connect(&self, md: &Metadata) -> Result<String> {
-        let bytes = md.conn.clone();
-        let name = self.driver.call(SETUP_DEADLINE, |reply| Cmd::Connect { md: bytes, reply })??;
+    pub(crate) async fn connect(&self, md: &Metadata) -> Result<String> {
+        let (bytes, agent) = (md.conn.clone(), md.agent.clone());
+        let name = self
+            .driver
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { md: bytes, agent, reply })
+            .await??;
         if name != md.agent {
             return Err(TransferError::BadMetadata(format!(
                 "NIXL metadata names agent {name:?}, envelope says {:?}",
@@ -245,9 +262,11 @@ impl Nixl {
         let _ = self.driver.send(Cmd::Disconnect { name: name.to_string() });
     }
 
-    pub(crate) fn prepare(&self, peer: &str, segs: &[Resolved]) -> Result<u64> {
+    pub(crate) async fn prepare(&self, peer: &str, segs: &[Resolved]) -> Result<u64> {
         let (peer, segs) = (peer.to_string(), segs.to_vec());
-        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Prepare { peer, segs, reply })?
+        self.driver
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Prepare { peer, segs, reply })
+            .await?
     }
 
     pub(crate) fn release(&self, id: u64) {
@@ -272,6 +291,9 @@ struct Prepared {
 
 struct Pending {
     id: u64,
+    peer: String,
+    /// The local regions the write reads (a deregistration abandons it first).
+    regions: Vec<u32>,
     deadline: Instant,
     reply: oneshot::Sender<Result<()>>,
 }
@@ -287,6 +309,12 @@ struct NixlWork {
     notifs: nx::NotificationMap,
     last_notif_poll: Instant,
     hub: Arc<NotifyHub>,
+    /// Requests of abandoned writes, with their peer's name, kept until NIXL ends them
+    /// on its own: releasing an in-flight request (NIXL's abort) or dropping its peer's
+    /// metadata under it crashes NIXL 1.5's UCX plugin over TCP (a use-after-free in
+    /// UCX's TCP event handler, found by tests/cross_process.rs's stopped target). The
+    /// peer's metadata is dropped after its last one ends.
+    zombies: Vec<(String, nx::XferRequest, Instant)>,
 }
 
 impl NixlWork {
@@ -310,9 +338,14 @@ impl NixlWork {
             .map_err(|e| unavailable("UCX plugin (NIXL_PLUGIN_DIR?)", e))?;
         // Same trade-off as the ucx backend's `ucx_peer_error_handling`: NIXL's default
         // (peer) sends notifications over tcp/lo on one host instead of shared memory.
-        let mode = if peer_errors { "peer" } else { "none" };
+        // Never "peer": with it, NIXL 1.5's UCX plugin crashes (in UCX's TCP event
+        // handler) when a peer hangs under a write (tests/cross_process.rs, a stopped
+        // target). Our own deadlines turn a dead peer into an error without it.
+        if peer_errors {
+            tracing::warn!("ucx_peer_error_handling is not applied to NIXL: its UCX plugin crashes with it when a peer hangs");
+        }
         params
-            .set("ucx_error_handling_mode", mode)
+            .set("ucx_error_handling_mode", "none")
             .map_err(|e| unavailable("UCX plugin parameter", e))?;
         for (k, v) in extra {
             params.set(k, v).map_err(|e| unavailable("UCX plugin parameter", e))?;
@@ -336,6 +369,7 @@ impl NixlWork {
             notifs,
             last_notif_poll: Instant::now(),
             hub,
+            zombies: Vec::new(),
         })
     }
 
@@ -353,17 +387,55 @@ impl NixlWork {
         Ok(Vec::new())
     }
 
-    fn deregister(&mut self, id: u32) {
-        let busy: HashSet<u64> = self.pending.iter().map(|p| p.id).collect();
-        self.prepared.retain(|pid, p| busy.contains(pid) || !p.regions.contains(&id));
+    /// Deregisters a region; false (registration kept) while an abandoned write that
+    /// may read it still runs: its memory must then not be freed.
+    fn deregister(&mut self, id: u32) -> bool {
+        // A write in flight that reads this region is abandoned, and its peer's
+        // connection closed, before the registration goes.
+        let busy: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|p| p.regions.contains(&id))
+            .map(|p| p.peer.clone())
+            .collect();
+        for peer in &busy {
+            self.abandon_peer(peer, &TransferError::Invalid(format!("local region {id} deregistered")));
+        }
+        // Give those writes a moment to end before their memory goes (NIXL cannot
+        // abort them safely; see `zombies`).
+        let until = Instant::now() + DEREGISTER_WAIT;
+        while self.zombies.iter().any(|(p, _, _)| busy.contains(p)) && Instant::now() < until {
+            self.reap_zombies();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.zombies.iter().any(|(p, _, _)| busy.contains(p)) {
+            tracing::error!(
+                region = id,
+                "an abandoned NIXL write may still read this region: it stays registered"
+            );
+            if let Some(h) = self.regions.remove(&id) {
+                std::mem::forget(h);
+            }
+            return false;
+        }
+        self.prepared.retain(|_, p| !p.regions.contains(&id));
         if let Some(mut h) = self.regions.remove(&id)
             && let Err(e) = h.deregister()
         {
             tracing::warn!(region = id, error = %e, "NIXL deregistration failed");
         }
+        true
     }
 
-    fn connect(&mut self, md: &[u8]) -> Result<String> {
+    fn connect(&mut self, md: &[u8], agent: &str) -> Result<String> {
+        if self.zombies.iter().any(|(p, _, _)| p == agent) {
+            // Its abandoned requests still run on the old connection: a new one, of
+            // the same name, waits until they ended.
+            return Err(TransferError::PeerLost {
+                peer: agent.to_string(),
+                detail: "an abandoned write to this peer has not ended yet: connect again later".into(),
+            });
+        }
         let name = self
             .agent
             .load_remote_md(md)
@@ -425,7 +497,17 @@ impl NixlWork {
             })
         })();
         match started {
-            Ok(true) => self.pending.push(Pending { id, deadline, reply }),
+            Ok(true) => {
+                let p = &self.prepared[&id];
+                let (peer, regions) = (p.peer.clone(), p.regions.clone());
+                self.pending.push(Pending {
+                    id,
+                    peer,
+                    regions,
+                    deadline,
+                    reply,
+                })
+            }
             Ok(false) => {
                 let _ = reply.send(Ok(()));
             }
@@ -433,6 +515,63 @@ impl NixlWork {
                 let _ = reply.send(Err(e));
             }
         }
+    }
+
+    /// Abandons every write in flight to `peer` (each answered
+    /// [`TransferError::Abandoned`]; releasing its request asks NIXL to abort it) and
+    /// drops the peer's metadata, which closes NIXL's connections to it: no new byte
+    /// leaves, and the peer must connect again.
+    fn abandon_peer(&mut self, peer: &str, cause: &TransferError) {
+        let (gone, keep): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending).into_iter().partition(|p| p.peer == peer);
+        self.pending = keep;
+        for p in gone {
+            if let Some(w) = self.prepared.remove(&p.id) {
+                self.zombies.push((w.peer, w.req, Instant::now() + ABANDON_HOLD));
+            }
+            let _ = p
+                .reply
+                .send(Err(TransferError::abandoned_for(BackendKind::Nixl, cause, ABANDON_HOLD)));
+        }
+        // Idle prepared writes are safe to release.
+        self.prepared.retain(|_, p| p.peer != peer);
+        if self.peers.remove(peer) {
+            tracing::warn!(%peer, %cause, "nixl write abandoned: no new write goes to the peer until it connects again");
+            self.forget_unless_busy(peer);
+        }
+    }
+
+    /// Drops `peer`'s metadata (closing NIXL's connections to it) unless an abandoned
+    /// request still uses it, or it connected again meanwhile.
+    fn forget_unless_busy(&mut self, peer: &str) {
+        if !self.peers.contains(peer) && !self.zombies.iter().any(|(p, _, _)| p == peer) {
+            let _ = self.agent.invalidate_remote_md(peer);
+        }
+    }
+
+    /// Releases the abandoned requests NIXL has ended; returns whether any remain.
+    fn reap_zombies(&mut self) -> bool {
+        let mut ended = Vec::new();
+        let now = Instant::now();
+        let mut keep = Vec::new();
+        for (peer, req, until) in std::mem::take(&mut self.zombies) {
+            let running = matches!(self.agent.get_xfer_status(&req), Ok(nx::XferStatus::InProgress));
+            if running && now < until {
+                keep.push((peer, req, until));
+                continue;
+            }
+            if running {
+                // Past its hold (both sides' blocks are free again): the peer must be
+                // able to connect again. The request is leaked, never released.
+                tracing::warn!(%peer, "an abandoned NIXL write outlived its hold: leaked");
+                std::mem::forget(req);
+            }
+            ended.push(peer);
+        }
+        self.zombies = keep;
+        for peer in ended {
+            self.forget_unless_busy(&peer);
+        }
+        !self.zombies.is_empty()
     }
 
     fn poll_notifications(&mut self) {
@@ -443,10 +582,13 @@ impl NixlWork {
             return;
         }
         if let Ok(all) = self.notifs.take_notifs() {
-            for msg in all.into_values().flatten() {
-                match msg.strip_prefix(NOTIF_PREFIX).and_then(|t| t.parse::<u64>().ok()) {
-                    Some(tag) => self.hub.deliver(tag),
-                    None => tracing::debug!(%msg, "ignoring foreign NIXL notification"),
+            // Keyed by the source agent's name: the sender waits are scoped by.
+            for (agent, msgs) in all {
+                for msg in msgs {
+                    match msg.strip_prefix(NOTIF_PREFIX).and_then(|t| t.parse::<u64>().ok()) {
+                        Some(tag) => self.hub.deliver(&agent, tag),
+                        None => tracing::debug!(%agent, %msg, "ignoring foreign NIXL notification"),
+                    }
                 }
             }
         }
@@ -473,12 +615,19 @@ impl Work for NixlWork {
             } => {
                 let _ = reply.send(self.register(id, addr, len, kind));
             }
-            Cmd::Deregister { id } => self.deregister(id),
+            Cmd::Deregister { id, reply } => {
+                let _ = reply.send(self.deregister(id));
+            }
             Cmd::Metadata { reply } => {
                 let _ = reply.send(self.agent.get_local_md().map_err(|e| backend_err("get_local_md", e)));
             }
-            Cmd::Connect { md, reply } => {
-                let _ = reply.send(self.connect(&md));
+            Cmd::Connect { md, agent, reply } => {
+                // A caller gone (cancelled, timed out) leaves no peer behind.
+                if let Err(Ok(name)) = reply.send(self.connect(&md, &agent))
+                    && self.peers.remove(&name)
+                {
+                    self.forget_unless_busy(&name);
+                }
             }
             Cmd::Disconnect { name } => {
                 let busy: HashSet<u64> = self.pending.iter().map(|p| p.id).collect();
@@ -488,7 +637,9 @@ impl Work for NixlWork {
                 }
             }
             Cmd::Prepare { peer, segs, reply } => {
-                let _ = reply.send(self.prepare(&peer, &segs));
+                if let Err(Ok(id)) = reply.send(self.prepare(&peer, &segs)) {
+                    self.prepared.remove(&id);
+                }
             }
             Cmd::Release { id } => {
                 if !self.pending.iter().any(|p| p.id == id) {
@@ -505,43 +656,66 @@ impl Work for NixlWork {
             self.poll_notifications();
             self.last_notif_poll = now;
         }
+        // Peers whose writes failed or ran past their deadline: abandoned below.
+        let mut failed: Vec<(String, TransferError)> = Vec::new();
         let mut i = 0;
         while i < self.pending.len() {
-            let id = self.pending[i].id;
-            let outcome = match self.prepared.get(&id) {
-                None => Err(TransferError::Closed),
-                Some(p) => match self.agent.get_xfer_status(&p.req) {
-                    Ok(nx::XferStatus::InProgress) if now < self.pending[i].deadline => {
-                        i += 1;
-                        continue;
-                    }
-                    Ok(nx::XferStatus::InProgress) => {
-                        // Releasing an in-flight request asks NIXL to abort it.
-                        self.prepared.remove(&id);
-                        Err(TransferError::Timeout {
+            let (id, peer) = (self.pending[i].id, &self.pending[i].peer);
+            let status = match self.prepared.get(&id) {
+                None => Err("its request was released".to_string()),
+                Some(p) => self.agent.get_xfer_status(&p.req).map_err(|e| e.to_string()),
+            };
+            match status {
+                Ok(nx::XferStatus::InProgress) => {
+                    if now >= self.pending[i].deadline && !failed.iter().any(|(f, _)| f == peer) {
+                        let cause = TransferError::Timeout {
                             what: "nixl write completion",
                             after: Duration::ZERO,
-                        })
+                        };
+                        failed.push((peer.clone(), cause));
                     }
-                    Ok(nx::XferStatus::Success) => Ok(()),
-                    Err(e) => Err(TransferError::PeerLost {
-                        peer: p.peer.clone(),
+                    i += 1;
+                }
+                Ok(nx::XferStatus::Success) => {
+                    let _ = self.pending.swap_remove(i).reply.send(Ok(()));
+                }
+                Err(e) => {
+                    let cause = TransferError::PeerLost {
+                        peer: peer.clone(),
                         detail: format!("transfer failed: {e}"),
-                    }),
-                },
-            };
-            let p = self.pending.swap_remove(i);
-            let _ = p.reply.send(outcome);
+                    };
+                    if !failed.iter().any(|(f, _)| f == peer) {
+                        failed.push((peer.clone(), cause));
+                    }
+                    i += 1;
+                }
+            }
         }
-        !self.pending.is_empty()
+        for (peer, cause) in failed {
+            self.abandon_peer(&peer, &cause);
+        }
+        let zombies = !self.zombies.is_empty() && self.reap_zombies();
+        !self.pending.is_empty() || zombies
     }
 
     fn finish(&mut self) {
+        // Writes in flight are abandoned, not aborted (see `zombies`).
         for p in std::mem::take(&mut self.pending) {
-            let _ = p.reply.send(Err(TransferError::Closed));
+            if let Some(w) = self.prepared.remove(&p.id) {
+                self.zombies.push((w.peer, w.req, Instant::now() + ABANDON_HOLD));
+            }
+            let cause = TransferError::Closed;
+            let _ = p
+                .reply
+                .send(Err(TransferError::abandoned_for(BackendKind::Nixl, &cause, ABANDON_HOLD)));
         }
         // Requests before registrations before peers: the order NIXL releases cleanly.
         self.prepared.clear();
+        // Abandoned requests still running are left to the process's exit: releasing
+        // them could crash NIXL (see `zombies`).
+        for (_, req, _) in self.zombies.drain(..) {
+            std::mem::forget(req);
+        }
         for (_, mut h) in self.regions.drain() {
             let _ = h.deregister();
         }

@@ -1,9 +1,14 @@
 //! The UCX backend: UCP directly, through our run-time loaded `ucx-sys`.
 //!
 //! A write is `ucp_put_nbx` per segment (local buffers pre-mapped, so no per-call
-//! registration), `ucp_worker_fence` so the puts land before what follows, one
-//! active message carrying the tag (the target's notification), then
-//! `ucp_ep_flush_nbx`, whose completion is the write's completion. The worker is in
+//! registration), then `ucp_ep_flush_nbx`, whose completion means the puts are in the
+//! peer's memory; then one active message carries the notification (its header: the
+//! tag, u64 little-endian, then the sender agent's name, at most 256 bytes; no
+//! payload), and the write is complete. Not `ucp_worker_fence` between the puts and
+//! the message: over transports without a native fence (TCP among them) it waits,
+//! inside the call, for every operation of the worker, so one hung peer would stall
+//! the driver thread and every other write (found by tests/cross_process.rs's
+//! stopped target). The worker is in
 //! `UCS_THREAD_MODE_SERIALIZED`: the driver thread progresses it, and a caller's thread
 //! may post a small host write on it, never both at once (the driver's lock).
 use std::collections::HashMap;
@@ -18,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use ucx_sys as sys;
 
+use crate::auth::MAX_NAME_LEN;
 use crate::driver::{Driver, Wait, Work};
 use crate::error::{Result, TransferError};
 use crate::metadata::Metadata;
@@ -26,7 +32,11 @@ use crate::{BackendKind, MemKind, Memory, Resolved, TransferConfig};
 
 /// The active-message id that carries write notifications.
 const NOTIFY_AM_ID: u32 = 0x7064;
+/// The notification header: tag, then the sender's name.
+const TAG_LEN: usize = 8;
 const SETUP_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest an endpoint's force-close is progressed.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 
 fn backend_err(op: &'static str, detail: impl Into<String>) -> TransferError {
     TransferError::Backend {
@@ -51,13 +61,16 @@ enum Cmd {
         kind: MemKind,
         reply: SyncSender<Result<Vec<u8>>>,
     },
+    /// Answers once the region is unmapped (writes that use it abandoned first):
+    /// false if it could not be, and its memory must not be freed.
     Deregister {
         id: u32,
+        reply: SyncSender<bool>,
     },
     Connect {
         addr: Vec<u8>,
         rkeys: Vec<(u32, Vec<u8>)>,
-        reply: SyncSender<Result<u64>>,
+        reply: oneshot::Sender<Result<u64>>,
     },
     Disconnect {
         ep: u64,
@@ -65,7 +78,7 @@ enum Cmd {
     Prepare {
         ep: u64,
         segs: Vec<Resolved>,
-        reply: SyncSender<Result<u64>>,
+        reply: oneshot::Sender<Result<u64>>,
     },
     Release {
         id: u64,
@@ -91,15 +104,16 @@ pub fn library_dirs(explicit: Option<&std::path::PathBuf>) -> Vec<std::path::Pat
 }
 
 impl Ucx {
-    pub(crate) fn start(cfg: &TransferConfig, notify: Arc<NotifyHub>) -> Result<Ucx> {
+    pub(crate) fn start(cfg: &TransferConfig, name: &str, notify: Arc<NotifyHub>) -> Result<Ucx> {
         let dirs = library_dirs(cfg.ucx_lib_dir.as_ref());
         let peer_errors = cfg.ucx_peer_error_handling;
         let (info_tx, info_rx) = std::sync::mpsc::sync_channel(1);
         let hub = notify.clone();
+        let name = name.to_string();
         let driver = Driver::spawn(
             BackendKind::Ucx,
             move || {
-                let w = UcxWork::new(&dirs, peer_errors, hub)?;
+                let w = UcxWork::new(&dirs, peer_errors, hub, name)?;
                 let _ = info_tx.send((w.worker_addr.clone(), w.describe()));
                 Ok(w)
             },
@@ -125,30 +139,38 @@ impl Ucx {
         })?
     }
 
-    pub(crate) fn deregister(&self, id: u32) {
-        let _ = self.driver.send(Cmd::Deregister { id });
+    /// True once the region is unmapped; false when its memory must be kept (a close
+    /// that never completed, or no answer in time).
+    pub(crate) fn deregister(&self, id: u32) -> bool {
+        self.driver
+            .call(SETUP_DEADLINE, |reply| Cmd::Deregister { id, reply })
+            .unwrap_or(false)
     }
 
     pub(crate) fn conn_info(&self) -> Vec<u8> {
         self.worker_addr.clone()
     }
 
-    pub(crate) fn connect(&self, md: &Metadata) -> Result<u64> {
+    pub(crate) async fn connect(&self, md: &Metadata) -> Result<u64> {
         if md.conn.is_empty() {
             return Err(TransferError::BadMetadata("no UCX worker address".into()));
         }
         let rkeys = md.regions.iter().map(|r| (r.id, r.key.clone())).collect();
         let addr = md.conn.clone();
-        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Connect { addr, rkeys, reply })?
+        self.driver
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { addr, rkeys, reply })
+            .await?
     }
 
     pub(crate) fn disconnect(&self, ep: u64) {
         let _ = self.driver.send(Cmd::Disconnect { ep });
     }
 
-    pub(crate) fn prepare(&self, ep: u64, segs: &[Resolved]) -> Result<u64> {
+    pub(crate) async fn prepare(&self, ep: u64, segs: &[Resolved]) -> Result<u64> {
         let segs = segs.to_vec();
-        self.driver.call(SETUP_DEADLINE, |reply| Cmd::Prepare { ep, segs, reply })?
+        self.driver
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Prepare { ep, segs, reply })
+            .await?
     }
 
     pub(crate) fn release(&self, id: u64) {
@@ -194,9 +216,21 @@ struct Prepared {
 
 struct Pending {
     ep: u64,
+    /// The local regions the write reads (a deregistration abandons it first).
+    regions: Vec<u32>,
     req: *mut c_void,
+    /// The notification, sent once the flush completes.
+    tag: u64,
     deadline: Instant,
     reply: oneshot::Sender<Result<()>>,
+}
+
+struct Closing {
+    req: *mut c_void,
+    until: Instant,
+    rkeys: Vec<sys::ucp_rkey_h>,
+    /// The error callback's argument, kept until the endpoint is gone.
+    status: Option<Box<AtomicI8>>,
 }
 
 struct UcxWork {
@@ -209,10 +243,17 @@ struct UcxWork {
     eps: HashMap<u64, Endpoint>,
     prepared: HashMap<u64, Prepared>,
     pending: Vec<Pending>,
+    /// Endpoints being force-closed: progressed until closed (or past their time).
+    closing: Vec<Closing>,
+    /// False once a close was given up on (see `progress_closing`).
+    closes_clean: bool,
     next_id: u64,
     /// Owned here so the active-message callback's argument outlives the worker.
     hub: Arc<NotifyHub>,
     libdir: PathBuf,
+    /// This agent's name, sent with every notification (at most MAX_NAME_LEN bytes:
+    /// Agent::start checks).
+    name: String,
 }
 
 unsafe extern "C" fn on_notify_am(
@@ -223,12 +264,27 @@ unsafe extern "C" fn on_notify_am(
     _length: usize,
     _param: *const sys::ucp_am_recv_param_t,
 ) -> sys::ucs_status_t {
-    if header_length == 8 {
-        // SAFETY: UCX passes the header it received (8 bytes, checked) and the `arg`
-        // we registered: a pointer to the hub that UcxWork keeps alive.
-        let (tag, hub) = unsafe { (ptr::read_unaligned(header as *const u64), &*(arg as *const NotifyHub)) };
-        hub.deliver(tag);
+    // A peer sends what it likes: anything but tag || name (1..=MAX_NAME_LEN bytes of
+    // UTF-8) is dropped, checked before the header is read.
+    if header.is_null() || arg.is_null() || !(TAG_LEN + 1..=TAG_LEN + MAX_NAME_LEN).contains(&header_length) {
+        tracing::debug!(header_length, "ignoring a malformed UCX notification");
+        return sys::UCS_OK;
     }
+    // SAFETY: UCX passes the header it received, valid for `header_length` bytes
+    // (non-null, length checked above) for the duration of this callback; the slice
+    // does not outlive it.
+    let bytes = unsafe { std::slice::from_raw_parts(header as *const u8, header_length) };
+    let (tag, name) = bytes.split_at(TAG_LEN);
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(tag);
+    let Ok(name) = std::str::from_utf8(name) else {
+        tracing::debug!("ignoring a UCX notification whose sender name is not UTF-8");
+        return sys::UCS_OK;
+    };
+    // SAFETY: `arg` is the pointer we registered with the handler: the hub, which
+    // UcxWork keeps alive until after the worker (and so this callback) is gone.
+    let hub = unsafe { &*(arg as *const NotifyHub) };
+    hub.deliver(name, u64::from_le_bytes(t));
     sys::UCS_OK
 }
 
@@ -242,7 +298,7 @@ fn is_err_ptr(p: *mut c_void) -> bool {
 }
 
 impl UcxWork {
-    fn new(dirs: &[PathBuf], peer_errors: bool, hub: Arc<NotifyHub>) -> Result<UcxWork> {
+    fn new(dirs: &[PathBuf], peer_errors: bool, hub: Arc<NotifyHub>, name: String) -> Result<UcxWork> {
         let mut errors = Vec::new();
         let mut loaded = None;
         for d in dirs {
@@ -273,9 +329,12 @@ impl UcxWork {
             eps: HashMap::new(),
             prepared: HashMap::new(),
             pending: Vec::new(),
+            closing: Vec::new(),
+            closes_clean: true,
             next_id: 1,
             hub,
             libdir,
+            name,
         };
         w.init().inspect_err(|_| w.finish())?;
         Ok(w)
@@ -320,6 +379,24 @@ impl UcxWork {
         // SAFETY: a valid context and params; the worker pointer is written on success.
         let s = unsafe { self.lib.ucp_worker_create(self.context, &wparams, &mut self.worker) };
         self.check("ucp_worker_create", s)?;
+        let mut attr = sys::ucp_worker_attr_t {
+            field_mask: sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER as u64,
+            ..Default::default()
+        };
+        // SAFETY: a valid worker; attr asks only for the field its mask names.
+        let s = unsafe { self.lib.ucp_worker_query(self.worker, &mut attr) };
+        self.check("ucp_worker_query", s)?;
+        // The notification header carries the tag and our name.
+        if attr.max_am_header < TAG_LEN + self.name.len() {
+            return Err(TransferError::Unavailable {
+                backend: BackendKind::Ucx,
+                detail: format!(
+                    "UCX active-message headers are limited to {} bytes here, the notification needs {}",
+                    attr.max_am_header,
+                    TAG_LEN + self.name.len()
+                ),
+            });
+        }
         let am = sys::ucp_am_handler_param_t {
             field_mask: (sys::UCP_AM_HANDLER_PARAM_FIELD_ID | sys::UCP_AM_HANDLER_PARAM_FIELD_CB | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG)
                 as u64,
@@ -386,9 +463,28 @@ impl UcxWork {
         Ok(key)
     }
 
-    fn deregister(&mut self, id: u32) {
+    /// Unmaps a region; false (and the mapping kept) when an endpoint that may still
+    /// read it could not be closed: its memory must then not be freed.
+    fn deregister(&mut self, id: u32) -> bool {
+        // A write in flight that reads this region is abandoned and its endpoint closed
+        // (waited for: the memory may be freed once this returns) before the mapping goes.
+        let busy: Vec<u64> = self.pending.iter().filter(|p| p.regions.contains(&id)).map(|p| p.ep).collect();
+        for ep in busy {
+            self.abandon_ep(ep, &TransferError::Invalid(format!("local region {id} deregistered")), false);
+        }
+        // Every endpoint closing (these, and any closed before with puts that may read
+        // this region) is waited for, together, under one bound.
+        let clean = self.wait_closes();
         // Prepared writes that read from this region would use a dead handle.
         self.prepared.retain(|_, p| !p.regions.contains(&id));
+        if !clean {
+            tracing::error!(
+                region = id,
+                "a ucx endpoint that may read this region did not close: the region stays mapped"
+            );
+            self.regions.remove(&id);
+            return false;
+        }
         if let Some(r) = self.regions.remove(&id) {
             // SAFETY: the handle came from ucp_mem_map on this context; no prepared
             // write refers to it any more.
@@ -397,6 +493,7 @@ impl UcxWork {
                 tracing::warn!(region = id, status = %self.status_str(s), "ucp_mem_unmap failed");
             }
         }
+        true
     }
 
     fn connect(&mut self, addr: &[u8], rkeys: &[(u32, Vec<u8>)]) -> Result<u64> {
@@ -431,7 +528,7 @@ impl UcxWork {
         };
         for (region, key) in rkeys {
             if key.is_empty() {
-                self.close_ep(endpoint);
+                self.close_ep(endpoint, true);
                 return Err(TransferError::BadMetadata(format!("region {region} has no UCX rkey")));
             }
             let mut rkey: sys::ucp_rkey_h = ptr::null_mut();
@@ -439,7 +536,7 @@ impl UcxWork {
             let s = unsafe { self.lib.ucp_ep_rkey_unpack(ep, key.as_ptr() as *const c_void, &mut rkey) };
             if s != sys::UCS_OK {
                 let detail = format!("rkey of region {region} does not unpack: {}", self.status_str(s));
-                self.close_ep(endpoint);
+                self.close_ep(endpoint, true);
                 return Err(TransferError::BadMetadata(detail));
             }
             endpoint.rkeys.insert(*region, rkey);
@@ -448,11 +545,12 @@ impl UcxWork {
         Ok(id)
     }
 
-    fn close_ep(&mut self, endpoint: Endpoint) {
-        for (_, rkey) in endpoint.rkeys {
-            // SAFETY: unpacked on this endpoint, destroyed once.
-            unsafe { self.lib.ucp_rkey_destroy(rkey) };
-        }
+    /// Force-closes an endpoint, progressed in the background ([`UcxWork::progress`]);
+    /// `wait`: until it is closed (at most [`CLOSE_LIMIT`]). Its remote keys are
+    /// destroyed only once the close completed (UCX: not before every operation using
+    /// them is done); a close that never completes leaks them and its error callback's
+    /// argument rather than free what UCX may still use.
+    fn close_ep(&mut self, endpoint: Endpoint, wait: bool) {
         let params = sys::ucp_request_param_t {
             op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
             flags: sys::UCP_EP_CLOSE_FLAG_FORCE,
@@ -460,23 +558,80 @@ impl UcxWork {
         };
         // SAFETY: a live endpoint, closed once.
         let req = unsafe { self.lib.ucp_ep_close_nbx(endpoint.ep, &params) };
-        self.wait_request(req, Duration::from_secs(2));
-        drop(endpoint.status);
+        self.closing.push(Closing {
+            req: if is_err_ptr(req) { ptr::null_mut() } else { req },
+            until: Instant::now() + CLOSE_LIMIT,
+            rkeys: endpoint.rkeys.into_values().collect(),
+            status: Some(endpoint.status),
+        });
+        if wait {
+            self.wait_closes();
+        }
     }
 
-    /// Progresses until `req` completes or `limit` passes (close and shutdown only).
-    fn wait_request(&mut self, req: *mut c_void, limit: Duration) {
-        if req.is_null() || is_err_ptr(req) {
-            return;
-        }
-        let until = Instant::now() + limit;
-        // SAFETY: `req` is a live request of this worker until freed below.
-        while unsafe { self.lib.ucp_request_check_status(req) } == sys::UCS_INPROGRESS && Instant::now() < until {
-            // SAFETY: progressing our own worker on its thread.
+    /// Progresses every background close until all are done or past their time.
+    fn wait_closes(&mut self) -> bool {
+        while !self.closing.is_empty() {
+            // SAFETY: our worker, on its thread.
             unsafe { self.lib.ucp_worker_progress(self.worker) };
+            self.progress_closing();
         }
-        // SAFETY: freeing the request once; UCX releases it when it completes.
-        unsafe { self.lib.ucp_request_free(req) };
+        self.closes_clean
+    }
+
+    /// Abandons every write in flight on an endpoint (each answered
+    /// [`TransferError::Abandoned`]) and force-closes it: no new byte leaves, and
+    /// writes prepared on it fail from now on (its peer must connect again).
+    fn abandon_ep(&mut self, ep: u64, cause: &TransferError, wait: bool) {
+        let (gone, keep): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending).into_iter().partition(|p| p.ep == ep);
+        self.pending = keep;
+        for p in gone {
+            // SAFETY: cancelling and freeing our own in-flight request, once.
+            unsafe {
+                self.lib.ucp_request_cancel(self.worker, p.req);
+                self.lib.ucp_request_free(p.req);
+            }
+            let _ = p.reply.send(Err(TransferError::abandoned(BackendKind::Ucx, cause)));
+        }
+        self.prepared.retain(|_, p| p.ep != ep);
+        if let Some(e) = self.eps.remove(&ep) {
+            tracing::warn!(endpoint = ep, %cause, "ucx write abandoned: endpoint force-closed");
+            self.close_ep(e, wait);
+        }
+    }
+
+    /// Progresses background closes: a completed one frees its request and destroys
+    /// its keys; one past its time is given up, leaking what UCX may still use (and
+    /// marking closes unclean: a deregistration then keeps its memory).
+    fn progress_closing(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.closing.len() {
+            let c = &self.closing[i];
+            // SAFETY: a live close request of this worker (null: closed at once).
+            let done = c.req.is_null() || unsafe { self.lib.ucp_request_check_status(c.req) } != sys::UCS_INPROGRESS;
+            if !done && now < c.until {
+                i += 1;
+                continue;
+            }
+            let mut c = self.closing.swap_remove(i);
+            if !c.req.is_null() {
+                // SAFETY: freeing the request once; UCX releases one still in progress
+                // when it completes.
+                unsafe { self.lib.ucp_request_free(c.req) };
+            }
+            if done {
+                for rkey in c.rkeys.drain(..) {
+                    // SAFETY: unpacked on the endpoint now closed; destroyed once.
+                    unsafe { self.lib.ucp_rkey_destroy(rkey) };
+                }
+            } else {
+                tracing::warn!("a ucx endpoint did not close within {CLOSE_LIMIT:?}: its keys are leaked");
+                self.closes_clean = false;
+                std::mem::forget(c.status.take());
+                c.rkeys.clear();
+            }
+        }
     }
 
     fn prepare(&mut self, ep_id: u64, segs: &[Resolved]) -> Result<u64> {
@@ -511,35 +666,59 @@ impl UcxWork {
     }
 
     fn post(&mut self, id: u64, tag: u64, deadline: Instant, reply: oneshot::Sender<Result<()>>) {
-        match self.start_write(id, tag) {
+        let Some(p) = self.prepared.get(&id) else {
+            let _ = reply.send(Err(TransferError::Invalid(
+                "prepared write was invalidated (peer disconnected or region deregistered)".into(),
+            )));
+            return;
+        };
+        let (ep, regions) = (p.ep, p.regions.clone());
+        match self.start_write(id) {
             Ok(None) => {
-                let _ = reply.send(Ok(()));
+                let r = self.notify(ep, tag);
+                if let Err(e) = &r {
+                    self.abandon_ep(ep, e, false);
+                }
+                let _ = reply.send(r);
             }
-            Ok(Some((ep, req))) => self.pending.push(Pending { ep, req, deadline, reply }),
-            Err(e) => {
+            Ok(Some(req)) => self.pending.push(Pending {
+                ep,
+                regions,
+                req,
+                tag,
+                deadline,
+                reply,
+            }),
+            Err(Started::Not(e)) => {
                 let _ = reply.send(Err(e));
+            }
+            Err(Started::Partly(e)) => {
+                let _ = reply.send(Err(TransferError::abandoned(BackendKind::Ucx, &e)));
+                self.abandon_ep(ep, &e, false);
             }
         }
     }
 
-    /// Posts the puts, the fence, the notification and the flush; returns the flush
-    /// request if it did not complete at once.
-    fn start_write(&mut self, id: u64, tag: u64) -> Result<Option<(u64, *mut c_void)>> {
-        let p = self
-            .prepared
-            .get(&id)
-            .ok_or_else(|| TransferError::Invalid("prepared write was invalidated (peer disconnected or region deregistered)".into()))?;
+    /// Posts the puts and the flush; returns the flush request if it did not complete
+    /// at once. The notification goes once the flush completes ([`UcxWork::notify`]).
+    fn start_write(&mut self, id: u64) -> std::result::Result<Option<*mut c_void>, Started> {
+        let p = self.prepared.get(&id).ok_or_else(|| {
+            Started::Not(TransferError::Invalid(
+                "prepared write was invalidated (peer disconnected or region deregistered)".into(),
+            ))
+        })?;
         let ep = self
             .eps
             .get(&p.ep)
-            .ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{}", p.ep)))?;
+            .ok_or_else(|| Started::Not(TransferError::UnknownPeer(format!("ucx endpoint #{}", p.ep))))?;
         let failed = ep.status.load(Ordering::Acquire);
         if failed != sys::UCS_OK {
-            return Err(TransferError::PeerLost {
+            return Err(Started::Not(TransferError::PeerLost {
                 peer: format!("ucx endpoint #{}", p.ep),
                 detail: self.status_str(failed),
-            });
+            }));
         }
+        // From the first put on, a failure leaves bytes that may still land.
         for put in &p.puts {
             let param = sys::ucp_request_param_t {
                 op_attr_mask: sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE | sys::UCP_OP_ATTR_FIELD_MEMH,
@@ -552,7 +731,10 @@ impl UcxWork {
             // peer's metadata, bounds-checked in `resolve`.
             let r = unsafe { self.lib.ucp_put_nbx(ep.ep, put.local, put.len, put.remote, put.rkey, &param) };
             if is_err_ptr(r) {
-                return Err(backend_err("ucp_put_nbx", self.status_str(r as isize as sys::ucs_status_t)));
+                return Err(Started::Partly(backend_err(
+                    "ucp_put_nbx",
+                    self.status_str(r as isize as sys::ucs_status_t),
+                )));
             }
             if !r.is_null() {
                 // Completion is observed through the flush below.
@@ -560,37 +742,66 @@ impl UcxWork {
                 unsafe { self.lib.ucp_request_free(r) };
             }
         }
-        // SAFETY: our worker, on its thread.
-        let s = unsafe { self.lib.ucp_worker_fence(self.worker) };
-        self.check("ucp_worker_fence", s)?;
+        let flush = sys::ucp_request_param_t::default();
+        // SAFETY: a live endpoint.
+        let r = unsafe { self.lib.ucp_ep_flush_nbx(ep.ep, &flush) };
+        if is_err_ptr(r) {
+            return Err(Started::Partly(TransferError::PeerLost {
+                peer: format!("ucx endpoint #{}", p.ep),
+                detail: self.status_str(r as isize as sys::ucs_status_t),
+            }));
+        }
+        Ok(if r.is_null() { None } else { Some(r) })
+    }
+
+    /// Sends a landed write's notification on endpoint `ep_id`: one active message,
+    /// its header the tag and our name, no payload.
+    fn notify(&mut self, ep_id: u64, tag: u64) -> Result<()> {
+        let ep = self
+            .eps
+            .get(&ep_id)
+            .ok_or_else(|| TransferError::UnknownPeer(format!("ucx endpoint #{ep_id}")))?;
         let am = sys::ucp_request_param_t {
             op_attr_mask: sys::UCP_OP_ATTR_FIELD_FLAGS,
             flags: sys::UCP_AM_SEND_FLAG_COPY_HEADER,
             ..Default::default()
         };
-        // SAFETY: the 8-byte header is copied by UCX (COPY_HEADER); no payload.
+        let mut header = [0u8; TAG_LEN + MAX_NAME_LEN];
+        let header_len = TAG_LEN + self.name.len();
+        header[..TAG_LEN].copy_from_slice(&tag.to_le_bytes());
+        header[TAG_LEN..header_len].copy_from_slice(self.name.as_bytes());
+        // SAFETY: the header (`header_len` bytes of a live stack array, within the
+        // worker's max_am_header, checked at init) is copied by UCX before the call
+        // returns (COPY_HEADER); no payload.
         let r = unsafe {
-            self.lib
-                .ucp_am_send_nbx(ep.ep, NOTIFY_AM_ID, &tag as *const u64 as *const c_void, 8, ptr::null(), 0, &am)
+            self.lib.ucp_am_send_nbx(
+                ep.ep,
+                NOTIFY_AM_ID,
+                header.as_ptr() as *const c_void,
+                header_len,
+                ptr::null(),
+                0,
+                &am,
+            )
         };
         if is_err_ptr(r) {
-            return Err(backend_err("ucp_am_send_nbx", self.status_str(r as isize as sys::ucs_status_t)));
-        }
-        if !r.is_null() {
-            // SAFETY: as for the puts.
-            unsafe { self.lib.ucp_request_free(r) };
-        }
-        let flush = sys::ucp_request_param_t::default();
-        // SAFETY: a live endpoint.
-        let r = unsafe { self.lib.ucp_ep_flush_nbx(ep.ep, &flush) };
-        if is_err_ptr(r) {
             return Err(TransferError::PeerLost {
-                peer: format!("ucx endpoint #{}", p.ep),
-                detail: self.status_str(r as isize as sys::ucs_status_t),
+                peer: format!("ucx endpoint #{ep_id}"),
+                detail: format!("notification: {}", self.status_str(r as isize as sys::ucs_status_t)),
             });
         }
-        Ok(if r.is_null() { None } else { Some((p.ep, r)) })
+        if !r.is_null() {
+            // SAFETY: freeing the request handle once; UCX completes it later.
+            unsafe { self.lib.ucp_request_free(r) };
+        }
+        Ok(())
     }
+}
+
+/// Why a write did not start: before anything was posted (nothing can land), or after.
+enum Started {
+    Not(TransferError),
+    Partly(TransferError),
 }
 
 // SAFETY: the worker is created in UCS_THREAD_MODE_SERIALIZED, which lets any thread use
@@ -612,18 +823,27 @@ impl Work for UcxWork {
             } => {
                 let _ = reply.send(self.register(id, addr, len, kind));
             }
-            Cmd::Deregister { id } => self.deregister(id),
+            Cmd::Deregister { id, reply } => {
+                let _ = reply.send(self.deregister(id));
+            }
             Cmd::Connect { addr, rkeys, reply } => {
-                let _ = reply.send(self.connect(&addr, &rkeys));
+                // A caller gone (cancelled, timed out) leaves no endpoint behind.
+                if let Err(Ok(ep)) = reply.send(self.connect(&addr, &rkeys))
+                    && let Some(e) = self.eps.remove(&ep)
+                {
+                    self.close_ep(e, false);
+                }
             }
             Cmd::Disconnect { ep } => {
                 self.prepared.retain(|_, p| p.ep != ep);
                 if let Some(e) = self.eps.remove(&ep) {
-                    self.close_ep(e);
+                    self.close_ep(e, false);
                 }
             }
             Cmd::Prepare { ep, segs, reply } => {
-                let _ = reply.send(self.prepare(ep, &segs));
+                if let Err(Ok(id)) = reply.send(self.prepare(ep, &segs)) {
+                    self.prepared.remove(&id);
+                }
             }
             Cmd::Release { id } => {
                 self.prepared.remove(&id);
@@ -635,40 +855,64 @@ impl Work for UcxWork {
     fn progress(&mut self) -> bool {
         // SAFETY: our worker, on its thread.
         while unsafe { self.lib.ucp_worker_progress(self.worker) } > 0 {}
+        if !self.closing.is_empty() {
+            self.progress_closing();
+        }
         if self.pending.is_empty() {
-            return false;
+            return !self.closing.is_empty();
         }
         let now = Instant::now();
+        // Endpoints whose writes failed or ran past their deadline: abandoned below.
+        let mut failed: Vec<(u64, TransferError)> = Vec::new();
         let mut i = 0;
         while i < self.pending.len() {
             let p = &self.pending[i];
             // SAFETY: a live flush request of this worker.
             let s = unsafe { self.lib.ucp_request_check_status(p.req) };
-            let outcome = if s == sys::UCS_INPROGRESS {
-                if now < p.deadline {
-                    i += 1;
-                    continue;
+            if s == sys::UCS_INPROGRESS {
+                if now >= p.deadline && !failed.iter().any(|(ep, _)| *ep == p.ep) {
+                    let cause = TransferError::Timeout {
+                        what: "ucx write completion",
+                        after: Duration::ZERO,
+                    };
+                    failed.push((p.ep, cause));
                 }
-                // SAFETY: cancelling our own in-flight request.
-                unsafe { self.lib.ucp_request_cancel(self.worker, p.req) };
-                Err(TransferError::Timeout {
-                    what: "ucx write completion",
-                    after: Duration::ZERO,
-                })
-            } else if s == sys::UCS_OK {
-                Ok(())
+                i += 1;
+                continue;
+            }
+            let p = self.pending.swap_remove(i);
+            // SAFETY: freeing a completed request once.
+            unsafe { self.lib.ucp_request_free(p.req) };
+            if s == sys::UCS_OK {
+                // Every put is in the peer's memory: now the notification.
+                let r = self.notify(p.ep, p.tag);
+                if let Err(e) = &r
+                    && !failed.iter().any(|(ep, _)| *ep == p.ep)
+                {
+                    failed.push((
+                        p.ep,
+                        TransferError::PeerLost {
+                            peer: format!("ucx endpoint #{}", p.ep),
+                            detail: e.to_string(),
+                        },
+                    ));
+                }
+                let _ = p.reply.send(r);
             } else {
-                Err(TransferError::PeerLost {
+                let cause = TransferError::PeerLost {
                     peer: format!("ucx endpoint #{}", p.ep),
                     detail: self.status_str(s),
-                })
-            };
-            let p = self.pending.swap_remove(i);
-            // SAFETY: freeing a request once (a cancelled one is released when done).
-            unsafe { self.lib.ucp_request_free(p.req) };
-            let _ = p.reply.send(outcome);
+                };
+                let _ = p.reply.send(Err(TransferError::abandoned(BackendKind::Ucx, &cause)));
+                if !failed.iter().any(|(ep, _)| *ep == p.ep) {
+                    failed.push((p.ep, cause));
+                }
+            }
         }
-        !self.pending.is_empty()
+        for (ep, cause) in failed {
+            self.abandon_ep(ep, &cause, false);
+        }
+        !self.pending.is_empty() || !self.closing.is_empty()
     }
 
     fn finish(&mut self) {
@@ -683,8 +927,9 @@ impl Work for UcxWork {
         self.prepared.clear();
         let eps: Vec<Endpoint> = self.eps.drain().map(|(_, e)| e).collect();
         for e in eps {
-            self.close_ep(e);
+            self.close_ep(e, true);
         }
+        self.wait_closes();
         let ids: Vec<u32> = self.regions.keys().copied().collect();
         for id in ids {
             self.deregister(id);

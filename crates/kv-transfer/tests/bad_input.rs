@@ -27,7 +27,7 @@ async fn pair(backend: BackendKind) -> Pair {
     let b = Agent::start(&config(backend)).await.unwrap();
     let a_reg = a.register(Memory::host(Arc::new(HostBuffer::new(1 << 20)))).unwrap();
     let b_reg = b.register(Memory::host(Arc::new(HostBuffer::new(1 << 20)))).unwrap();
-    let peer = a.connect(&b.local_metadata().unwrap()).unwrap();
+    let peer = a.connect(&b.local_metadata().await.unwrap(), &b.issue_key()).await.unwrap();
     Pair { a, b, a_reg, b_reg, peer }
 }
 
@@ -50,30 +50,45 @@ async fn refuses_bad_input(backend: BackendKind) {
         Err(e) => panic!("{backend} {what}: wrong error {e}"),
         Ok(_) => panic!("{backend} {what}: accepted"),
     };
-    expect_invalid(p.a.prepare(p.peer, &[]), "empty list");
-    expect_invalid(p.a.prepare(p.peer, &[seg(l, 0, r, 0, 0)]), "zero-length segment");
-    expect_invalid(p.a.prepare(p.peer, &[seg(l, mb - 10, r, 0, 11)]), "local overrun");
-    expect_invalid(p.a.prepare(p.peer, &[seg(l, 0, r, mb, 1)]), "remote overrun");
-    expect_invalid(p.a.prepare(p.peer, &[seg(l, u64::MAX, r, 0, 2)]), "offset overflow");
+    expect_invalid(p.a.prepare(p.peer, &[]).await, "empty list");
+    expect_invalid(p.a.prepare(p.peer, &[seg(l, 0, r, 0, 0)]).await, "zero-length segment");
+    expect_invalid(p.a.prepare(p.peer, &[seg(l, mb - 10, r, 0, 11)]).await, "local overrun");
+    expect_invalid(p.a.prepare(p.peer, &[seg(l, 0, r, mb, 1)]).await, "remote overrun");
+    expect_invalid(p.a.prepare(p.peer, &[seg(l, u64::MAX, r, 0, 2)]).await, "offset overflow");
     assert!(matches!(
-        p.a.prepare(p.peer, &[seg(RegionId(999), 0, r, 0, 1)]),
+        p.a.prepare(p.peer, &[seg(RegionId(999), 0, r, 0, 1)]).await,
         Err(TransferError::UnknownLocalRegion(999))
     ));
     assert!(matches!(
-        p.a.prepare(p.peer, &[seg(l, 0, 999, 0, 1)]),
+        p.a.prepare(p.peer, &[seg(l, 0, 999, 0, 1)]).await,
         Err(TransferError::UnknownRemoteRegion { region: 999, .. })
     ));
 
     // Garbage, truncated and foreign metadata.
-    assert!(matches!(p.a.connect(b"hello"), Err(TransferError::BadMetadata(_))));
-    assert!(matches!(p.a.connect(&[]), Err(TransferError::BadMetadata(_))));
-    let md = p.b.local_metadata().unwrap();
-    assert!(matches!(p.a.connect(&md[..md.len() / 2]), Err(TransferError::BadMetadata(_))));
+    let key = p.b.issue_key();
+    assert!(matches!(p.a.connect(b"hello", &key).await, Err(TransferError::BadMetadata(_))));
+    assert!(matches!(p.a.connect(&[], &key).await, Err(TransferError::BadMetadata(_))));
+    let md = p.b.local_metadata().await.unwrap();
+    assert!(matches!(
+        p.a.connect(&md[..md.len() / 2], &key).await,
+        Err(TransferError::BadMetadata(_))
+    ));
     let mut flipped = md.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0xff;
     flipped.push(0);
-    assert!(matches!(p.a.connect(&flipped), Err(TransferError::BadMetadata(_))));
+    assert!(matches!(p.a.connect(&flipped, &key).await, Err(TransferError::BadMetadata(_))));
+    // Malformed keys, with good metadata: refused by every backend.
+    for bad in [&b""[..], b"hello", &key[..key.len() - 1], &[key.as_slice(), b"x"].concat()] {
+        assert!(
+            matches!(p.a.connect(&md, bad).await, Err(TransferError::BadMetadata(_))),
+            "{backend}: key of {} bytes accepted",
+            bad.len()
+        );
+    }
+    let mut wrong_magic = key.clone();
+    wrong_magic[0] ^= 0xff;
+    assert!(matches!(p.a.connect(&md, &wrong_magic).await, Err(TransferError::BadMetadata(_))));
     let other = if backend == BackendKind::Tcp {
         BackendKind::Ucx
     } else {
@@ -81,13 +96,13 @@ async fn refuses_bad_input(backend: BackendKind) {
     };
     let foreign = Agent::start(&config(other)).await.unwrap();
     assert!(matches!(
-        p.a.connect(&foreign.local_metadata().unwrap()),
+        p.a.connect(&foreign.local_metadata().await.unwrap(), &foreign.issue_key()).await,
         Err(TransferError::Incompatible(_))
     ));
 
     // A freed local region: refused at prepare, and at post for a write prepared before.
     let extra = p.a.register(Memory::host(Arc::new(HostBuffer::new(4096)))).unwrap();
-    let w = p.a.prepare(p.peer, &[seg(extra.id(), 0, r, 0, 4096)]).unwrap();
+    let w = p.a.prepare(p.peer, &[seg(extra.id(), 0, r, 0, 4096)]).await.unwrap();
     let freed = extra.id();
     drop(extra);
     assert!(
@@ -95,16 +110,16 @@ async fn refuses_bad_input(backend: BackendKind) {
         "{backend}: post after free"
     );
     assert!(matches!(
-        p.a.prepare(p.peer, &[seg(freed, 0, r, 0, 1)]),
+        p.a.prepare(p.peer, &[seg(freed, 0, r, 0, 1)]).await,
         Err(TransferError::UnknownLocalRegion(_))
     ));
 
     // Unknown and disconnected peers.
-    let good = p.a.prepare(p.peer, &[seg(l, 0, r, 0, 4096)]).unwrap();
+    let good = p.a.prepare(p.peer, &[seg(l, 0, r, 0, 4096)]).await.unwrap();
     p.a.disconnect(p.peer);
     assert!(matches!(p.a.post(&good, 2).await, Err(TransferError::UnknownPeer(_))));
     assert!(matches!(
-        p.a.prepare(p.peer, &[seg(l, 0, r, 0, 1)]),
+        p.a.prepare(p.peer, &[seg(l, 0, r, 0, 1)]).await,
         Err(TransferError::UnknownPeer(_))
     ));
 
@@ -154,21 +169,20 @@ fn rss_kib() -> u64 {
 /// registration remains.
 async fn no_leak(backend: BackendKind) {
     let agent = Agent::start(&config(backend)).await.unwrap();
-    let cycle = |n: usize| {
+    async fn cycle(agent: &Agent, n: usize) {
         for _ in 0..n {
             let buf = Arc::new(HostBuffer::new(1 << 20));
             buf.fill(1); // touch the pages, so a leaked buffer would show in RSS
             let reg = agent.register(Memory::host(buf)).unwrap();
-            let _ = agent.local_metadata().unwrap();
+            let _ = agent.local_metadata().await.unwrap();
+            // Synchronous: the region is deregistered when this returns.
             drop(reg);
+            assert_eq!(agent.registered_regions(), 0);
         }
-    };
-    cycle(100); // warm-up: allocator and library caches settle
+    }
+    cycle(&agent, 100).await; // warm-up: allocator and library caches settle
     let before = rss_kib();
-    cycle(1000);
-    // Deregistration is asynchronous on the driver thread; a metadata call is a
-    // round trip through it, so everything before it has been processed.
-    let _ = agent.local_metadata().unwrap();
+    cycle(&agent, 1000).await;
     let grown = rss_kib().saturating_sub(before);
     assert_eq!(agent.registered_regions(), 0);
     // 1,000 leaked MiB would show as ~1 GiB; allow allocator noise.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kv_transfer::bench::{Layout, TargetProcess, pattern_fill};
-use kv_transfer::{Agent, BackendKind, HostBuffer, Memory, TransferConfig, TransferError};
+use kv_transfer::{Agent, BackendKind, HostBuffer, LANDING_GRACE, Memory, TransferConfig, TransferError};
 
 const REGION: usize = (256 << 20) + (1 << 20);
 
@@ -24,9 +24,11 @@ async fn target_child() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
-    let agent = Agent::start(&config(backend.parse().unwrap(), deadline))
-        .await
-        .expect("target agent");
+    let mut cfg = config(backend.parse().unwrap(), deadline);
+    // Over TCP, as between two hosts without RDMA: a stopped target stops the bytes
+    // (shared-memory transports would write into it regardless).
+    cfg.ucx_peer_error_handling = std::env::var_os("PDKV_PEER_ERRORS").is_some();
+    let agent = Agent::start(&cfg).await.expect("target agent");
     kv_transfer::bench::serve_host_target(&agent, REGION, Duration::from_millis(deadline))
         .await
         .expect("serve");
@@ -35,10 +37,20 @@ async fn target_child() {
 }
 
 async fn spawn_target(backend: BackendKind, deadline_ms: u64) -> TargetProcess {
+    spawn_target_with(backend, deadline_ms, false).await
+}
+
+async fn spawn_target_with(backend: BackendKind, deadline_ms: u64, peer_errors: bool) -> TargetProcess {
     let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["target_child", "--exact", "--nocapture", "--test-threads=1"])
         .env("PDKV_TARGET", backend.as_str())
         .env("PDKV_DEADLINE_MS", deadline_ms.to_string());
+    if peer_errors {
+        // TCP only, as between two hosts without RDMA: a transport both sides share,
+        // so the initiator's UCX (ours or NIXL's) cannot pick shared memory or cma,
+        // which would write into a stopped process regardless.
+        cmd.env("PDKV_PEER_ERRORS", "1").env("UCX_TLS", "tcp");
+    }
     TargetProcess::spawn(cmd, Duration::from_secs(30)).await.expect("target starts")
 }
 
@@ -53,7 +65,7 @@ async fn byte_exact(backend: BackendKind) {
     let agent = Agent::start(&config(backend, 20_000)).await.unwrap();
     let src = Arc::new(HostBuffer::new(REGION));
     let reg = agent.register(Memory::host(src.clone())).unwrap();
-    let peer = agent.connect(&target.metadata).unwrap();
+    let peer = agent.connect(&target.metadata, &target.key).await.unwrap();
     let base = seed();
     let mut layouts: Vec<Layout> = [1u64, 7, 4096, 65_537, (1 << 20) + 3, 16 << 20, 256 << 20]
         .into_iter()
@@ -96,7 +108,7 @@ async fn byte_exact(backend: BackendKind) {
         seg_len: 1 << 16,
         dst_stride: 1 << 17,
     };
-    let w = agent.prepare(peer, &layout.segments(reg.id(), target.region)).unwrap();
+    let w = agent.prepare(peer, &layout.segments(reg.id(), target.region)).await.unwrap();
     for round in 0..5u64 {
         let seed = base ^ (round << 32);
         let mut bytes = vec![0; layout.src_span() as usize];
@@ -134,7 +146,7 @@ async fn dead_peer(backend: BackendKind) {
     let agent = Agent::start(&config(backend, deadline_ms)).await.unwrap();
     let src = Arc::new(HostBuffer::new(1 << 20));
     let reg = agent.register(Memory::host(src)).unwrap();
-    let peer = agent.connect(&target.metadata).unwrap();
+    let peer = agent.connect(&target.metadata, &target.key).await.unwrap();
     let layout = Layout::contiguous(1 << 20);
     // One good write first, so connections are up when the peer dies.
     target.expect(1, 0, &layout, false).await.unwrap();
@@ -159,7 +171,10 @@ async fn dead_peer(backend: BackendKind) {
     assert!(
         matches!(
             e,
-            TransferError::PeerLost { .. } | TransferError::Timeout { .. } | TransferError::Backend { .. }
+            TransferError::PeerLost { .. }
+                | TransferError::Timeout { .. }
+                | TransferError::Backend { .. }
+                | TransferError::Abandoned { .. }
         ),
         "{backend}: unexpected error {e}"
     );
@@ -184,4 +199,95 @@ async fn dead_peer_ucx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_peer_nixl() {
     dead_peer(BackendKind::Nixl).await;
+}
+
+fn signal(target: &TargetProcess, sig: &str) {
+    let pid = target.pid().expect("target running").to_string();
+    let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A target that hangs (SIGSTOP) under a large write: the write ends within its
+/// deadline as `Abandoned`, naming a time within LANDING_GRACE until which its bytes
+/// may land; its connection was force-closed, so the next write on the same peer
+/// fails at once, cleanly (UCX, NIXL: the peer must connect again; tcp opens a fresh
+/// connection, which the stopped target cannot answer either). The region's
+/// deregistration then completes (synchronously) and shutdown is clean.
+async fn hung_peer(backend: BackendKind) {
+    let deadline = Duration::from_millis(1500);
+    let mut target = spawn_target_with(backend, 20_000, true).await;
+    let mut cfg = config(backend, deadline.as_millis() as u64);
+    cfg.ucx_peer_error_handling = true;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let src = Arc::new(HostBuffer::new(REGION));
+    let reg = agent.register(Memory::host(src)).unwrap();
+    let peer = agent.connect(&target.metadata, &target.key).await.unwrap();
+    let small = Layout::contiguous(4096);
+    target.expect(1, 0, &small, false).await.unwrap();
+    agent.write(peer, &small.segments(reg.id(), target.region), 1).await.unwrap();
+    target.outcome().await.unwrap().unwrap();
+
+    signal(&target, "-STOP");
+    let big = Layout::contiguous(256 << 20);
+    let t = Instant::now();
+    let e = agent
+        .write(peer, &big.segments(reg.id(), target.region), 2)
+        .await
+        .expect_err("a 256 MiB write into a stopped process completed");
+    let (took, now) = (t.elapsed(), Instant::now());
+    let until = e
+        .may_land_until()
+        .unwrap_or_else(|| panic!("{backend}: a posted write that failed must be abandoned, got: {e}"));
+    assert!(matches!(e, TransferError::Abandoned { .. }), "{backend}: {e}");
+    // NIXL cannot abort a write: its hold is a long bound, not a force-close's grace.
+    let grace = if backend == BackendKind::Nixl {
+        Duration::from_secs(60)
+    } else {
+        LANDING_GRACE
+    };
+    assert!(
+        until > now && until <= now + grace,
+        "{backend}: may land until {:?} from now",
+        until - now
+    );
+    assert!(took < deadline + Duration::from_secs(2), "{backend}: the write took {took:?}");
+
+    let t = Instant::now();
+    let again = agent.write(peer, &small.segments(reg.id(), target.region), 3).await;
+    assert!(again.is_err(), "{backend}: a write to the stopped target succeeded");
+    if backend != BackendKind::Tcp {
+        let e = again.unwrap_err();
+        assert!(e.may_land_until().is_none(), "{backend}: nothing was posted, yet: {e}");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{backend}: a closed endpoint took {:?}",
+            t.elapsed()
+        );
+    }
+    signal(&target, "-CONT");
+    let t = Instant::now();
+    drop(reg);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{backend}: deregistration took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(agent.registered_regions(), 0);
+    target.kill().await.unwrap();
+    agent.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_peer_tcp() {
+    hung_peer(BackendKind::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_peer_ucx() {
+    hung_peer(BackendKind::Ucx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_peer_nixl() {
+    hung_peer(BackendKind::Nixl).await;
 }
