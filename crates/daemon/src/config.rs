@@ -73,3 +73,16 @@ where
     cfg.validate().map_err(ConfigError::Invalid)?;
     Ok(cfg)
 }
+
+/// The checks every daemon's front makes: its TLS settings, `listen` and (when set)
+/// `http_listen` as host:port.
+pub fn check_listen(tls: &crate::tls::TlsConfig, listen: &str, http_listen: &str) -> Result<(), String> {
+    tls.validate().map_err(|e| e.to_string())?;
+    for (key, addr) in [("listen", listen), ("http_listen", http_listen)] {
+        if key == "listen" || !addr.is_empty() {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("{key}: {addr:?} is not host:port ({e})"))?;
+        }
+    }
+    Ok(())
+}

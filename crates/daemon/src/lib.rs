@@ -1,12 +1,15 @@
 //! What the daemons share: config loading, logging, shutdown signals, health and
 //! reflection services, request ids, and the one mapping from domain errors to gRPC
 //! status codes (the service edge).
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
+pub mod tasks;
 pub mod tls;
+pub mod validate;
 
 use std::time::Duration;
 
@@ -84,16 +87,41 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, and from then on a second one ends the process at
+/// once (exit code 130), drain or not: an operator who asks twice means it.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        _ = term.recv() => tracing::info!("SIGTERM: draining (a second signal exits at once)"),
+        _ = int.recv() => tracing::info!("SIGINT: draining (a second signal exits at once)"),
     }
     systemd::stopping();
+    // Not tracked: the drain must not wait for this one.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        kv_transfer::exit_now(130)
+    });
+}
+
+/// How long a stopping daemon waits for its background tasks (prefills' writes,
+/// quarantines) before it releases the data plane under them.
+pub const DRAIN_TASKS: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits (up to [`DRAIN_TASKS`]) for the tasks spawned through [`tasks::spawn`].
+pub async fn drain_tasks(name: &str) {
+    let left = tasks::drain(DRAIN_TASKS).await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            "{name}: background tasks still running after {DRAIN_TASKS:?}; stopping anyway"
+        );
+    }
 }
 
 /// A request id for requests that came without one.
@@ -101,19 +129,49 @@ pub fn new_request_id() -> String {
     format!("req-{:016x}", rand::random::<u64>())
 }
 
-/// Server reflection for `pdserve.v1`, so `grpcurl` works without the .proto files.
-pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("descriptor sets are valid")
+/// Server reflection, v1 and v1alpha (Python's `grpcio-reflection` still speaks only
+/// v1alpha), so `grpcurl` and other clients work without the .proto files. It lists
+/// the daemon's own `services` (full names, e.g. `pdserve.v1.Prefill`), health and
+/// reflection, and nothing the daemon does not serve.
+pub fn reflection(
+    services: &[&str],
+) -> (
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+) {
+    let build = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+        for name in services.iter().copied().chain(OPEN_SERVICES) {
+            b = b.with_service_name(name);
+        }
+        b
+    };
+    let v1 = build().build_v1().expect("descriptor sets are valid");
+    let v1alpha = build().build_v1alpha().expect("descriptor sets are valid");
+    (v1, v1alpha)
 }
+
+/// The services every daemon serves without credentials.
+const OPEN_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Metadata a prefill-server puts on a failed prefill's status: it is done with the
 /// request, so no write of it can start any more (one it abandoned may still land for
 /// a moment). Without it, the decode-server must assume a write may yet come.
 pub const KV_WRITE_OVER: &str = "pdserve-kv-write-over";
+
+/// Metadata a prefill-server puts on a prefill whose KV write it abandoned (timed out,
+/// peer failed): for how many more milliseconds bytes of it may land. The
+/// decode-server holds the blocks at least that long.
+pub const KV_MAY_LAND_MS: &str = "pdserve-kv-may-land-ms";
 
 /// Metadata on the router's Generate to a decode-server: the prefill-server (its URL as
 /// both configs name it) that the router started the prompt on early, and that the
@@ -134,6 +192,7 @@ pub fn report_readiness<S: tonic::server::NamedService>(
     name: &'static str,
     ready: impl Fn() -> bool + Send + 'static,
 ) {
+    // For the process's life: not tracked (a drain would wait for it in vain).
     tokio::spawn(async move {
         let mut was = false;
         loop {

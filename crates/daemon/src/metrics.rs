@@ -25,6 +25,10 @@ pub const KV_TIME: &str = "pdserve_kv_transfer_duration_seconds";
 pub const KV_BANDWIDTH: &str = "pdserve_kv_transfer_bandwidth_bytes_per_second";
 pub const OUTSTANDING: &str = "pdserve_router_outstanding_requests";
 pub const EARLY_PREFILLS: &str = "pdserve_early_prefills_total";
+pub const REQUESTS_CANCELLED: &str = "pdserve_requests_cancelled_total";
+pub const REQUESTS_REJECTED: &str = "pdserve_requests_rejected_total";
+pub const BLOCKS_QUARANTINED: &str = "pdserve_kv_blocks_quarantined";
+pub const KV_WRITES_ABANDONED: &str = "pdserve_kv_writes_abandoned_total";
 
 const SECONDS: [f64; 20] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
@@ -81,9 +85,57 @@ fn describe() {
     describe_histogram!(KV_BANDWIDTH, "Bytes per second of one request's KV write, by backend");
     describe_gauge!(OUTSTANDING, "Requests in flight through the router");
     describe_counter!(
+        REQUESTS_CANCELLED,
+        "Requests whose client went away before they finished (their waits ended, their blocks freed)"
+    );
+    describe_counter!(
+        REQUESTS_REJECTED,
+        "Requests refused at once under load, by reason (queue_full: max_waiting; router_busy: max_inflight)"
+    );
+    describe_gauge!(
+        BLOCKS_QUARANTINED,
+        "KV blocks held back after a failed or cancelled prefill, until no write into them can land"
+    );
+    describe_counter!(
+        KV_WRITES_ABANDONED,
+        "KV writes that did not complete (timeout, peer failure) and were force-closed, by backend; their blocks are quarantined on both sides"
+    );
+    describe_counter!(
         EARLY_PREFILLS,
         "Prompts the router started early, by outcome (used, unclaimed, mismatch, failed, evicted, dropped)"
     );
+}
+
+/// gRPC metadata on a RESOURCE_EXHAUSTED refused at once: when to try again, in ms
+/// (the HTTP API turns it into `retry-after`).
+pub const RETRY_AFTER_MS: &str = "pdserve-retry-after-ms";
+
+/// A refusal under load: RESOURCE_EXHAUSTED with a retry hint, counted by `reason`.
+pub fn rejected(reason: &'static str, message: String, retry_after_ms: u64) -> tonic::Status {
+    ::metrics::counter!(REQUESTS_REJECTED, "reason" => reason).increment(1);
+    let mut s = tonic::Status::resource_exhausted(message);
+    s.metadata_mut().insert(RETRY_AFTER_MS, retry_after_ms.into());
+    s
+}
+
+/// One place in a bounded line: counted in the line's counter while it lives.
+pub struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// A place in the line `count` holds, unless `max` are there already.
+    pub fn enter(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Waiting(count))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Counts a finished request: `ok` or the gRPC code's name.
@@ -97,6 +149,21 @@ pub fn request_done(outcome: Result<(), tonic::Code>) {
 
 /// Adds one to a gauge until dropped.
 pub struct GaugeGuard(&'static str);
+
+/// Keeps `held` (whatever returns KV blocks to their pool when dropped) out of
+/// circulation until `until`, counting its `blocks` in [`BLOCKS_QUARANTINED`]
+/// meanwhile: a write into (or out of) them may still land until then.
+pub fn quarantine<T: Send + 'static>(held: T, blocks: usize, until: tokio::time::Instant) {
+    let n = blocks as f64;
+    ::metrics::gauge!(BLOCKS_QUARANTINED).increment(n);
+    // Not tracked: a stopping daemon need not wait for its quarantines (the process
+    // and its memory go together).
+    tokio::spawn(async move {
+        tokio::time::sleep_until(until).await;
+        drop(held);
+        ::metrics::gauge!(BLOCKS_QUARANTINED).decrement(n);
+    });
+}
 
 impl GaugeGuard {
     pub fn new(name: &'static str) -> GaugeGuard {

@@ -16,6 +16,7 @@ pub fn ready(status: &str) {
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
         tracing::info!(?every, "feeding the systemd watchdog");
+        // For the process's life: not tracked (a drain would wait for it in vain).
         tokio::spawn(async move {
             loop {
                 let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);

@@ -1,11 +1,9 @@
-//! TLS on the gRPC ports (rustls through tonic), mutual TLS between the daemons, and
-//! the optional bearer token of the client API. Off unless configured: `[tls]` in each
-//! daemon's config, `auth_token` on the router and decode-servers.
+//! TLS on the gRPC ports (rustls through tonic) and mutual TLS between the daemons.
+//! Off unless configured: `[tls]` in each daemon's config. Tokens: [`crate::auth`].
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
-use tonic::{Request, Status};
 
 /// `[tls]`: PEM files. With `cert` and `key` the daemon serves TLS; with `client_ca` it
 /// also requires clients (the other daemons) to present a certificate signed by it.
@@ -73,7 +71,12 @@ impl TlsConfig {
 
     /// The server builder, with TLS when configured.
     pub fn server(&self) -> Result<Server, TlsError> {
-        let builder = Server::builder();
+        // Pings find a peer behind a dead link (partition, pulled cable, a host gone
+        // without a reset) in seconds, not TCP's minutes: its calls end, and with them
+        // their waits and blocks.
+        let builder = Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         let Some(id) = self.identity()? else {
             return Ok(builder);
         };
@@ -86,13 +89,22 @@ impl TlsConfig {
 
     /// An endpoint for `url`; `https://` URLs get TLS with our CA and client certificate.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, TlsError> {
-        let ep = Endpoint::from_shared(url.to_string()).map_err(|e| TlsError::Url(url.into(), e.to_string()))?;
+        let ep = Endpoint::from_shared(url.to_string())
+            .map_err(|e| TlsError::Url(url.into(), e.to_string()))?
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         if !url.starts_with("https://") {
             return Ok(ep);
         }
         Ok(ep.tls_config(client_tls(self.ca.as_deref(), self.identity()?, self.domain.as_deref())?)?)
     }
 }
+
+/// How often every gRPC connection between daemons (and to clients) is pinged, and how
+/// long an unanswered ping may take before the connection counts as dead.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Client TLS: trust `ca`, present `identity` if any.
 pub fn client_tls(ca: Option<&Path>, identity: Option<Identity>, domain: Option<&str>) -> Result<ClientTlsConfig, TlsError> {
@@ -109,35 +121,4 @@ pub fn client_tls(ca: Option<&Path>, identity: Option<Identity>, domain: Option<
         tls = tls.domain_name(d);
     }
     Ok(tls)
-}
-
-/// The client API's bearer-token check (an interceptor); an empty token lets all in.
-#[derive(Clone)]
-pub struct BearerToken(Option<String>);
-
-impl BearerToken {
-    pub fn new(token: &str) -> BearerToken {
-        BearerToken((!token.is_empty()).then(|| format!("Bearer {token}")))
-    }
-
-    /// Adds our token to an outgoing request (the router calling decode-servers).
-    pub fn attach<T>(&self, req: &mut Request<T>) {
-        if let Some(v) = &self.0
-            && let Ok(v) = v.parse()
-        {
-            req.metadata_mut().insert("authorization", v);
-        }
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(want) = &self.0 else { return Ok(req) };
-        match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
-            // Constant-time enough for a shared secret of fixed form: compare all bytes.
-            Some(got) if got.len() == want.len() && got.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
-            None => Err(Status::unauthenticated("this API needs `authorization: Bearer <token>`")),
-        }
-    }
 }

@@ -163,7 +163,7 @@ impl Job {
                 mean_inter_token_ms: if n > 1 { self.itl_sum_ms / (n - 1) as f64 } else { 0.0 },
             }),
             prefill_server: self.prefill_server.clone(),
-            kv_backend: if self.prefill_server == super::LOCAL {
+            kv_backend: if self.prefill_server == crate::prefill::LOCAL {
                 "none".into()
             } else {
                 self.backend.clone()
@@ -178,6 +178,8 @@ impl Job {
 
 pub struct Scheduler {
     tx: std::sync::Mutex<Option<Sender<Job>>>,
+    /// Releases the blocks of a job submitted after `stop` (no thread takes it).
+    engine: Arc<Engine>,
     /// Signalled whenever blocks are released: admission waits on it.
     pub blocks_freed: Arc<tokio::sync::Notify>,
 }
@@ -186,28 +188,28 @@ impl Scheduler {
     pub fn start(engine: Arc<Engine>, max_batch: usize) -> Scheduler {
         let (tx, rx) = mpsc::channel();
         let freed = Arc::new(tokio::sync::Notify::new());
-        let f = freed.clone();
+        let (f, e) = (freed.clone(), engine.clone());
         std::thread::Builder::new()
             .name("decode-batch".into())
-            .spawn(move || run(engine, rx, max_batch, f))
+            .spawn(move || run(e, rx, max_batch, f))
             .expect("scheduler thread");
         Scheduler {
             tx: std::sync::Mutex::new(Some(tx)),
+            engine,
             blocks_freed: freed,
         }
     }
 
+    /// Hands a job (and its blocks) to the batch thread; after `stop`, fails it and
+    /// releases its blocks.
     pub fn submit(&self, job: Job) {
-        let guard = self.tx.lock().unwrap();
-        match guard.as_ref() {
-            Some(tx) => {
-                if let Err(mpsc::SendError(job)) = tx.send(job) {
-                    let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
-                }
-            }
-            None => {
-                let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
-            }
+        let refused = match self.tx.lock().unwrap().as_ref() {
+            Some(tx) => tx.send(job).err().map(|mpsc::SendError(job)| job),
+            None => Some(job),
+        };
+        if let Some(job) = refused {
+            release(&self.engine, &self.blocks_freed, job.seq);
+            let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
         }
     }
 
@@ -259,6 +261,7 @@ fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<toki
         running = keep;
         for j in gone {
             info!(request_id = %j.id, "client went away; sequence cancelled");
+            metrics::counter!(daemon::metrics::REQUESTS_CANCELLED).increment(1);
             finish(j);
         }
         if closed {

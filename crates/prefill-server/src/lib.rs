@@ -8,23 +8,27 @@
 //! Prefill of the same request id, tokens and sampling then only adds the KV write.
 //! This takes the decode-server's hop off the first token's path. Anything that does
 //! not match exactly is ignored, and the Prefill computes afresh.
-use std::collections::HashMap;
+mod early;
+mod sessions;
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon::config::Validate;
-use daemon::convert;
 use daemon::status::{from_engine, from_transfer};
+use daemon::{convert, validate};
 use engine::{Engine, EngineConfig, EngineError, SamplingParams, block_runs};
-use kv_transfer::{Agent, PeerId, Registration, Segment, TransferConfig};
+use kv_transfer::{Agent, Registration, Segment, TransferConfig};
 use proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
+
+use early::{EarlyStarts, NotStarted};
+use sessions::{Session, Sessions};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -35,12 +39,23 @@ pub struct PrefillConfig {
     pub metrics_listen: String,
     /// TLS and mutual TLS on the gRPC port and to peers (see configs/README.md).
     pub tls: daemon::tls::TlsConfig,
+    /// The cluster's shared secret that every internal call must carry (or use mTLS).
+    pub internal_token: String,
+    /// Serve the internal API without credentials on a non-loopback address.
+    pub allow_insecure_internal: bool,
+    /// Most decode-servers with a session at once; past it, the least recently used
+    /// session is dropped (its decode-server handshakes again when it next calls).
+    pub max_sessions: usize,
     pub engine: EngineConfig,
     pub transfer: TransferConfig,
     /// Longest prompt accepted, in tokens (0: the model's maximum).
     pub max_prompt_tokens: usize,
     /// How long a request may wait for the compute slot before it is refused.
     pub queue_deadline_ms: u64,
+    /// Most prompts waiting for the compute slot; past it a prompt is refused at once
+    /// with RESOURCE_EXHAUSTED (to the client: HTTP 429 with a retry hint), instead of
+    /// queueing until every waiter misses its first-token target.
+    pub max_waiting: usize,
     /// How long a prompt started early (the router's EarlyPrefill) is held for its
     /// decode-server's Prefill once computed; unclaimed, its blocks are then released.
     pub early_hold_ms: u64,
@@ -52,10 +67,14 @@ impl Default for PrefillConfig {
             listen: "127.0.0.1:50061".into(),
             metrics_listen: String::new(),
             tls: Default::default(),
+            internal_token: String::new(),
+            allow_insecure_internal: false,
+            max_sessions: 256,
             engine: EngineConfig::default(),
             transfer: TransferConfig::default(),
             max_prompt_tokens: 0,
             queue_deadline_ms: 30_000,
+            max_waiting: 64,
             early_hold_ms: 2_000,
         }
     }
@@ -63,17 +82,14 @@ impl Default for PrefillConfig {
 
 impl Validate for PrefillConfig {
     fn validate(&self) -> Result<(), String> {
-        self.tls.validate().map_err(|e| e.to_string())?;
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
+        daemon::config::check_listen(&self.tls, &self.listen, "")?;
         if self.engine.block_size == 0 {
             return Err("engine.block_size must be at least 1".into());
         }
-        if self.transfer.deadline_ms == 0 || self.queue_deadline_ms == 0 {
-            return Err("transfer.deadline_ms and queue_deadline_ms must be positive".into());
+        if self.transfer.deadline_ms == 0 || self.queue_deadline_ms == 0 || self.max_sessions == 0 || self.max_waiting == 0 {
+            return Err("transfer.deadline_ms, queue_deadline_ms, max_sessions and max_waiting must be positive".into());
         }
-        Ok(())
+        daemon::auth::check_exposure(&self.listen, &self.internal_token, &self.tls, self.allow_insecure_internal)
     }
 }
 
@@ -98,51 +114,16 @@ impl Drop for Computed {
     }
 }
 
-/// A prompt the router started early, waiting for its decode-server's Prefill.
-struct Early {
-    generation: u64,
-    /// Set once the outcome is in `result`: only then may a Prefill short of blocks
-    /// evict it (an early start still computing is about to be claimed).
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    tokens: Vec<u32>,
-    params: SamplingParams,
-    /// The computation's outcome. Dropped unclaimed, the computed blocks are released.
-    result: oneshot::Receiver<Result<Computed, Status>>,
-}
-
-/// Request ids with an early start (`Some`), or with a Prefill running without one
-/// (`None`: a late EarlyPrefill of that id is not started).
-type EarlyMap = Mutex<HashMap<String, Option<Early>>>;
-
-/// Removes a request id's `None` entry of the [`EarlyMap`] when the Prefill ends.
-struct Running<'a>(&'a EarlyMap, String);
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        let mut m = self.0.lock().unwrap();
-        if matches!(m.get(&self.1), Some(None)) {
-            m.remove(&self.1);
-        }
-    }
-}
-
-struct Session {
-    name: String,
-    peer: PeerId,
-    regions: Vec<u32>,
-    num_blocks: usize,
-}
-
 pub struct PrefillService {
     engine: Arc<Engine>,
     agent: Agent,
     regions: Vec<Registration>,
-    sessions: Mutex<HashMap<u64, Arc<Session>>>,
-    next_session: AtomicU64,
+    sessions: Sessions,
     /// One prefill computes at a time; others queue here.
     compute: tokio::sync::Semaphore,
-    early: EarlyMap,
-    next_early: AtomicU64,
+    /// Prompts waiting for `compute` now (bounded by `max_waiting`).
+    waiting: std::sync::atomic::AtomicUsize,
+    early: EarlyStarts<Computed>,
     /// Notified whenever a prompt's local blocks are released.
     freed: Arc<tokio::sync::Notify>,
     cfg: PrefillConfig,
@@ -159,36 +140,18 @@ impl PrefillService {
             engine,
             agent,
             regions,
-            sessions: Mutex::default(),
-            next_session: AtomicU64::new(1),
+            sessions: Sessions::new(cfg.max_sessions),
             compute: tokio::sync::Semaphore::new(1),
-            early: Mutex::default(),
-            next_early: AtomicU64::new(1),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            early: EarlyStarts::new(Duration::from_millis(cfg.early_hold_ms)),
             freed: Default::default(),
             cfg,
         }))
     }
 
-    fn max_prompt(&self) -> usize {
-        if self.cfg.max_prompt_tokens == 0 {
-            self.engine.max_model_len()
-        } else {
-            self.cfg.max_prompt_tokens
-        }
-    }
-
-    fn check_prompt(&self, tokens: &[u32]) -> Result<(), Status> {
-        if tokens.is_empty() {
-            return Err(Status::invalid_argument("the prompt is empty"));
-        }
-        if tokens.len() > self.max_prompt() {
-            return Err(Status::invalid_argument(format!(
-                "prompt of {} tokens exceeds the limit of {}",
-                tokens.len(),
-                self.max_prompt()
-            )));
-        }
-        Ok(())
+    fn limits(&self) -> validate::Limits {
+        // The decode-server caps max_tokens; here it only has to fit the model.
+        validate::Limits::new(&self.engine, self.cfg.max_prompt_tokens, u32::MAX)
     }
 
     /// Computes `tokens` into fresh local blocks and samples the first token, after
@@ -196,21 +159,65 @@ impl PrefillService {
     /// on return: the KV write overlaps the next prompt's compute. Short of blocks, a
     /// Prefill (`speculative` false) drops the computed early starts nobody has claimed,
     /// then waits for writes in flight to release theirs; an early start just fails.
-    async fn compute(&self, tokens: &[u32], params: &SamplingParams, received: Instant, speculative: bool) -> Result<Computed, Status> {
+    ///
+    /// `caller`: the Prefill's response channel; once its decode-server has gone, the
+    /// waits end at once (nothing is computed for nobody). The compute itself is not
+    /// cut short: its blocks are written by a blocking thread until it returns.
+    async fn compute(
+        &self,
+        tokens: &[u32],
+        params: &SamplingParams,
+        received: Instant,
+        speculative: bool,
+        caller: Option<&mpsc::Sender<Result<pb::PrefillResponse, Status>>>,
+    ) -> Result<Computed, Status> {
         let deadline = tokio::time::Instant::from_std(received) + Duration::from_millis(self.cfg.queue_deadline_ms);
-        let _permit = tokio::time::timeout_at(deadline, self.compute.acquire())
-            .await
-            .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
-            .map_err(|_| Status::unavailable("shutting down"))?;
+        let gone = async {
+            match caller {
+                Some(c) => c.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(gone);
+        let cancelled = || {
+            metrics::counter!(daemon::metrics::REQUESTS_CANCELLED).increment(1);
+            Status::cancelled("the decode-server went away while the prompt waited: nothing computed")
+        };
+        let _waiting = match daemon::metrics::Waiting::enter(&self.waiting, self.cfg.max_waiting) {
+            Some(w) => w,
+            None => {
+                return Err(daemon::metrics::rejected(
+                    "prefill_queue_full",
+                    format!(
+                        "{} prompts already wait for this prefill-server (max_waiting)",
+                        self.cfg.max_waiting
+                    ),
+                    1_000,
+                ));
+            }
+        };
+        let _permit = tokio::select! {
+            biased;
+            _ = &mut gone => return Err(cancelled()),
+            p = tokio::time::timeout_at(deadline, self.compute.acquire()) => p
+                .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
+                .map_err(|_| Status::unavailable("shutting down"))?,
+        };
         let seq = self.engine.next_sequence_id();
         let blocks = loop {
             let freed = self.freed.notified();
             match self.engine.admit(seq, tokens.len()) {
                 Err(EngineError::OutOfBlocks { needed, total, .. }) if !speculative && needed <= total => {
-                    if self.evict_early() == 0 && tokio::time::timeout_at(deadline, freed).await.is_err() {
-                        return Err(Status::resource_exhausted(format!(
-                            "no free KV blocks on the prefill-server within queue_deadline_ms: need {needed} of {total}"
-                        )));
+                    if self.evict_early_starts() == 0 {
+                        tokio::select! {
+                            biased;
+                            _ = &mut gone => return Err(cancelled()),
+                            r = tokio::time::timeout_at(deadline, freed) => if r.is_err() {
+                                return Err(Status::resource_exhausted(format!(
+                                    "no free KV blocks on the prefill-server within queue_deadline_ms: need {needed} of {total}"
+                                )));
+                            },
+                        }
                     }
                 }
                 other => break other.map_err(|e| from_engine(&e))?,
@@ -230,66 +237,30 @@ impl PrefillService {
         Ok(c)
     }
 
-    /// Drops every computed, unclaimed early start (releasing its blocks); returns how many.
-    fn evict_early(&self) -> usize {
-        let mut m = self.early.lock().unwrap();
-        let before = m.len();
-        m.retain(|_, e| !e.as_ref().is_some_and(|e| e.ready.load(Ordering::Acquire)));
-        let n = before - m.len();
-        if n > 0 {
-            metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => "evicted").increment(n as u64);
-            info!(evicted = n, "out of KV blocks: unclaimed early prefills dropped");
-        }
-        n
-    }
-
     /// Starts computing a prompt ahead of its Prefill (see the module's comment).
-    fn early_prefill(self: &Arc<Self>, req: pb::GenerateRequest) -> Result<pb::EarlyPrefillResponse, Status> {
+    async fn early_prefill(self: &Arc<Self>, req: pb::GenerateRequest) -> Result<pb::EarlyPrefillResponse, Status> {
         let received = Instant::now();
         if req.request_id.is_empty() {
             return Err(Status::invalid_argument("an early prefill needs a request id"));
         }
-        let tokens = match req.input {
-            Some(pb::generate_request::Input::Text(t)) => self.engine.tokenize(&t).map_err(|e| from_engine(&e))?,
-            Some(pb::generate_request::Input::TokenIds(ids)) => ids.ids,
-            None => return Err(Status::invalid_argument("the request has no prompt")),
-        };
-        self.check_prompt(&tokens)?;
-        let params = convert::sampling(req.sampling.as_ref());
-        params.validate(u32::MAX).map_err(Status::invalid_argument)?;
-        self.engine.check_prompt(&tokens, &params).map_err(|e| from_engine(&e))?;
-        let generation = self.next_early.fetch_add(1, Ordering::Relaxed);
-        let (tx, result) = oneshot::channel();
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        {
-            let mut m = self.early.lock().unwrap();
-            if m.contains_key(&req.request_id) {
+        let (tokens, params) = validate::generate(&self.engine, &req, self.limits()).await?;
+        let started = match self.early.begin(&req.request_id, &tokens, &params) {
+            Ok(s) => s,
+            Err(NotStarted::Dropped) => {
+                info!(request_id = %req.request_id, "early prefill dropped before it started: the decode-server prefills it itself");
                 return Ok(pb::EarlyPrefillResponse { started: false });
             }
-            let early = Early {
-                generation,
-                ready: ready.clone(),
-                tokens: tokens.clone(),
-                params: params.clone(),
-                result,
-            };
-            m.insert(req.request_id.clone(), Some(early));
-        }
+            Err(NotStarted::Busy) => return Ok(pb::EarlyPrefillResponse { started: false }),
+        };
         let svc = self.clone();
         let span = info_span!("early_prefill", request_id = %req.request_id);
         let id = req.request_id;
-        tokio::spawn(
+        daemon::tasks::spawn(
             async move {
-                let out = svc.compute(&tokens, &params, received, true).await;
-                // Claimed or not, the outcome waits in the channel; dropped with an
-                // unclaimed entry, it releases its blocks.
-                let _ = tx.send(out);
-                ready.store(true, Ordering::Release);
-                tokio::time::sleep(Duration::from_millis(svc.cfg.early_hold_ms)).await;
-                let mut m = svc.early.lock().unwrap();
-                if matches!(m.get(&id), Some(Some(e)) if e.generation == generation) {
-                    m.remove(&id);
-                    early_outcome("unclaimed");
+                let generation = started.generation;
+                started.finish(svc.compute(&tokens, &params, received, true, None).await);
+                tokio::time::sleep(svc.early.hold()).await;
+                if svc.early.expire(&id, generation) {
                     info!(hold_ms = svc.cfg.early_hold_ms, "early prefill not claimed: released");
                 }
             }
@@ -300,38 +271,11 @@ impl PrefillService {
 
     /// Releases the early start of `id`, which its decode-server will not claim.
     fn drop_early(&self, id: &str) -> pb::DropEarlyResponse {
-        let mut m = self.early.lock().unwrap();
-        let dropped = matches!(m.get(id), Some(Some(_)));
+        let dropped = self.early.drop_start(id);
         if dropped {
-            m.remove(id);
-            early_outcome("dropped");
             info!(request_id = %id, "early prefill dropped: the decode-server prefills it itself");
         }
         pb::DropEarlyResponse { dropped }
-    }
-
-    /// Takes the early start of `id` if its tokens and sampling are these; marks the id
-    /// as running either way (until the returned guard drops).
-    fn claim_early(&self, id: &str, tokens: &[u32], params: &SamplingParams) -> (Option<Early>, Option<Running<'_>>) {
-        if id.is_empty() {
-            return (None, None);
-        }
-        let mut m = self.early.lock().unwrap();
-        let found = match m.remove(id) {
-            // Another Prefill of this id runs: it keeps the mark.
-            Some(None) => {
-                m.insert(id.to_string(), None);
-                return (None, None);
-            }
-            Some(Some(e)) if e.tokens == tokens && e.params == *params => Some(e),
-            Some(Some(_)) => {
-                early_outcome("mismatch");
-                None
-            }
-            None => None,
-        };
-        m.insert(id.to_string(), None);
-        (found, Some(Running(&self.early, id.to_string())))
     }
 
     /// Prefills (or takes the early start's result), sends the first token on `first`
@@ -343,17 +287,12 @@ impl PrefillService {
         first: &mpsc::Sender<Result<pb::PrefillResponse, Status>>,
     ) -> Result<pb::PrefillResponse, Status> {
         let received = Instant::now();
-        let session = self
-            .sessions
-            .lock()
-            .unwrap()
-            .get(&req.session)
-            .cloned()
-            .ok_or_else(|| Status::failed_precondition(format!("unknown session {}: handshake again", req.session)))?;
+        validate::peer_name(&req.peer_name)?;
+        let session = self.sessions.get(&req.session, &req.boot_id, &req.peer_name)?;
+        let params = validate::prefill(&self.engine, &req, self.limits())?;
         // Past this the decode-server may have given the blocks to another request.
         let write_by = (req.write_by_ms > 0).then(|| received + Duration::from_millis(req.write_by_ms));
         let tokens = req.token_ids;
-        self.check_prompt(&tokens)?;
         let n = self.engine.blocks_for(tokens.len());
         if req.dst_blocks.len() < n {
             return Err(Status::invalid_argument(format!(
@@ -368,13 +307,19 @@ impl PrefillService {
                 session.num_blocks
             )));
         }
-        let params = convert::sampling(req.sampling.as_ref());
-        let (early, _running) = self.claim_early(&req.request_id, &tokens, &params);
+        let (early, _running) = self.early.claim(&req.request_id, &tokens, &params);
         let early = match early {
-            Some(e) => match e.result.await {
+            Some(e) => match tokio::select! {
+                biased;
+                _ = first.closed() => {
+                    metrics::counter!(daemon::metrics::REQUESTS_CANCELLED).increment(1);
+                    return Err(Status::cancelled("the decode-server went away while its early start ran: nothing written"));
+                }
+                r = e.result => r,
+            } {
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(s)) => {
-                    early_outcome("failed");
+                    early::outcome("failed");
                     warn!(code = ?s.code(), message = s.message(), "early prefill failed; computing again");
                     None
                 }
@@ -385,10 +330,10 @@ impl PrefillService {
         let started_early = early.is_some();
         let local = match early {
             Some(c) => {
-                early_outcome("used");
+                early::outcome("used");
                 c
             }
-            None => self.compute(&tokens, &params, received, false).await?,
+            None => self.compute(&tokens, &params, received, false, Some(first)).await?,
         };
         let mut msg = pb::PrefillResponse {
             first_token: local.first_token,
@@ -417,13 +362,12 @@ impl PrefillService {
         let segs = self.segments(&session, &local.blocks[..n], &req.dst_blocks[..n]);
         let bytes: u64 = segs.iter().map(|s| s.len).sum();
         let t = Instant::now();
-        self.agent
-            .write(session.peer, &segs, req.notify_tag)
-            .await
-            .map_err(|e| from_transfer(&e))?;
+        let backend = self.agent.backend().as_str();
+        if let Err(e) = self.agent.write(session.peer, &segs, req.notify_tag).await {
+            return Err(self.write_failed(&e, &session, local, backend));
+        }
         let secs = t.elapsed().as_secs_f64();
         let kv_transfer_ms = secs * 1e3;
-        let backend = self.agent.backend().as_str();
         metrics::histogram!(daemon::metrics::PREFILL_TIME).record(local.prefill_ms / 1e3);
         metrics::counter!(daemon::metrics::PROMPT_TOKENS).increment(tokens.len() as u64);
         metrics::counter!(daemon::metrics::KV_BYTES, "backend" => backend).increment(bytes);
@@ -458,12 +402,41 @@ impl PrefillService {
     }
 }
 
-fn early_outcome(outcome: &'static str) {
-    metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => outcome).increment(1);
-}
-
 impl PrefillService {
-    fn handshake(&self, r: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
+    /// Drops every computed, unclaimed early start (releasing its blocks); how many.
+    fn evict_early_starts(&self) -> usize {
+        let n = self.early.evict_ready();
+        if n > 0 {
+            info!(evicted = n, "out of KV blocks: unclaimed early prefills dropped");
+        }
+        n
+    }
+
+    /// A KV write that failed. One that was abandoned (its connection force-closed,
+    /// bytes perhaps still on the way) keeps its source blocks out of circulation until
+    /// nothing can read them, ends the session (the decode-server handshakes again, on
+    /// a fresh connection), and tells the decode-server how long its blocks must wait.
+    fn write_failed(&self, e: &kv_transfer::TransferError, session: &Arc<Session>, local: Computed, backend: &'static str) -> Status {
+        let mut status = from_transfer(e);
+        let Some(until) = e.may_land_until() else {
+            return status;
+        };
+        metrics::counter!(daemon::metrics::KV_WRITES_ABANDONED, "backend" => backend).increment(1);
+        let left = until.saturating_duration_since(Instant::now());
+        warn!(peer = %session.name, error = %e, may_land_ms = left.as_millis() as u64, "KV write abandoned: its source blocks are held and the session is closed");
+        let blocks = local.blocks.len();
+        daemon::metrics::quarantine(local, blocks, tokio::time::Instant::from_std(until));
+        if self.sessions.remove(session) {
+            self.agent.disconnect(session.peer);
+        }
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(left.as_millis().to_string()) {
+            status.metadata_mut().insert(daemon::KV_MAY_LAND_MS, v);
+        }
+        status
+    }
+
+    async fn handshake(&self, r: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
+        validate::peer_name(&r.peer_name)?;
         let ours = self.engine.layout();
         if r.backend != self.agent.backend().as_str() {
             return Err(Status::failed_precondition(format!(
@@ -480,6 +453,14 @@ impl PrefillService {
         );
         ours.check_compatible(&theirs)
             .map_err(|why| Status::failed_precondition(format!("peer {} is incompatible: {why}", r.peer_name)))?;
+        // The session is bound to the name the data plane will know the peer by.
+        let md = kv_transfer::Metadata::decode(&r.transfer_metadata, self.agent.backend()).map_err(|e| from_transfer(&e))?;
+        if r.peer_name.is_empty() || md.agent != r.peer_name {
+            return Err(Status::invalid_argument(format!(
+                "peer_name {:?} is not the agent named in the data-plane metadata ({:?})",
+                r.peer_name, md.agent
+            )));
+        }
         if r.pool_regions.len() != self.regions.len() {
             return Err(Status::invalid_argument(format!(
                 "expected {} pool regions, got {}",
@@ -487,23 +468,26 @@ impl PrefillService {
                 r.pool_regions.len()
             )));
         }
-        let peer = self.agent.connect(&r.transfer_metadata).map_err(|e| from_transfer(&e))?;
-        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
-        self.sessions.lock().unwrap().insert(
-            session,
-            Arc::new(Session {
-                name: r.peer_name.clone(),
-                peer,
-                regions: r.pool_regions,
-                num_blocks: theirs.num_blocks,
-            }),
-        );
-        info!(peer = %r.peer_name, session, "decode-server handshaken");
+        let peer = self
+            .agent
+            .connect(&r.transfer_metadata, &r.data_plane_key)
+            .await
+            .map_err(|e| from_transfer(&e))?;
+        let (session, displaced) = self
+            .sessions
+            .insert(Session::new(r.peer_name.clone(), peer, r.pool_regions, theirs.num_blocks));
+        for old in displaced {
+            // Writes still using an old session fail; its decode-server retries them.
+            self.agent.disconnect(old.peer);
+            info!(peer = %old.name, "session replaced or evicted: its data-plane peer is disconnected");
+        }
+        info!(peer = %r.peer_name, sessions = self.sessions.len(), "decode-server handshaken");
         Ok(pb::HandshakeResponse {
             peer_name: self.agent.name().to_string(),
             layout: Some(convert::layout_to_wire(ours)),
             backend: self.agent.backend().to_string(),
-            session,
+            session: session.to_vec(),
+            boot_id: self.sessions.boot_id().to_vec(),
             write_deadline_ms: self.cfg.transfer.deadline_ms,
         })
     }
@@ -519,15 +503,17 @@ impl pb::prefill_server::Prefill for PrefillApi {
     type PrefillStream = ReceiverStream<Result<pb::PrefillResponse, Status>>;
 
     async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
-        self.0.handshake(req.into_inner()).map(Response::new)
+        self.0.handshake(req.into_inner()).await.map(Response::new)
     }
 
     async fn early_prefill(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::EarlyPrefillResponse>, Status> {
-        self.0.early_prefill(req.into_inner()).map(Response::new)
+        self.0.early_prefill(req.into_inner()).await.map(Response::new)
     }
 
     async fn drop_early(&self, req: Request<pb::DropEarlyRequest>) -> Result<Response<pb::DropEarlyResponse>, Status> {
-        Ok(Response::new(self.0.drop_early(&req.into_inner().request_id)))
+        let id = req.into_inner().request_id;
+        validate::request_id(&id)?;
+        Ok(Response::new(self.0.drop_early(&id)))
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<Self::PrefillStream>, Status> {
@@ -536,7 +522,7 @@ impl pb::prefill_server::Prefill for PrefillApi {
         let span = info_span!("prefill", request_id = %r.request_id);
         let (tx, rx) = mpsc::channel(2);
         let svc = self.0.clone();
-        tokio::spawn(async move {
+        daemon::tasks::spawn(async move {
             let out = svc.prefill(r, &tx).instrument(span.clone()).await.map_err(|mut s| {
                 s.metadata_mut()
                     .insert(daemon::KV_WRITE_OVER, tonic::metadata::MetadataValue::from_static("1"));
@@ -563,17 +549,22 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
     daemon::metrics::install(&cfg.metrics_listen, "prefill-server")?;
     info!(%addr, "prefill-server listening; loading model");
     let mut server = cfg.tls.server()?;
+    daemon::auth::warn_if_open(&cfg.listen, &cfg.internal_token, &cfg.tls);
+    let internal = daemon::auth::InternalAuth::new(&cfg.internal_token, &cfg.tls);
     let svc = PrefillService::new(cfg).await?;
     reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillApi>>().await;
     info!("prefill-server ready");
     daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
     let prefill = pb::prefill_server::PrefillServer::new(PrefillApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+    let (reflection, reflection_alpha) = daemon::reflection(&["pdserve.v1.Prefill"]);
     server
         .add_service(health)
-        .add_service(daemon::reflection())
-        .add_service(prefill)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(tonic::service::interceptor::InterceptedService::new(prefill, internal))
         .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
         .await?;
+    daemon::drain_tasks("prefill-server").await;
     svc.agent.shutdown();
     info!("prefill-server stopped");
     Ok(())

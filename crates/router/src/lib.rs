@@ -14,7 +14,6 @@ use std::time::Duration;
 use daemon::config::Validate;
 use proto::v1 as pb;
 use proto::v1::generation_client::GenerationClient;
-use proto::v1::prefill_client::PrefillClient;
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
@@ -22,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,12 +35,18 @@ pub enum Policy {
 pub struct RouterConfig {
     /// gRPC address clients connect to.
     pub listen: String,
+    /// OpenAI-compatible HTTP address, host:port (empty: no HTTP API).
+    pub http_listen: String,
+    /// The model name the HTTP API serves (`GET /v1/models`; requests naming another are 404).
+    pub served_model_name: String,
     /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
     pub metrics_listen: String,
     /// TLS and mutual TLS on the gRPC port and to peers (see configs/README.md).
     pub tls: daemon::tls::TlsConfig,
-    /// Bearer token the client API requires (empty: none).
+    /// Bearer token the client API requires (empty: none); also sent to decode-servers.
     pub auth_token: String,
+    /// The cluster's shared secret, sent on the early prefills to prefill-servers.
+    pub internal_token: String,
     /// Decode-servers, as `http://host:port`.
     pub decode_servers: Vec<String>,
     /// Prefill-servers to start prompts on early, named exactly as in the
@@ -53,30 +58,38 @@ pub struct RouterConfig {
     pub health_interval_ms: u64,
     /// Deadline for connecting to a decode-server, and for each health check.
     pub connect_timeout_ms: u64,
+    /// Most requests in flight through the router; past it, RESOURCE_EXHAUSTED at once.
+    pub max_inflight: usize,
+    /// No early prefill when the chosen decode-server already has this many requests
+    /// outstanding: under load its KV blocks come late, the early start would be
+    /// dropped after its hold and computed again.
+    pub early_prefill_max_outstanding: usize,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             listen: "127.0.0.1:50050".into(),
+            http_listen: String::new(),
+            served_model_name: "default".into(),
             metrics_listen: String::new(),
             tls: Default::default(),
             auth_token: String::new(),
+            internal_token: String::new(),
             decode_servers: vec!["http://127.0.0.1:50051".into()],
             prefill_servers: vec![],
             policy: Policy::RoundRobin,
             health_interval_ms: 500,
             connect_timeout_ms: 2_000,
+            max_inflight: 1024,
+            early_prefill_max_outstanding: 64,
         }
     }
 }
 
 impl Validate for RouterConfig {
     fn validate(&self) -> Result<(), String> {
-        self.tls.validate().map_err(|e| e.to_string())?;
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|e| format!("listen: {:?} is not host:port ({e})", self.listen))?;
+        daemon::config::check_listen(&self.tls, &self.listen, &self.http_listen)?;
         if self.decode_servers.is_empty() {
             return Err("decode_servers: at least one is needed".into());
         }
@@ -85,8 +98,8 @@ impl Validate for RouterConfig {
                 Endpoint::from_shared(u.clone()).map_err(|e| format!("{key}: {u:?} is not a URL ({e})"))?;
             }
         }
-        if self.health_interval_ms == 0 || self.connect_timeout_ms == 0 {
-            return Err("health_interval_ms and connect_timeout_ms must be positive".into());
+        if self.health_interval_ms == 0 || self.connect_timeout_ms == 0 || self.max_inflight == 0 {
+            return Err("health_interval_ms, connect_timeout_ms and max_inflight must be positive".into());
         }
         Ok(())
     }
@@ -109,7 +122,28 @@ pub struct Router {
     prefill_rr: AtomicUsize,
     timeout: Duration,
     /// Sent to the decode-servers (which check the same token).
-    token: daemon::tls::BearerToken,
+    token: daemon::auth::BearerToken,
+    /// Sent to the prefill-servers.
+    internal_token: String,
+    inflight: AtomicUsize,
+    max_inflight: usize,
+    early_prefill_max_outstanding: usize,
+}
+
+/// A request in flight through the router (its place when it came); leaves the count
+/// when its answer ends.
+pub struct InFlight(usize, Arc<Router>);
+
+impl InFlight {
+    fn enter(r: &Arc<Router>) -> InFlight {
+        InFlight(r.inflight.fetch_add(1, Ordering::AcqRel) + 1, r.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.1.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Decrements a backend's outstanding count when the response stream ends.
@@ -141,11 +175,15 @@ impl Router {
         Ok(Arc::new(Router {
             backends: connect(&cfg.decode_servers, "pdserve.v1.Generation")?,
             prefill: connect(&cfg.prefill_servers, "pdserve.v1.Prefill")?,
-            token: daemon::tls::BearerToken::new(&cfg.auth_token),
+            token: daemon::auth::BearerToken::new(&cfg.auth_token),
+            internal_token: cfg.internal_token.clone(),
             policy: cfg.policy,
             rr: AtomicUsize::new(0),
             prefill_rr: AtomicUsize::new(0),
             timeout,
+            inflight: AtomicUsize::new(0),
+            max_inflight: cfg.max_inflight,
+            early_prefill_max_outstanding: cfg.early_prefill_max_outstanding,
         }))
     }
 
@@ -180,12 +218,15 @@ impl Router {
         let b = (0..n)
             .map(|i| &self.prefill[(start + i) % n])
             .find(|b| b.healthy.load(Ordering::Relaxed))?;
-        let mut client = PrefillClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+        let mut client = daemon::auth::prefill_client(b.channel.clone(), &self.internal_token);
         let (req, timeout, url, id) = (req.clone(), self.timeout, b.url.clone(), req.request_id.clone());
-        tokio::spawn(async move {
+        daemon::tasks::spawn(async move {
             match tokio::time::timeout(timeout, client.early_prefill(req)).await {
                 Ok(Ok(r)) if r.get_ref().started => {}
                 Ok(Ok(_)) => debug!(request_id = %id, prefill = %url, "early prefill not started: the id is in use"),
+                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                    error!(prefill = %url, "the prefill-server refused the router's internal_token: set the same in every daemon")
+                }
                 Ok(Err(s)) => debug!(request_id = %id, prefill = %url, code = ?s.code(), message = s.message(), "early prefill refused"),
                 Err(_) => debug!(request_id = %id, prefill = %url, "early prefill timed out"),
             }
@@ -195,6 +236,7 @@ impl Router {
 
     fn spawn_health_checks(self: &Arc<Self>, interval: Duration, timeout: Duration) {
         for b in self.backends.iter().chain(&self.prefill).cloned() {
+            // For the process's life: not tracked (a drain would wait for it in vain).
             tokio::spawn(async move {
                 let mut client = HealthClient::new(b.channel.clone());
                 loop {
@@ -212,16 +254,23 @@ impl Router {
         }
     }
 
-    fn prepare(req: &mut pb::GenerateRequest) {
+    /// Checks what needs no model (bad requests go no further) and names the request.
+    fn prepare(req: &mut pb::GenerateRequest) -> Result<(), Status> {
+        daemon::validate::routed(req)?;
         if req.request_id.is_empty() {
             req.request_id = daemon::new_request_id();
         }
+        Ok(())
     }
 }
 
-/// A connection-level failure: the request never reached the decode-server.
+/// The decode-server is not there (or died as it took the call): try the next one.
 fn unreachable(s: &Status) -> bool {
-    s.code() == tonic::Code::Unavailable && s.metadata().is_empty()
+    // UNAVAILABLE before any answer: no connection. UNKNOWN: the transport broke under
+    // the call (a decode-server killed as it took the request); it is gone either way.
+    (s.code() == tonic::Code::Unavailable && s.metadata().is_empty())
+        || s.code() == tonic::Code::Unknown
+        || daemon::status::transport_made(s)
 }
 
 #[derive(Clone)]
@@ -233,15 +282,33 @@ impl RouterApi {
     /// Sends `req` to the healthy decode-servers in policy order until one takes it; a
     /// server that cannot be reached is marked unhealthy and the next one tried. The
     /// returned guard keeps the server's outstanding count until it is dropped.
-    async fn route<T, F, Fut>(&self, mut req: pb::GenerateRequest, call: F) -> Result<(T, Outstanding), Status>
+    async fn route<T, F, Fut>(&self, mut req: pb::GenerateRequest, call: F) -> Result<(T, (Outstanding, InFlight)), Status>
     where
         F: Fn(GenerationClient<Channel>, Request<pb::GenerateRequest>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        Router::prepare(&mut req);
+        let inflight = InFlight::enter(&self.0);
+        if inflight.0 > self.0.max_inflight {
+            let s = daemon::metrics::rejected(
+                "router_busy",
+                format!("overloaded: {} requests in flight (max_inflight); retry later", self.0.max_inflight),
+                ROUTER_RETRY_AFTER_MS,
+            );
+            daemon::metrics::request_done(Err(s.code()));
+            return Err(s);
+        }
+        Router::prepare(&mut req).inspect_err(|s| daemon::metrics::request_done(Err(s.code())))?;
         let candidates = self.0.candidates();
-        // No decode-server to take it: nothing to start early either.
-        let early = if candidates.is_empty() { None } else { self.0.start_early(&req) };
+        // No decode-server to take it: nothing to start early either; nor when the
+        // first choice is busy (its blocks would come after the early start's hold).
+        let early = match candidates.first() {
+            None => None,
+            Some(b) if !self.0.prefill.is_empty() && b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding => {
+                metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => "skipped_busy").increment(1);
+                None
+            }
+            Some(_) => self.0.start_early(&req),
+        };
         if early.is_some() {
             // The early call's task sits in this worker's next-task slot: let it send
             // its request before ours, since the prefill-server's compute is the
@@ -268,12 +335,19 @@ impl RouterApi {
             match call(client, request).await {
                 Ok(resp) => {
                     info!(request_id = %req.request_id, decode = %b.url, "routed");
-                    return Ok((resp.into_inner(), guard));
+                    return Ok((resp.into_inner(), (guard, inflight)));
                 }
                 Err(s) if unreachable(&s) => {
                     warn!(request_id = %req.request_id, decode = %b.url, error = %s.message(), "decode-server unreachable; trying another");
                     b.healthy.store(false, Ordering::Relaxed);
                     last = s;
+                }
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    // The client passed our check: the decode-server wants another token.
+                    error!(decode = %b.url, "the decode-server refused the router's auth_token: set the same on both");
+                    let s = Status::unavailable("the decode-server refused the router's credentials (a deployment error)");
+                    daemon::metrics::request_done(Err(s.code()));
+                    return Err(s);
                 }
                 Err(s) => {
                     daemon::metrics::request_done(Err(s.code()));
@@ -295,6 +369,17 @@ impl pb::generation_server::Generation for RouterApi {
         // The decode-server counts as busy with this request until the stream ends.
         let stream = stream.map(move |item| {
             let _held = &guard;
+            // A decode-server that dies mid-answer, or whose link fails, breaks the
+            // connection: the transport reports UNKNOWN or INTERNAL ("h2 protocol
+            // error"); to the client it is unavailable.
+            let item = item.map_err(|s| {
+                if s.code() == tonic::Code::Unknown || daemon::status::transport_made(&s) {
+                    warn!(decode = %guard.0.0.url, error = %s.message(), "decode-server failed mid-answer");
+                    Status::unavailable(format!("decode-server {} failed mid-answer: {}", guard.0.0.url, s.message()))
+                } else {
+                    s
+                }
+            });
             match &item {
                 Ok(pb::GenerateResponse {
                     kind: Some(pb::generate_response::Kind::Result(_)),
@@ -316,6 +401,12 @@ impl pb::generation_server::Generation for RouterApi {
     }
 }
 
+/// The retry hint of a request refused because the router is full.
+const ROUTER_RETRY_AFTER_MS: u64 = 1_000;
+
+/// How long open HTTP answers may take after SIGTERM.
+const HTTP_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
 pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let addr: SocketAddr = cfg.listen.parse()?;
     let router = Router::new(&cfg)?;
@@ -333,15 +424,45 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, backends = cfg.decode_servers.len(), "router listening");
+    // One shutdown for both fronts.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ready = router.clone();
+    let api = openai::Api::new(
+        RouterApi(router.clone()),
+        cfg.served_model_name.clone(),
+        &cfg.auth_token,
+        move || ready.any_healthy(),
+    );
+    let http = openai::start(&cfg.http_listen, api, stop.clone().cancelled_owned()).await?;
     daemon::systemd::ready("router: listening");
     let api = pb::generation_server::GenerationServer::new(RouterApi(router)).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-    cfg.tls
+    let (reflection, reflection_alpha) = daemon::reflection(&["pdserve.v1.Generation"]);
+    let grpc = cfg
+        .tls
         .server()?
         .add_service(health)
-        .add_service(daemon::reflection())
-        .add_service(InterceptedService::new(api, daemon::tls::BearerToken::new(&cfg.auth_token)))
-        .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
-        .await?;
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(InterceptedService::new(api, daemon::auth::BearerToken::new(&cfg.auth_token)))
+        .serve_with_incoming_shutdown(daemon::incoming(listener), stop.clone().cancelled_owned());
+    let signal = stop.clone();
+    daemon::tasks::spawn(async move {
+        shutdown.await;
+        signal.cancel();
+    });
+    grpc.await?;
+    stop.cancel();
+    // The HTTP front finishes its open answers, up to a deadline: a client that stopped
+    // reading an event stream must not keep the router from exiting.
+    if let Some(mut h) = http {
+        match tokio::time::timeout(HTTP_DRAIN_DEADLINE, &mut h).await {
+            Ok(r) => r??,
+            Err(_) => {
+                warn!("HTTP answers still open after {HTTP_DRAIN_DEADLINE:?}; closing them");
+                h.abort();
+            }
+        }
+    }
     info!("router stopped");
     Ok(())
 }

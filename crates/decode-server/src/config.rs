@@ -1,0 +1,94 @@
+//! The decode-server's configuration (`decode-server.toml`, `PDSERVE_` overrides).
+
+use daemon::config::Validate;
+use engine::EngineConfig;
+use kv_transfer::TransferConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// gRPC address to serve on (client API and health).
+    pub listen: String,
+    /// OpenAI-compatible HTTP address for a one-node setup, host:port (empty: off).
+    pub http_listen: String,
+    /// The model name the HTTP API serves (empty: the model directory's name).
+    pub served_model_name: String,
+    /// Prometheus `/metrics` address, host:port (empty: no metrics endpoint).
+    pub metrics_listen: String,
+    /// TLS and mutual TLS on the gRPC port and to peers (see configs/README.md).
+    pub tls: daemon::tls::TlsConfig,
+    /// Bearer token the client API requires (empty: none).
+    pub auth_token: String,
+    /// The cluster's shared secret: required on DecodeAdmin, sent to prefill-servers.
+    pub internal_token: String,
+    /// Serve the internal API without credentials on a non-loopback address.
+    pub allow_insecure_internal: bool,
+    pub engine: EngineConfig,
+    pub transfer: TransferConfig,
+    /// Prefill-servers, as `http://host:port`. Empty: prefill locally.
+    pub prefill_servers: Vec<String>,
+    /// Prompts shorter than this many tokens are prefilled here (no transfer); 0: never.
+    pub local_prefill_below: usize,
+    /// Most sequences decoded in one step.
+    pub max_batch: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: u32,
+    /// Longest prompt, in tokens (0: the model's maximum).
+    pub max_prompt_tokens: usize,
+    /// How long a request may wait for KV blocks before RESOURCE_EXHAUSTED.
+    pub queue_deadline_ms: u64,
+    /// Most requests waiting in line for KV blocks; past it, RESOURCE_EXHAUSTED at once.
+    pub max_waiting: usize,
+    /// Deadline of a prefill call, KV transfer included.
+    pub prefill_deadline_ms: u64,
+    /// How often unreachable prefill-servers are retried.
+    pub handshake_interval_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take before they are cancelled.
+    pub drain_deadline_ms: u64,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig {
+            listen: "127.0.0.1:50051".into(),
+            http_listen: String::new(),
+            served_model_name: String::new(),
+            metrics_listen: String::new(),
+            tls: Default::default(),
+            auth_token: String::new(),
+            internal_token: String::new(),
+            allow_insecure_internal: false,
+            engine: EngineConfig::default(),
+            transfer: TransferConfig::default(),
+            prefill_servers: vec!["http://127.0.0.1:50061".into()],
+            local_prefill_below: 0,
+            max_batch: 32,
+            max_tokens_limit: 4096,
+            max_prompt_tokens: 0,
+            queue_deadline_ms: 30_000,
+            max_waiting: 256,
+            prefill_deadline_ms: 60_000,
+            handshake_interval_ms: 1_000,
+            drain_deadline_ms: 30_000,
+        }
+    }
+}
+
+impl Validate for DecodeConfig {
+    fn validate(&self) -> Result<(), String> {
+        daemon::config::check_listen(&self.tls, &self.listen, &self.http_listen)?;
+        for p in &self.prefill_servers {
+            if !(p.starts_with("http://") || p.starts_with("https://")) {
+                return Err(format!("prefill_servers: {p:?} must be a URL like http://host:port"));
+            }
+        }
+        if self.max_batch == 0 || self.max_tokens_limit == 0 || self.max_waiting == 0 {
+            return Err("max_batch, max_tokens_limit and max_waiting must be at least 1".into());
+        }
+        if self.queue_deadline_ms == 0 || self.prefill_deadline_ms == 0 {
+            return Err("queue_deadline_ms and prefill_deadline_ms must be positive".into());
+        }
+        daemon::auth::check_exposure(&self.listen, &self.internal_token, &self.tls, self.allow_insecure_internal)
+    }
+}
