@@ -150,6 +150,31 @@ impl ModelConfig {
         })
     }
 
+    /// Adds the end-of-sequence ids of `generation_config.json` (a list, or one id), as
+    /// transformers' generate does: chat models often end turns with a token that
+    /// config.json does not name.
+    pub fn merge_generation_config(&mut self, path: &Path) -> Result<()> {
+        #[derive(Deserialize)]
+        struct Gen {
+            eos_token_id: Option<Ids>,
+        }
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(());
+        };
+        let g: Gen = serde_json::from_str(&text).map_err(|e| EngineError::model(path, format!("not a generation config: {e}")))?;
+        let ids = match g.eos_token_id {
+            None => vec![],
+            Some(Ids::One(i)) => vec![i],
+            Some(Ids::Many(v)) => v,
+        };
+        for id in ids {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
+    }
+
     /// The dtype the checkpoint stores.
     pub fn stored(&self) -> DType {
         match self.stored_dtype.as_str() {

@@ -79,6 +79,8 @@ pub struct Engine {
     pools: Arc<KvPools>,
     blocks: Mutex<BlockManager>,
     tokenizer: tokenizers::Tokenizer,
+    /// The model's chat template, if it ships one.
+    chat: Option<crate::chat::ChatTemplate>,
     max_len: usize,
     next_seq: AtomicU64,
 }
@@ -97,6 +99,7 @@ impl Engine {
         };
         let tokenizer = tokenizers::Tokenizer::from_file(&dir.tokenizer)
             .map_err(|e| EngineError::model(&dir.tokenizer, format!("not a tokenizer: {e}")))?;
+        let chat = crate::chat::ChatTemplate::load(&dir.root)?;
         let model = Model::load(&dir, dtype, &device, &cfg.kernels)?;
         let c = &model.cfg;
         let block_size = cfg.block_size.max(1);
@@ -129,6 +132,7 @@ impl Engine {
             pools,
             blocks: Mutex::new(BlockManager::new(num_blocks, block_size)),
             tokenizer,
+            chat,
             max_len,
             next_seq: AtomicU64::new(1),
         })
@@ -154,6 +158,20 @@ impl Engine {
         let enc = self
             .tokenizer
             .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// A conversation's prompt: the model's chat template with the assistant's turn
+    /// opened, tokenized without adding special tokens (the template writes them).
+    pub fn chat_prompt(&self, messages: &[crate::chat::ChatMessage]) -> Result<Vec<u32>> {
+        let t = self.chat.as_ref().ok_or_else(|| {
+            EngineError::Invalid("this model has no chat template (tokenizer_config.json): send text or token_ids".into())
+        })?;
+        let text = t.render(messages)?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }

@@ -48,7 +48,8 @@ impl ModelDir {
         if !config_path.exists() {
             return Err(EngineError::model(&config_path, "missing"));
         }
-        let config = ModelConfig::from_file(&config_path)?;
+        let mut config = ModelConfig::from_file(&config_path)?;
+        config.merge_generation_config(&root.join("generation_config.json"))?;
         let tokenizer = root.join("tokenizer.json");
         if !tokenizer.exists() {
             return Err(EngineError::model(&tokenizer, "missing"));

@@ -38,6 +38,12 @@ impl Default for SamplingParams {
     }
 }
 
+/// Most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes: every string is looked for in the new text at each
+/// step, on the decode thread.
+pub const MAX_STOP_BYTES: usize = 256;
+
 impl SamplingParams {
     /// Checks the parameters; the message names the field.
     pub fn validate(&self, max_tokens_limit: u32) -> Result<(), String> {
@@ -56,8 +62,14 @@ impl SamplingParams {
         if self.max_tokens > max_tokens_limit {
             return Err(format!("max_tokens {} exceeds the limit of {max_tokens_limit}", self.max_tokens));
         }
-        if self.stop.iter().any(String::is_empty) || self.stop.len() > 16 {
-            return Err("stop strings must be non-empty, at most 16".into());
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(format!("at most {MAX_STOP_STRINGS} stop strings, got {}", self.stop.len()));
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            return Err(format!(
+                "stop strings must be 1 to {MAX_STOP_BYTES} bytes long, got one of {}",
+                s.len()
+            ));
         }
         Ok(())
     }

@@ -195,6 +195,14 @@ pub fn synthesize(arch: Arch, preset: Preset, seed: u64, out: &Path) -> Result<(
     let cfg_path = out.join("config.json");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap()).map_err(|e| EngineError::model(&cfg_path, e.to_string()))?;
     write_tokenizer(&out.join("tokenizer.json"), s.trained_vocab, s.vocab)?;
+    // A ChatML template, so chat requests run on synthetic models too.
+    let tc_path = out.join("tokenizer_config.json");
+    let tc = json!({
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    });
+    std::fs::write(&tc_path, serde_json::to_string_pretty(&tc).unwrap()).map_err(|e| EngineError::model(&tc_path, e.to_string()))?;
 
     // (name, shape, init): init is the uniform half-range, or a norm weight.
     enum Init {
