@@ -49,7 +49,7 @@ impl ClientArgs {
     /// `msg` as a request carrying the token, if any.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
-        daemon::tls::BearerToken::new(self.token.as_deref().unwrap_or("")).attach(&mut r);
+        daemon::auth::BearerToken::new(self.token.as_deref().unwrap_or("")).attach(&mut r);
         r
     }
 }

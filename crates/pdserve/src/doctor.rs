@@ -314,7 +314,7 @@ async fn backend_write(backend: BackendKind) -> Check {
         src.write_at(0, &data);
         let dst = Arc::new(HostBuffer::new(len));
         let (ra, rb) = (a.register(Memory::host(src))?, b.register(Memory::host(dst.clone()))?);
-        let peer = a.connect(&b.local_metadata()?)?;
+        let peer = a.connect(&b.local_metadata().await?, &b.issue_key()).await?;
         let seg = Segment {
             local: ra.id(),
             local_offset: 0,
@@ -323,8 +323,9 @@ async fn backend_write(backend: BackendKind) -> Check {
             len: len as u64,
         };
         let t = Instant::now();
-        a.write(peer, &[seg], 7).await?;
-        b.wait_notification(7, Duration::from_secs(10)).await?;
+        let tag = kv_transfer::random_tag();
+        a.write(peer, &[seg], tag).await?;
+        b.wait_notification_from(a.name(), tag, Duration::from_secs(10)).await?;
         let us = t.elapsed().as_secs_f64() * 1e6;
         let got = dst.to_vec(0, len);
         let info = a.backend_info();

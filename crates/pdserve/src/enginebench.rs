@@ -31,6 +31,9 @@ pub struct Args {
     pub steps: usize,
     #[arg(long, default_value_t = 8192)]
     pub kv_cache_mib: u64,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// `auto` (fused CUDA kernels where they serve) or `reference` (candle's ops).
     #[arg(long, default_value = "auto")]
     pub kernels: String,
@@ -62,6 +65,7 @@ fn load(a: &Args, kernels: &str) -> anyhow::Result<Engine> {
         Engine::load(&EngineConfig {
             model: a.model.clone(),
             device: a.device.clone(),
+            dtype: a.dtype.clone(),
             kv_cache_mib: a.kv_cache_mib,
             kernels: kernels.into(),
             ..Default::default()

@@ -27,6 +27,16 @@ pub struct Args {
     /// Device for --local: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weights and activations for --local: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto", requires = "local")]
+    pub dtype: String,
+    /// Send --prompt as the user's message of a chat, rendered with the model's chat
+    /// template (an instruct model given plain text may end its answer at once).
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// A system message before the user's (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// The prompt text.
     #[arg(long, conflicts_with = "token_ids")]
     pub prompt: Option<String>,
@@ -56,6 +66,13 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--chat`'s messages as (role, content): the system message if given, the user's.
+    fn messages(&self) -> Vec<(String, String)> {
+        let system = self.system.iter().map(|s| ("system".to_string(), s.clone()));
+        let user = self.prompt.iter().map(|p| ("user".to_string(), p.clone()));
+        system.chain(user).collect()
+    }
+
     pub fn sampling(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
@@ -81,12 +98,21 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let engine = Engine::load(&EngineConfig {
         model,
         device: a.device.clone(),
+        dtype: a.dtype.clone(),
         kv_cache_mib: 64,
         ..Default::default()
     })?;
     let params = a.sampling();
     params.validate(u32::MAX).map_err(anyhow::Error::msg)?;
     let prompt = match (&a.prompt, &a.token_ids) {
+        (Some(_), _) if a.chat => {
+            let messages: Vec<engine::ChatMessage> = a
+                .messages()
+                .into_iter()
+                .map(|(role, content)| engine::ChatMessage { role, content })
+                .collect();
+            engine.chat_prompt(&messages)?
+        }
         (Some(text), _) => engine.tokenize(text)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --token-ids 1,2,3"),
@@ -114,6 +140,13 @@ async fn remote(a: &Args, url: &str) -> anyhow::Result<i32> {
     use std::io::Write;
     use tokio_stream::StreamExt;
     let input = match (&a.prompt, &a.token_ids) {
+        (Some(_), _) if a.chat => pb::generate_request::Input::Chat(pb::Chat {
+            messages: a
+                .messages()
+                .into_iter()
+                .map(|(role, content)| pb::ChatMessage { role, content })
+                .collect(),
+        }),
         (Some(t), _) => pb::generate_request::Input::Text(t.clone()),
         (None, Some(ids)) => pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.clone() }),
         (None, None) => bail!("give --prompt TEXT or --token-ids 1,2,3"),

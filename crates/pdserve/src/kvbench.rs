@@ -215,13 +215,13 @@ async fn bench_backend(args: &Args, backend: BackendKind, src: &Buf, layouts: &[
     let agent = Agent::start(&cfg).await?;
     eprintln!("kvbench: {backend}: {}", agent.backend_info());
     let reg = agent.register(src.memory())?;
-    let peer = agent.connect(&target.metadata)?;
+    let peer = agent.connect(&target.metadata, &target.key).await?;
     let mut rows = Vec::new();
     let mut tag = 0u64;
     for layout in layouts {
         target.poison().await?;
         let t = Instant::now();
-        let w = agent.prepare(peer, &layout.segments(reg.id(), target.region))?;
+        let w = agent.prepare(peer, &layout.segments(reg.id(), target.region)).await?;
         let prepare_us = t.elapsed().as_secs_f64() * 1e6;
         let bytes = layout.total();
         fill_source(src, 1, layout.src_span())?;

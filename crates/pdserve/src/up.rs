@@ -24,6 +24,9 @@ pub struct Placement {
     /// KV cache memory per daemon, MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: u64,
+    /// Weights and activations: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 impl Placement {
@@ -33,6 +36,7 @@ impl Placement {
             device: "cpu".into(),
             prefill_device: None,
             kv_cache_mib,
+            dtype: "auto".into(),
         }
     }
 }
@@ -52,12 +56,18 @@ pub struct Args {
     /// Router address (default: a free port on 127.0.0.1).
     #[arg(long)]
     pub router_addr: Option<String>,
+    /// The router's OpenAI-compatible HTTP address (default: a free port on 127.0.0.1).
+    #[arg(long)]
+    pub http_addr: Option<String>,
     /// Prompts shorter than this are prefilled on the decode-server (0: never).
     #[arg(long, default_value_t = 0)]
     pub local_prefill_below: usize,
     /// How long a request may wait for KV blocks on a decode-server, ms.
     #[arg(long, default_value_t = 30_000)]
     pub queue_deadline_ms: u64,
+    /// Most requests waiting for KV blocks on a decode-server; past it they are refused at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
     /// Deadline of one prefill call on the decode-servers, ms.
     #[arg(long, default_value_t = 60_000)]
     pub prefill_deadline_ms: u64,
@@ -78,6 +88,10 @@ pub struct Args {
     /// decode-server, then each prefill-server on the following ports.
     #[arg(long)]
     pub metrics_port: Option<u16>,
+    /// Credentials for the whole deployment: the client token (`auth_token`) of the
+    /// router and decode-servers, and the internal token of every daemon.
+    #[arg(long, env = "PDSERVE_UP_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
 }
 
 impl Default for Args {
@@ -93,7 +107,32 @@ impl Default for Args {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    free_port_run(1)
+}
+
+/// The first of `n` consecutive free loopback ports. Looked for below the kernel's
+/// ephemeral range (32768 up): a port found free there by binding port 0 can be taken,
+/// between the check and the daemon's own bind, by any outgoing connection or
+/// data-plane listener (CI saw a router fail with "Address already in use" that way).
+/// Ports handed out are not handed out again by this process, and processes start
+/// at different offsets.
+pub fn free_port_run(n: u16) -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let spread = (std::process::id() % 400) * 25;
+    for _ in 0..SPAN / n.max(1) {
+        let step = NEXT.fetch_add(u32::from(n), Ordering::Relaxed);
+        let base = LOW + (spread.wrapping_add(step) % u32::from(SPAN - n)) as u16;
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return Ok(base);
+        }
+    }
+    bail!("no run of {n} free loopback ports in {LOW}-{}", LOW + SPAN)
 }
 
 /// The daemon binaries sit next to `pdserve` (same cargo target folder or install prefix).
@@ -113,6 +152,10 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 pub struct Deployment {
     pub router: String,
+    /// The OpenAI API's base URL (`http://host:port/v1`).
+    pub openai: String,
+    /// The model name it serves.
+    pub model_name: String,
     pub decode: Vec<String>,
     pub prefill: Vec<String>,
     children: Vec<(String, Child)>,
@@ -168,13 +211,22 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     let model = model.canonicalize().with_context(|| format!("model {}", model.display()))?;
     let engine = |device: &str| {
         format!(
-            "[engine]\nmodel = {}\ndevice = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\ndeadline_ms = {}\n",
+            "[engine]\nmodel = {}\ndevice = {}\ndtype = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\ndeadline_ms = {}\n",
             toml_str(&model.display().to_string()),
             toml_str(device),
+            toml_str(&p.dtype),
             p.kv_cache_mib,
             a.backend,
             a.transfer_deadline_ms
         )
+    };
+    // Every daemon gets the internal token; the client API's two the client token.
+    let (internal, client) = match &a.auth_token {
+        Some(t) => (
+            format!("internal_token = {}\n", toml_str(t)),
+            format!("internal_token = {0}\nauth_token = {0}\n", toml_str(t)),
+        ),
+        None => (String::new(), String::new()),
     };
     let engine_section = engine(&p.device);
     let prefill_section = engine(p.prefill_device.as_deref().unwrap_or(&p.device));
@@ -203,7 +255,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         children.push(spawn(
             &format!("prefill-{i}"),
             "prefill-server",
-            format!("listen = \"{addr}\"\n{}\n{prefill_section}", metrics(1 + a.decode + i)),
+            format!("listen = \"{addr}\"\n{}{internal}\n{prefill_section}", metrics(1 + a.decode + i)),
         )?);
         prefill.push(format!("http://{addr}"));
     }
@@ -215,10 +267,11 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\n{}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\nprefill_deadline_ms = {}\n\n{engine_section}",
+                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}",
                 metrics(1 + i),
                 a.local_prefill_below,
                 a.queue_deadline_ms,
+                a.max_waiting,
                 a.prefill_deadline_ms
             ),
         )?);
@@ -230,16 +283,27 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     };
     let ds = decode.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
     let early = if a.no_early_prefill { "" } else { peers.as_str() };
+    let http_addr = match &a.http_addr {
+        Some(h) => h.clone(),
+        None => format!("127.0.0.1:{}", free_port()?),
+    };
+    let model_name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "default".into());
     children.push(spawn(
         "router",
         "router",
         format!(
-            "listen = \"{router_addr}\"\n{}decode_servers = [{ds}]\nprefill_servers = [{early}]\n",
+            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\n",
+            toml_str(&model_name),
             metrics(0)
         ),
     )?);
     let mut dep = Deployment {
         router: format!("http://{router_addr}"),
+        openai: format!("http://{http_addr}/v1"),
+        model_name,
         decode,
         prefill,
         children,
@@ -275,7 +339,11 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     // A decode-server serves once one prefill-server is handshaken; a deployment is up when all are.
     for url in &dep.decode {
         loop {
-            if handshaken(url).await == Some(dep.prefill.len()) {
+            if stats(url, a.auth_token.as_deref())
+                .await
+                .map(|s| s.healthy_prefill_servers as usize)
+                == Some(dep.prefill.len())
+            {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -291,16 +359,15 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     Ok(dep)
 }
 
-/// How many prefill-servers the decode-server at `url` has handshaken.
-async fn handshaken(url: &str) -> Option<usize> {
+/// The decode-server's Stats (DecodeAdmin, with the internal token if one is set).
+pub async fn stats(url: &str, internal_token: Option<&str>) -> Option<proto::v1::StatsResponse> {
     let mut c = proto::v1::decode_admin_client::DecodeAdminClient::connect(url.to_string())
         .await
         .ok()?;
-    let r = tokio::time::timeout(Duration::from_secs(1), c.stats(proto::v1::StatsRequest {}))
-        .await
-        .ok()?
-        .ok()?;
-    Some(r.into_inner().healthy_prefill_servers as usize)
+    let mut req = tonic::Request::new(proto::v1::StatsRequest {});
+    daemon::auth::BearerToken::new(internal_token.unwrap_or("")).attach(&mut req);
+    let r = tokio::time::timeout(Duration::from_secs(1), c.stats(req)).await.ok()?.ok()?;
+    Some(r.into_inner())
 }
 
 /// Whether `url` answers its gRPC health check with SERVING for `service`.
@@ -323,6 +390,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("pdserve-up-{}", std::process::id())));
     let dep = start(&a, &workdir).await?;
     println!("{}", dep.router);
+    println!("openai: {}", dep.openai);
     eprintln!(
         "pdserve up: router {} -> {} decode-server(s) -> {} prefill-server(s), backend {}; logs and configs in {}; Ctrl-C stops",
         dep.router,

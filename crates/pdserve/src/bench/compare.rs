@@ -211,7 +211,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let mut levels = Vec::new();
     for (name, url) in &a.targets {
         levels.extend(
-            measure(name, url, &a.client, &a.workload, &a.load)
+            measure(name, url, &super::ApiArgs::default(), &a.client, &a.workload, &a.load)
                 .await
                 .with_context(|| format!("measuring {name}"))?,
         );
@@ -223,7 +223,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         let dep = up::start(&args, work.path())
             .await
             .with_context(|| format!("starting the {name} deployment"))?;
-        let measured = measure(name, &dep.router, &a.client, &a.workload, &a.load).await;
+        let measured = measure(name, &dep.router, &super::ApiArgs::default(), &a.client, &a.workload, &a.load).await;
         let codes = dep.stop().await;
         let levels_here = measured.with_context(|| format!("measuring {name} (logs in {})", work.path().display()))?;
         if let Some((daemon, code)) = codes.iter().find(|(_, c)| *c != Some(0)) {

@@ -32,10 +32,18 @@ impl std::fmt::Display for Load {
     }
 }
 
+/// Where a run's requests go: pdserve's gRPC API, or an OpenAI-compatible HTTP API
+/// (pdserve's or another server's).
+#[derive(Clone)]
+pub enum Target {
+    Grpc(pb::generation_client::GenerationClient<Channel>),
+    OpenAi(Box<super::http::OpenAiClient>),
+}
+
 /// What every request of a run shares.
 #[derive(Clone)]
 pub struct Shot {
-    pub client: pb::generation_client::GenerationClient<Channel>,
+    pub target: Target,
     pub seed: u64,
     pub temperature: f32,
     pub timeout: Duration,
@@ -104,69 +112,152 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
 
 /// Sends one request and streams its answer, timing it on the client's clock.
 async fn one(shot: &Shot, index: usize, p: &Prompt, start: Instant) -> Record {
-    let (mut client, seed, temperature, timeout) = (shot.client.clone(), shot.seed, shot.temperature, shot.timeout);
     let mut rec = Record {
         index,
-        request_id: format!("bench-{seed}-{index}"),
+        request_id: format!("bench-{}-{index}", shot.seed),
         input_tokens: p.input_tokens.unwrap_or(0),
         ..Default::default()
     };
+    let t0 = Instant::now();
+    rec.sent_s = (t0 - start).as_secs_f64();
+    let outcome = match &shot.target {
+        Target::Grpc(client) => tokio::time::timeout(shot.timeout, grpc(shot, client.clone(), index, p, &mut rec, t0)).await,
+        Target::OpenAi(client) => tokio::time::timeout(shot.timeout, openai(shot, client, index, p, &mut rec, t0)).await,
+    };
+    match outcome {
+        Ok(Ok(())) => {
+            rec.e2e_ms = ms_since(t0);
+            if rec.output_tokens > 1 {
+                rec.tpot_ms = (rec.e2e_ms - rec.ttft_ms) / (rec.output_tokens - 1) as f64;
+            }
+        }
+        Ok(Err(e)) => rec.error = Some(e),
+        Err(_) => rec.error = Some(format!("no answer within {:?}", shot.timeout)),
+    }
+    if rec.error.is_some() {
+        // How long the failure took to come (a refusal under load must come at once).
+        rec.e2e_ms = ms_since(t0);
+    }
+    rec
+}
+
+fn ms_since(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+/// Client-side token timing: the first arrival is the time to first token; later ones
+/// spread their gap over the `n` tokens (or text deltas) they brought.
+struct Arrivals {
+    t0: Instant,
+    last: Option<Instant>,
+}
+
+impl Arrivals {
+    fn seen(&mut self, rec: &mut Record, now: Instant, n: usize) {
+        match self.last {
+            None => rec.ttft_ms = (now - self.t0).as_secs_f64() * 1e3,
+            Some(prev) => {
+                let gap = (now - prev).as_secs_f64() * 1e3 / n as f64;
+                rec.itl_ms.extend(std::iter::repeat_n(gap, n));
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
+async fn grpc(
+    shot: &Shot,
+    mut client: pb::generation_client::GenerationClient<Channel>,
+    index: usize,
+    p: &Prompt,
+    rec: &mut Record,
+    t0: Instant,
+) -> Result<(), String> {
     let req = pb::GenerateRequest {
         request_id: rec.request_id.clone(),
         input: Some(p.input.clone()),
         sampling: Some(pb::SamplingParameters {
-            temperature: Some(temperature),
-            seed: Some(seed.wrapping_add(index as u64)),
+            temperature: Some(shot.temperature),
+            seed: Some(shot.seed.wrapping_add(index as u64)),
             max_tokens: Some(p.output_len as u32),
             ignore_eos: Some(true),
             ..Default::default()
         }),
     };
-    let t0 = Instant::now();
-    rec.sent_s = (t0 - start).as_secs_f64();
-    let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
-    let body = async {
-        let mut s = client.generate(shot.client_args.request(req)).await?.into_inner();
-        let mut last: Option<Instant> = None;
-        while let Some(msg) = s.next().await {
-            match msg?.kind {
-                Some(pb::generate_response::Kind::Chunk(c)) if !c.token_ids.is_empty() => {
-                    let now = Instant::now();
-                    match last {
-                        None => rec.ttft_ms = ms(now),
-                        Some(prev) => {
-                            let gap = (now - prev).as_secs_f64() * 1e3 / c.token_ids.len() as f64;
-                            rec.itl_ms.extend(std::iter::repeat_n(gap, c.token_ids.len()));
-                        }
-                    }
-                    last = Some(now);
-                }
-                Some(pb::generate_response::Kind::Result(r)) => return Ok(r),
-                _ => {}
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut s = client.generate(shot.client_args.request(req)).await.map_err(status)?.into_inner();
+    let mut arrivals = Arrivals { t0, last: None };
+    while let Some(msg) = s.next().await {
+        match msg.map_err(status)?.kind {
+            Some(pb::generate_response::Kind::Chunk(c)) if !c.token_ids.is_empty() => {
+                arrivals.seen(rec, Instant::now(), c.token_ids.len());
             }
-        }
-        Err(tonic::Status::internal("the stream ended without a result"))
-    };
-    match tokio::time::timeout(timeout, body).await {
-        Ok(Ok(r)) => {
-            rec.e2e_ms = ms(Instant::now());
-            rec.output_tokens = r.completion_tokens as usize;
-            rec.input_tokens = r.prompt_tokens as usize;
-            if rec.output_tokens > 1 {
-                rec.tpot_ms = (rec.e2e_ms - rec.ttft_ms) / (rec.output_tokens - 1) as f64;
+            Some(pb::generate_response::Kind::Result(r)) => {
+                rec.output_tokens = r.completion_tokens as usize;
+                rec.input_tokens = r.prompt_tokens as usize;
+                let t = r.timings.unwrap_or_default();
+                rec.queue_ms = t.queue_ms;
+                rec.prefill_ms = t.prefill_ms;
+                rec.kv_transfer_ms = t.kv_transfer_ms;
+                rec.kv_bytes = t.kv_bytes;
+                rec.server_first_token_ms = t.first_token_ms;
+                rec.server_total_ms = t.total_ms;
+                rec.prefill_server = r.prefill_server;
+                rec.kv_backend = r.kv_backend;
+                return Ok(());
             }
-            let t = r.timings.unwrap_or_default();
-            rec.queue_ms = t.queue_ms;
-            rec.prefill_ms = t.prefill_ms;
-            rec.kv_transfer_ms = t.kv_transfer_ms;
-            rec.kv_bytes = t.kv_bytes;
-            rec.server_first_token_ms = t.first_token_ms;
-            rec.server_total_ms = t.total_ms;
-            rec.prefill_server = r.prefill_server;
-            rec.kv_backend = r.kv_backend;
+            _ => {}
         }
-        Ok(Err(s)) => rec.error = Some(format!("{:?}: {}", s.code(), s.message())),
-        Err(_) => rec.error = Some(format!("no answer within {:?}", timeout)),
     }
-    rec
+    Err("the stream ended without a result".into())
+}
+
+/// Over the OpenAI API: a server-sent event per text delta (as `vllm bench serve`
+/// times them); counts from `usage`; pdserve's figures from its extension object when
+/// the server is pdserve.
+async fn openai(
+    shot: &Shot,
+    client: &super::http::OpenAiClient,
+    index: usize,
+    p: &Prompt,
+    rec: &mut Record,
+    t0: Instant,
+) -> Result<(), String> {
+    let mut arrivals = Arrivals { t0, last: None };
+    let mut seen = Vec::new();
+    let a = client
+        .stream(
+            &rec.request_id,
+            &p.input,
+            p.output_len,
+            shot.temperature,
+            shot.seed.wrapping_add(index as u64),
+            |now| seen.push(now),
+        )
+        .await?;
+    if seen.is_empty() {
+        return Err("the answer carried no text".into());
+    }
+    let events = seen.len();
+    for now in seen {
+        arrivals.seen(rec, now, 1);
+    }
+    // Counts from `usage`; a server that sends none: its text events, and the prompt
+    // length the workload knows.
+    match a.usage {
+        Some((prompt, completion)) => (rec.input_tokens, rec.output_tokens) = (prompt, completion),
+        None => rec.output_tokens = events,
+    }
+    if let Some(x) = a.pdserve {
+        let f = |k: &str| x[k].as_f64().unwrap_or(0.0);
+        rec.queue_ms = f("queue_ms");
+        rec.prefill_ms = f("prefill_ms");
+        rec.kv_transfer_ms = f("kv_transfer_ms");
+        rec.kv_bytes = x["kv_bytes"].as_u64().unwrap_or(0);
+        rec.server_first_token_ms = f("first_token_ms");
+        rec.server_total_ms = f("total_ms");
+        rec.prefill_server = x["prefill_server"].as_str().unwrap_or_default().to_string();
+        rec.kv_backend = x["kv_backend"].as_str().unwrap_or_default().to_string();
+    }
+    Ok(())
 }

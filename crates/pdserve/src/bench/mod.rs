@@ -2,7 +2,9 @@
 //! streaming), and `pdserve bench compare`: the same workload against several
 //! deployments, with the transfer's share of inference time.
 pub mod compare;
+pub mod http;
 pub mod load;
+pub mod overload;
 pub mod plot;
 pub mod stats;
 pub mod workload;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use load::{Load, Shot};
+use load::{Load, Shot, Target};
 use stats::{Record, Slo, Summary};
 use workload::WorkloadArgs;
 
@@ -31,13 +33,20 @@ pub enum Sub {
     /// Run one workload against several deployments and print the transfer's share of
     /// inference time for each, next to a colocated run.
     Compare(compare::Args),
+    /// Hold a deployment at multiples of its measured capacity (open loop) and check
+    /// that it sheds the excess at once instead of collapsing: goodput, refusals'
+    /// latency, daemons' memory.
+    Overload(overload::Args),
 }
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// The router (or a decode-server) to load.
+    /// The router (or a decode-server) to load: its gRPC URL, or with `--api openai`
+    /// the HTTP API's (`http://host:port` or `http://host:port/v1`).
     #[arg(long, default_value = "http://127.0.0.1:50050")]
     pub router: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(flatten)]
     pub client: crate::client::ClientArgs,
     #[command(flatten)]
@@ -46,6 +55,26 @@ pub struct RunArgs {
     pub load: LoadArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Api {
+    #[default]
+    Grpc,
+    Openai,
+}
+
+/// Which API the requests use.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ApiArgs {
+    /// `grpc` (pdserve's streaming Generate) or `openai` (streaming `/v1/completions`,
+    /// `/v1/chat/completions` for chat prompts: pdserve's HTTP API or any other
+    /// OpenAI-compatible server's, for figures that compare).
+    #[arg(long, value_enum, default_value_t = Api::Grpc)]
+    pub api: Api,
+    /// The model name to send with `--api openai` (default: the first `/v1/models` lists).
+    #[arg(long)]
+    pub model_name: Option<String>,
 }
 
 /// Where `bench` and `bench compare` write what they measured, besides stdout.
@@ -138,28 +167,16 @@ pub struct Level {
 pub async fn measure(
     target: &str,
     url: &str,
+    api: &ApiArgs,
     client: &crate::client::ClientArgs,
     w: &WorkloadArgs,
     l: &LoadArgs,
 ) -> anyhow::Result<Vec<Level>> {
-    let shot = Shot {
-        client: client.connect(url).await?,
-        client_args: client.clone(),
-        seed: w.seed,
-        temperature: w.temperature,
-        timeout: Duration::from_secs(l.timeout_s),
-        label: target.to_string(),
-    };
+    let shot = shot(target, url, api, client, w, Duration::from_secs(l.timeout_s)).await?;
     let mut out = Vec::new();
     for len in w.input_lens() {
         let prompts = w.build(len)?;
-        if l.warmup > 0 {
-            let warm: Vec<_> = prompts.iter().take(l.warmup).cloned().collect();
-            let (recs, _) = load::run(&shot, &warm, Load::Closed(1), false).await?;
-            if let Some(e) = recs.iter().find_map(|r| r.error.as_ref()) {
-                bail!("{target}: a warm-up request failed: {e}");
-            }
-        }
+        warm_up(&shot, &prompts, l.warmup).await?;
         for load in l.levels()? {
             let (records, secs) = load::run(&shot, &prompts, load, !l.quiet).await?;
             out.push(Level {
@@ -173,6 +190,45 @@ pub async fn measure(
         }
     }
     Ok(out)
+}
+
+/// What every request to `url` shares, connected through `api`.
+pub async fn shot(
+    target: &str,
+    url: &str,
+    api: &ApiArgs,
+    client: &crate::client::ClientArgs,
+    w: &WorkloadArgs,
+    timeout: Duration,
+) -> anyhow::Result<Shot> {
+    let to = if api.api == Api::Openai {
+        Target::OpenAi(Box::new(
+            http::OpenAiClient::connect(url, client.token.as_deref(), api.model_name.as_deref()).await?,
+        ))
+    } else {
+        Target::Grpc(client.connect(url).await?)
+    };
+    Ok(Shot {
+        target: to,
+        client_args: client.clone(),
+        seed: w.seed,
+        temperature: w.temperature,
+        timeout,
+        label: target.to_string(),
+    })
+}
+
+/// Untimed requests (the first `n` prompts), one at a time; any failure is an error.
+pub async fn warm_up(shot: &Shot, prompts: &[workload::Prompt], n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let warm: Vec<_> = prompts.iter().take(n).cloned().collect();
+    let (recs, _) = load::run(shot, &warm, Load::Closed(1), false).await?;
+    if let Some(e) = recs.iter().find_map(|r| r.error.as_ref()) {
+        bail!("{}: a warm-up request failed: {e}", shot.label);
+    }
+    Ok(())
 }
 
 /// Across load levels: what latency each reached at what throughput.
@@ -236,11 +292,13 @@ pub fn plot_levels(path: &std::path::Path, levels: &[Level]) -> anyhow::Result<(
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
-    if let Some(Sub::Compare(c)) = a.command {
-        return compare::run(c).await;
+    match a.command {
+        Some(Sub::Compare(c)) => return compare::run(c).await,
+        Some(Sub::Overload(o)) => return overload::run(o).await,
+        None => {}
     }
     let r = a.run;
-    let levels = measure("router", &r.router, &r.client, &r.workload, &r.load).await?;
+    let levels = measure("router", &r.router, &r.api, &r.client, &r.workload, &r.load).await?;
     for l in &levels {
         println!("### {}, {}\n\n{}", l.workload, l.load, l.summary.markdown());
     }
