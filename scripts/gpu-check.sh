@@ -14,6 +14,11 @@
 #   scripts/gpu-check.sh doctor    # pdserve doctor, with the UCX protocol of VRAM writes
 #   scripts/gpu-check.sh twogpu    # two GPUs of one host: prefill on GPU 0, decode on GPU 1; tokens
 #                                  # per backend, kvbench 0 -> 1 beside the peer copy and NIXL Python
+#   scripts/gpu-check.sh prepare-model  # here (prepare runs it too): the SmolLM2 GGUF split into
+#                                  # .carry-model-a/-b (one carry can't hold it and the binaries)
+#   scripts/gpu-check.sh stage     # there, carrying .carry-model-a, then -b: the pieces to /tmp
+#   scripts/gpu-check.sh smollm    # there, carrying .carry: import the GGUF, 10 prompts against
+#                                  # transformers f32/bf16, per backend, tokens/s GPU and CPU
 #   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +38,7 @@ prepare() {
     --bin target/release/pdserve,target/release/prefill-server,target/release/decode-server,target/release/router --out .carry
   # The device has no fonts; the bench plots need one.
   cp /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf .carry/
+  prepare_model
 }
 
 remote() {
@@ -290,6 +296,42 @@ print(f"\ntwo GPUs, prefill on GPU 0, decode on GPU 1: token equality {'PASS' if
 PY
 }
 
+# The real model (SmolLM2-135M-Instruct, 98 MB of GGUF) travels in two pieces, each
+# in its own device call, since one carry holds 64 MiB.
+prepare_model() {
+  local g=.deps/models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f $g ] || scripts/models.sh target/debug/pdserve
+  rm -rf .carry-model-a .carry-model-b && mkdir -p .carry-model-a .carry-model-b
+  split -b 50M -d $g .carry-model-a/gguf.part-
+  mv .carry-model-a/gguf.part-01 .carry-model-b/
+  sha256sum $g | cut -d' ' -f1 > .carry/smollm2.sha256
+}
+
+stage_remote() {
+  mkdir -p /tmp/pdserve-model
+  cp .carry-model-*/gguf.part-* /tmp/pdserve-model/
+  ls -la /tmp/pdserve-model
+}
+
+smollm_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} S=/tmp/pdserve-model M=/tmp/smollm2
+  gpu_env
+  cat $S/gguf.part-* > $S/model.gguf
+  echo "$(cat .carry/smollm2.sha256)  $S/model.gguf" | sha256sum -c
+  rm -rf $M
+  local t0; t0=$(date +%s%N)
+  $D/pdserve model import $S/model.gguf --out $M
+  echo "import: $(( ($(date +%s%N) - t0) / 1000000 )) ms, $(du -sm $M | cut -f1) MiB" | tee $OUTDIR/import.txt
+  PYTHONUNBUFFERED=1 python3 scripts/real_model_gpu.py --pdserve $D/pdserve --model $M --out $OUTDIR | tee $OUTDIR/real_model.md
+  echo "== SmolLM2 tokens/s: GPU bf16, GPU f32, transformers bf16, the host's CPU f32"
+  $D/pdserve enginebench --model $M --device cuda:0 --dtype bf16 --kv-cache-mib 4096 --json $OUTDIR/smollm_gpu_bf16.json | tee $OUTDIR/smollm_gpu_bf16.md
+  $D/pdserve enginebench --model $M --device cuda:0 --dtype f32 --kv-cache-mib 4096 --json $OUTDIR/smollm_gpu_f32.json | tee $OUTDIR/smollm_gpu_f32.md
+  python3 scripts/hf_reference.py $M --bench --json $OUTDIR/smollm_hf_bench.json | tail -1
+  $D/pdserve enginebench --model $M --device cpu --prefill 128 --batch 1,8 --steps 16 --kv-cache-mib 512 \
+    --json $OUTDIR/smollm_cpu.json | tee $OUTDIR/smollm_cpu.md
+  echo "host CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+}
+
 # Starts `pdserve up --workdir WORKDIR ARGS...` in the background and waits until it
 # prints the router's URL (or exits): sets UP (its pid) and ROUTER (empty on failure);
 # its stderr goes to WORKDIR.err. up_stop ends it.
@@ -322,6 +364,9 @@ remote_unpack() {
 
 case "${1:-}" in
   prepare) prepare ;;
+  prepare-model) prepare_model ;;
+  stage) stage_remote ;;
+  smollm) smollm_remote ;;
   remote) remote ;;
   engine) engine_remote ;;
   warm) warm_remote ;;
@@ -337,5 +382,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench" >&2; exit 2 ;;
 esac

@@ -18,8 +18,10 @@ ap.add_argument("--prompts-file", help="one prompt per line, comma-separated tok
 ap.add_argument("--max-new-tokens", type=int, default=32)
 ap.add_argument("--json")
 ap.add_argument("--bench", action="store_true")
+ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
 a = ap.parse_args()
-m = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
+DTYPE = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
+m = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPE).cuda().eval()
 
 @torch.no_grad()
 def greedy(ids, n):

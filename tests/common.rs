@@ -21,6 +21,25 @@ pub fn model() -> PathBuf {
     .clone()
 }
 
+/// The real model, SmolLM2-135M-Instruct as `scripts/models.sh` imports it, or None
+/// (with the reason printed) on a machine that has not run the scripts. Under CI
+/// (`CI=true`, where scripts/test.sh imports it) a missing model fails the test.
+pub fn smollm2() -> Option<PathBuf> {
+    let deps = std::env::var_os("PDSERVE_DEPS_DIR")
+        .map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps"), PathBuf::from);
+    let dir = deps.join("models/smollm2-135m-instruct");
+    if dir.join("config.json").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is missing under CI (scripts/models.sh did not run)",
+        dir.display()
+    );
+    eprintln!("SKIP: {} is missing; run scripts/setup.sh and scripts/models.sh", dir.display());
+    None
+}
+
 /// The colocated reference, in this process.
 pub fn reference_engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
@@ -150,8 +169,13 @@ pub async fn stop_cleanly(dep: Deployment) {
 
 /// GET /metrics on 127.0.0.1:`port`.
 pub fn scrape(port: u16) -> String {
+    scrape_at(&format!("127.0.0.1:{port}"))
+}
+
+/// GET /metrics on `addr` (host:port).
+pub fn scrape_at(addr: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
@@ -170,26 +194,12 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 /// A free TCP port on loopback (for daemons started from config files).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_port_run(1)
 }
 
-/// The first of `n` consecutive free loopback ports (`pdserve up --metrics-port` takes
-/// a run). Looked for below the kernel's ephemeral range (32768 up): there, the ports
-/// after a free one are often taken by other tests' client connections.
+/// The first of `n` consecutive free loopback ports (`pdserve up --metrics-port` takes a run).
 pub fn free_port_run(n: u16) -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let spread = (std::process::id() % 400) as u16 * 25;
-    for _ in 0..400 {
-        let base = 20_000 + (spread + NEXT.fetch_add(n, Ordering::Relaxed)) % 10_000;
-        let held: Vec<_> = (base..base + n)
-            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
-            .collect();
-        if held.len() == n as usize {
-            return base;
-        }
-    }
-    panic!("no run of {n} free ports in 20000-30000");
+    pdserve::up::free_port_run(n).unwrap()
 }
 
 /// A daemon process started by a test; killed and reaped when dropped.
@@ -199,5 +209,72 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Starts daemon `bin` with `config` written to `dir/name.toml`; its log goes to `dir/name.log`.
+pub fn start_daemon(bin: &str, dir: &std::path::Path, name: &str, config: &str) -> Daemon {
+    use std::process::{Command, Stdio};
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Daemon(
+        Command::new(pdserve::up::binary(bin).unwrap())
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The fault tests' workload: request `i`'s prompt and sampling, its colocated
+/// reference, and what counts as a clear failure.
+pub mod workload {
+    use std::time::Duration;
+
+    use engine::SamplingParams;
+    use proto::v1 as pb;
+
+    pub fn prompt(i: u64) -> Vec<u32> {
+        let n = 8 + (i % 40) as u32;
+        (0..n).map(|j| 3 + (j * 37 + i as u32 * 11) % 450).collect()
+    }
+
+    pub fn params(i: u64) -> SamplingParams {
+        SamplingParams {
+            max_tokens: 4 + (i % 12) as u32,
+            ignore_eos: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn input(ids: &[u32]) -> pb::generate_request::Input {
+        pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.to_vec() })
+    }
+
+    /// The colocated run's tokens for request `i`.
+    pub fn reference(i: u64) -> Vec<u32> {
+        engine::generate_local(super::reference_engine(), &prompt(i), &params(i))
+            .unwrap()
+            .tokens
+    }
+
+    /// Codes a request may end with while its daemons are killed under it.
+    pub fn clear(code: tonic::Code) -> bool {
+        matches!(
+            code,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted | tonic::Code::Cancelled
+        )
+    }
+
+    /// Waits until `cond` holds (up to `within`), naming `what` otherwise.
+    pub async fn until<Fut: std::future::Future<Output = bool>>(what: &str, within: Duration, cond: impl Fn() -> Fut) {
+        let deadline = std::time::Instant::now() + within;
+        while !cond().await {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

@@ -35,6 +35,7 @@ fn prompt_ids(input: &Input) -> Vec<u32> {
     match input {
         Input::Text(t) => reference_engine().tokenize(t).unwrap(),
         Input::TokenIds(ids) => ids.ids.clone(),
+        Input::Chat(_) => unreachable!("the prompts here are text or token ids"),
     }
 }
 
@@ -244,7 +245,7 @@ async fn bad_input_is_refused_with_the_right_code() {
     expect_code(
         &mut c,
         request(Input::TokenIds(pb::TokenIds { ids: vec![5; 600] }), &big),
-        Code::ResourceExhausted,
+        Code::OutOfRange,
         "more than the pool",
     )
     .await;
@@ -391,6 +392,7 @@ async fn incompatible_peers_are_refused_at_handshake() {
         backend: backend.into(),
         transfer_metadata: md,
         pool_regions: (1..=2 * layout_layers()).collect(),
+        data_plane_key: vec![],
     };
     let other_model = engine::KvLayout {
         model_fingerprint: layout.model_fingerprint ^ 1,

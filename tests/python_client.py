@@ -2,7 +2,9 @@
 """A client that is not ours: Python grpcio, stubs generated from proto/ at run time.
 Sends one Generate to the given address and prints the generated token ids as JSON.
 
-  python_client.py ROUTER_ADDR PROMPT MAX_TOKENS
+  python_client.py ROUTER_ADDR PROMPT MAX_TOKENS [--unknown-field | --invalid-utf8]
+
+With a flag it sends a malformed request instead and prints the status code it got.
 """
 import json, os, sys, tempfile
 
@@ -19,12 +21,25 @@ from pdserve.v1 import generate_pb2 as pb, generate_pb2_grpc as rpc  # noqa: E40
 
 addr, prompt, max_tokens = sys.argv[1].removeprefix("http://"), sys.argv[2], int(sys.argv[3])
 channel = grpc.insecure_channel(addr)
-if len(sys.argv) > 4 and sys.argv[4] == "--unknown-field":
-    # The same request with one field no version of the API defines (number 999, varint 1).
+mode = sys.argv[4] if len(sys.argv) > 4 else ""
+if mode in ("--unknown-field", "--invalid-utf8"):
     raw = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParameters(max_tokens=max_tokens)).SerializeToString()
-    call = channel.unary_unary("/pdserve.v1.Generation/GenerateOnce", request_serializer=lambda b: b, response_deserializer=pb.GenerateResult.FromString)
+    if mode == "--unknown-field":
+        # The same request with one field no version of the API defines (number 999, varint 1).
+        raw += b"\xb8\x3e\x01"
+    else:
+        # The prompt (field 2, a string) replaced by bytes that are not UTF-8.
+        bad = b"\xff\xfe\xc3("
+        raw = b"\x12" + bytes([len(bad)]) + bad + pb.GenerateRequest(sampling=pb.SamplingParameters(max_tokens=max_tokens)).SerializeToString()
+    # The streaming call for the bad prompt: Generate is what most clients use.
+    if mode == "--invalid-utf8":
+        call = channel.unary_stream("/pdserve.v1.Generation/Generate", request_serializer=lambda b: b, response_deserializer=pb.GenerateResponse.FromString)
+    else:
+        call = channel.unary_unary("/pdserve.v1.Generation/GenerateOnce", request_serializer=lambda b: b, response_deserializer=pb.GenerateResult.FromString)
     try:
-        call(raw + b"\xb8\x3e\x01", timeout=30)
+        out = call(raw, timeout=30)
+        if mode == "--invalid-utf8":
+            list(out)
         print(json.dumps({"code": "OK"}))
     except grpc.RpcError as e:
         print(json.dumps({"code": e.code().name, "details": e.details()}))

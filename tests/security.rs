@@ -1,10 +1,9 @@
 //! TLS, mutual TLS between the daemons, and the client API's bearer token, with the
 //! real daemons started from config files as an operator writes them.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{Daemon, free_port};
+use e2e::{Daemon, free_port, start_daemon as start};
 use proto::v1 as pb;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
@@ -52,21 +51,6 @@ impl Pki {
         }
         s
     }
-}
-
-fn start(bin: &str, dir: &Path, name: &str, config: &str) -> Daemon {
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(&cfg, config).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Daemon(
-        Command::new(pdserve::up::binary(bin).unwrap())
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
 }
 
 const TOKEN: &str = "s3cret-token";
