@@ -268,13 +268,37 @@ async fn partitions_rate_limits_delay_and_loss_between_namespaces() {
             return;
         }
     };
+    // PDSERVE_NETNS_BACKENDS=nixl,ucx narrows a run (to chase one backend's failure).
+    let only = std::env::var("PDSERVE_NETNS_BACKENDS").unwrap_or_default();
     for backend in [BackendKind::Tcp, BackendKind::Ucx, BackendKind::Nixl] {
-        faults(&net, backend).await;
+        if only.is_empty() || only.split(',').any(|b| b == backend.as_str()) {
+            faults(&net, backend).await;
+        }
+    }
+}
+
+/// On a failure, the daemons' log tails go to the test's output (CI keeps only that).
+struct LogsOnPanic(tempfile::TempDir);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for bin in ["prefill-server", "decode-server", "router"] {
+            let text = std::fs::read_to_string(self.0.path().join(format!("{bin}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- {bin}.log (last 60 of {} lines) ----", lines.len());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
 async fn faults(net: &Net, backend: BackendKind) {
-    let work = tempfile::tempdir().unwrap();
+    let work = LogsOnPanic(tempfile::tempdir().unwrap());
+    let work = &work.0;
     let (me, p, d, r) = (net.addr(1), net.addr(2), net.addr(3), net.addr(4));
     let model = e2e::model();
     let engine = format!(

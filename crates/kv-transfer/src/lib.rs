@@ -161,7 +161,8 @@ pub(crate) enum Backend {
 pub(crate) enum BackendPeer {
     Tcp(Arc<tcp::TcpPeer>),
     Ucx(u64),
-    Nixl(String),
+    /// NIXL: this connection's id (NIXL itself has one connection per agent).
+    Nixl(u64),
 }
 
 struct Peer {
@@ -478,7 +479,7 @@ impl Agent {
         if let Some(p) = removed {
             match (&self.inner.backend, &p.conn) {
                 (Backend::Ucx(u), BackendPeer::Ucx(ep)) => u.disconnect(*ep),
-                (Backend::Nixl(n), BackendPeer::Nixl(name)) => n.disconnect(name),
+                (Backend::Nixl(n), BackendPeer::Nixl(conn)) => n.disconnect(*conn),
                 _ => {}
             }
         }
@@ -498,7 +499,7 @@ impl Agent {
         let backend = match (&self.inner.backend, &p.conn) {
             (Backend::Tcp(_), BackendPeer::Tcp(tp)) => PreparedBackend::Tcp(tp.clone()),
             (Backend::Ucx(u), BackendPeer::Ucx(ep)) => PreparedBackend::Driver(u.prepare(*ep, &segs).await?),
-            (Backend::Nixl(n), BackendPeer::Nixl(name)) => PreparedBackend::Driver(n.prepare(name, &segs).await?),
+            (Backend::Nixl(n), BackendPeer::Nixl(conn)) => PreparedBackend::Driver(n.prepare(*conn, &segs).await?),
             _ => unreachable!("peer connected through another backend"),
         };
         Ok(PreparedWrite {

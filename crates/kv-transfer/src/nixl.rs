@@ -157,13 +157,13 @@ enum Cmd {
         md: Vec<u8>,
         /// The agent the envelope names (checked against NIXL's reading of `md`).
         agent: String,
-        reply: oneshot::Sender<Result<String>>,
+        reply: oneshot::Sender<Result<(String, u64)>>,
     },
     Disconnect {
-        name: String,
+        conn: u64,
     },
     Prepare {
-        peer: String,
+        conn: u64,
         segs: Vec<Resolved>,
         reply: oneshot::Sender<Result<u64>>,
     },
@@ -243,9 +243,12 @@ impl Nixl {
         self.driver.call_async(SETUP_DEADLINE, |reply| Cmd::Metadata { reply }).await?
     }
 
-    pub(crate) async fn connect(&self, md: &Metadata) -> Result<String> {
+    /// Connects to the agent `md` describes; returns this connection's id. Several
+    /// connections to one agent share NIXL's (one per agent name): it is dropped when
+    /// the last of them is.
+    pub(crate) async fn connect(&self, md: &Metadata) -> Result<u64> {
         let (bytes, agent) = (md.conn.clone(), md.agent.clone());
-        let name = self
+        let (name, conn) = self
             .driver
             .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { md: bytes, agent, reply })
             .await??;
@@ -255,17 +258,17 @@ impl Nixl {
                 md.agent
             )));
         }
-        Ok(name)
+        Ok(conn)
     }
 
-    pub(crate) fn disconnect(&self, name: &str) {
-        let _ = self.driver.send(Cmd::Disconnect { name: name.to_string() });
+    pub(crate) fn disconnect(&self, conn: u64) {
+        let _ = self.driver.send(Cmd::Disconnect { conn });
     }
 
-    pub(crate) async fn prepare(&self, peer: &str, segs: &[Resolved]) -> Result<u64> {
-        let (peer, segs) = (peer.to_string(), segs.to_vec());
+    pub(crate) async fn prepare(&self, conn: u64, segs: &[Resolved]) -> Result<u64> {
+        let segs = segs.to_vec();
         self.driver
-            .call_async(SETUP_DEADLINE, |reply| Cmd::Prepare { peer, segs, reply })
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Prepare { conn, segs, reply })
             .await?
     }
 
@@ -302,7 +305,14 @@ struct NixlWork {
     agent: nx::Agent,
     plugins: String,
     regions: HashMap<u32, nx::RegistrationHandle>,
-    peers: HashSet<String>,
+    /// Live connections (ids handed to callers) and the agent each is to. An agent's
+    /// metadata stays loaded while a connection, a write in flight or an abandoned
+    /// write uses it: a decode-server that handshakes again gets a second connection
+    /// to the same agent, and ending its first must not cut the second.
+    conns: HashMap<u64, String>,
+    next_conn: u64,
+    /// Agents whose metadata NIXL holds.
+    loaded: HashSet<String>,
     prepared: HashMap<u64, Prepared>,
     pending: Vec<Pending>,
     next_id: u64,
@@ -362,7 +372,9 @@ impl NixlWork {
             agent,
             plugins,
             regions: HashMap::new(),
-            peers: HashSet::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            loaded: HashSet::new(),
             prepared: HashMap::new(),
             pending: Vec::new(),
             next_id: 1,
@@ -427,7 +439,7 @@ impl NixlWork {
         true
     }
 
-    fn connect(&mut self, md: &[u8], agent: &str) -> Result<String> {
+    fn connect(&mut self, md: &[u8], agent: &str) -> Result<(String, u64)> {
         if self.zombies.iter().any(|(p, _, _)| p == agent) {
             // Its abandoned requests still run on the old connection: a new one, of
             // the same name, waits until they ended.
@@ -436,18 +448,42 @@ impl NixlWork {
                 detail: "an abandoned write to this peer has not ended yet: connect again later".into(),
             });
         }
-        let name = self
-            .agent
-            .load_remote_md(md)
-            .map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
-        self.peers.insert(name.clone());
-        Ok(name)
+        // An agent's name is unique to its process (`unique_name`): one that is loaded
+        // already has these metadata, and its connection is shared.
+        let name = if self.loaded.contains(agent) {
+            agent.to_string()
+        } else {
+            let name = self
+                .agent
+                .load_remote_md(md)
+                .map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
+            self.loaded.insert(name.clone());
+            name
+        };
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(conn, name.clone());
+        Ok((name, conn))
     }
 
-    fn prepare(&mut self, peer: &str, segs: &[Resolved]) -> Result<u64> {
-        if !self.peers.contains(peer) {
-            return Err(TransferError::UnknownPeer(peer.to_string()));
+    /// Ends connection `conn`; the agent's metadata go with its last user.
+    fn disconnect(&mut self, conn: u64) {
+        let Some(name) = self.conns.remove(&conn) else { return };
+        if self.conns.values().any(|n| *n == name) {
+            return;
         }
+        let busy: HashSet<u64> = self.pending.iter().map(|p| p.id).collect();
+        self.prepared.retain(|id, p| busy.contains(id) || p.peer != name);
+        self.forget_unless_busy(&name);
+    }
+
+    fn prepare(&mut self, conn: u64, segs: &[Resolved]) -> Result<u64> {
+        let peer = self
+            .conns
+            .get(&conn)
+            .cloned()
+            .ok_or_else(|| TransferError::UnknownPeer(format!("nixl connection {conn}")))?;
+        let peer = peer.as_str();
         let (lk, rk) = (segs[0].local_kind, segs[0].remote_kind);
         if segs.iter().any(|s| s.local_kind != lk || s.remote_kind != rk) {
             return Err(TransferError::Invalid("one NIXL write cannot mix memory kinds".into()));
@@ -534,16 +570,21 @@ impl NixlWork {
         }
         // Idle prepared writes are safe to release.
         self.prepared.retain(|_, p| p.peer != peer);
-        if self.peers.remove(peer) {
+        let before = self.conns.len();
+        self.conns.retain(|_, n| n != peer);
+        if self.conns.len() < before {
             tracing::warn!(%peer, %cause, "nixl write abandoned: no new write goes to the peer until it connects again");
-            self.forget_unless_busy(peer);
         }
+        self.forget_unless_busy(peer);
     }
 
-    /// Drops `peer`'s metadata (closing NIXL's connections to it) unless an abandoned
-    /// request still uses it, or it connected again meanwhile.
+    /// Drops `peer`'s metadata (closing NIXL's connections to it) unless a connection,
+    /// a write in flight or an abandoned request still uses it.
     fn forget_unless_busy(&mut self, peer: &str) {
-        if !self.peers.contains(peer) && !self.zombies.iter().any(|(p, _, _)| p == peer) {
+        let used = self.conns.values().any(|n| n == peer)
+            || self.pending.iter().any(|p| p.peer == peer)
+            || self.zombies.iter().any(|(p, _, _)| p == peer);
+        if !used && self.loaded.remove(peer) {
             let _ = self.agent.invalidate_remote_md(peer);
         }
     }
@@ -623,21 +664,13 @@ impl Work for NixlWork {
             }
             Cmd::Connect { md, agent, reply } => {
                 // A caller gone (cancelled, timed out) leaves no peer behind.
-                if let Err(Ok(name)) = reply.send(self.connect(&md, &agent))
-                    && self.peers.remove(&name)
-                {
-                    self.forget_unless_busy(&name);
+                if let Err(Ok((_, conn))) = reply.send(self.connect(&md, &agent)) {
+                    self.disconnect(conn);
                 }
             }
-            Cmd::Disconnect { name } => {
-                let busy: HashSet<u64> = self.pending.iter().map(|p| p.id).collect();
-                self.prepared.retain(|id, p| busy.contains(id) || p.peer != name);
-                if self.peers.remove(&name) {
-                    let _ = self.agent.invalidate_remote_md(&name);
-                }
-            }
-            Cmd::Prepare { peer, segs, reply } => {
-                if let Err(Ok(id)) = reply.send(self.prepare(&peer, &segs)) {
+            Cmd::Disconnect { conn } => self.disconnect(conn),
+            Cmd::Prepare { conn, segs, reply } => {
+                if let Err(Ok(id)) = reply.send(self.prepare(conn, &segs)) {
                     self.prepared.remove(&id);
                 }
             }
@@ -677,7 +710,12 @@ impl Work for NixlWork {
                     i += 1;
                 }
                 Ok(nx::XferStatus::Success) => {
-                    let _ = self.pending.swap_remove(i).reply.send(Ok(()));
+                    let done = self.pending.swap_remove(i);
+                    let _ = done.reply.send(Ok(()));
+                    if !self.conns.values().any(|n| *n == done.peer) {
+                        // Its connection ended while it ran: the agent may go now.
+                        self.forget_unless_busy(&done.peer);
+                    }
                 }
                 Err(e) => {
                     let cause = TransferError::PeerLost {
@@ -719,7 +757,8 @@ impl Work for NixlWork {
         for (_, mut h) in self.regions.drain() {
             let _ = h.deregister();
         }
-        for name in self.peers.drain() {
+        self.conns.clear();
+        for name in self.loaded.drain() {
             let _ = self.agent.invalidate_remote_md(&name);
         }
     }

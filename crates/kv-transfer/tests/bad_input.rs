@@ -207,3 +207,48 @@ async fn no_leak_ucx() {
 async fn no_leak_nixl() {
     no_leak(BackendKind::Nixl).await;
 }
+
+/// A decode-server that handshakes again connects a second time to the same agent, and
+/// then ends its first connection: the second must keep writing (NIXL has one
+/// connection per agent name, which the first's end must not take down).
+async fn second_connection_outlives_the_first(backend: BackendKind) {
+    let p = pair(backend).await;
+    let (l, r) = (p.a_reg.id(), p.b_reg.id().0);
+    let md = p.b.local_metadata().await.unwrap();
+    let second = p.a.connect(&md, &p.b.issue_key()).await.unwrap();
+    p.a.disconnect(p.peer);
+    for tag in [11u64, 12] {
+        let w = p.a.prepare(second, &[seg(l, 0, r, 0, 4096)]).await.unwrap();
+        p.a.post(&w, tag)
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: write on the second connection: {e}"));
+        p.b.wait_notification(tag, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: notification {tag}: {e}"));
+    }
+    p.a.disconnect(second);
+    assert!(matches!(
+        p.a.prepare(second, &[seg(l, 0, r, 0, 1)]).await,
+        Err(TransferError::UnknownPeer(_))
+    ));
+    // And a third connection after both ended works again.
+    let third = p.a.connect(&md, &p.b.issue_key()).await.unwrap();
+    let w = p.a.prepare(third, &[seg(l, 0, r, 0, 4096)]).await.unwrap();
+    p.a.post(&w, 13).await.unwrap();
+    p.b.wait_notification(13, Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_tcp() {
+    second_connection_outlives_the_first(BackendKind::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_ucx() {
+    second_connection_outlives_the_first(BackendKind::Ucx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_nixl() {
+    second_connection_outlives_the_first(BackendKind::Nixl).await;
+}
