@@ -112,6 +112,20 @@ pub(crate) trait Work: Send + 'static {
     fn finish(&mut self);
 }
 
+/// Sends commands to a driver thread ([`Driver::handle`]).
+pub(crate) struct Handle<C> {
+    tx: mpsc::Sender<C>,
+    waker: Thread,
+}
+
+impl<C> Handle<C> {
+    pub(crate) fn send(&self, cmd: C) {
+        if self.tx.send(cmd).is_ok() {
+            self.waker.unpark();
+        }
+    }
+}
+
 pub(crate) struct Driver<W: Work> {
     backend: BackendKind,
     shared: Arc<Shared<W>>,
@@ -180,6 +194,15 @@ impl<W: Work> Driver<W> {
                 detail: "driver thread died during start".into(),
             }),
         }
+    }
+
+    /// A sender of commands that outlives a borrow of the driver (for values that
+    /// undo themselves when dropped unread); None once the driver is stopping.
+    pub(crate) fn handle(&self) -> Option<Handle<W::Cmd>> {
+        self.tx.lock().unwrap().as_ref().map(|tx| Handle {
+            tx: tx.clone(),
+            waker: self.waker.clone(),
+        })
     }
 
     pub(crate) fn send(&self, cmd: W::Cmd) -> Result<()> {

@@ -157,7 +157,9 @@ enum Cmd {
         md: Vec<u8>,
         /// The agent the envelope names (checked against NIXL's reading of `md`).
         agent: String,
-        reply: oneshot::Sender<Result<(String, u64)>>,
+        /// Ends the connection if its lease is dropped unread.
+        undo: Option<crate::driver::Handle<Cmd>>,
+        reply: oneshot::Sender<Result<ConnLease>>,
     },
     Disconnect {
         conn: u64,
@@ -247,18 +249,17 @@ impl Nixl {
     /// connections to one agent share NIXL's (one per agent name): it is dropped when
     /// the last of them is.
     pub(crate) async fn connect(&self, md: &Metadata) -> Result<u64> {
-        let (bytes, agent) = (md.conn.clone(), md.agent.clone());
-        let (name, conn) = self
+        let (bytes, agent, undo) = (md.conn.clone(), md.agent.clone(), self.driver.handle());
+        let lease = self
             .driver
-            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { md: bytes, agent, reply })
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect {
+                md: bytes,
+                agent,
+                undo,
+                reply,
+            })
             .await??;
-        if name != md.agent {
-            return Err(TransferError::BadMetadata(format!(
-                "NIXL metadata names agent {name:?}, envelope says {:?}",
-                md.agent
-            )));
-        }
-        Ok(conn)
+        Ok(lease.keep())
     }
 
     pub(crate) fn disconnect(&self, conn: u64) {
@@ -283,6 +284,28 @@ impl Nixl {
 
     pub(crate) fn shutdown(&self) {
         self.driver.shutdown();
+    }
+}
+
+/// A new connection's id on its way to the caller: dropped unread (the caller was
+/// cancelled after the driver answered), it ends the connection.
+pub(crate) struct ConnLease {
+    conn: u64,
+    undo: Option<crate::driver::Handle<Cmd>>,
+}
+
+impl ConnLease {
+    fn keep(mut self) -> u64 {
+        self.undo = None;
+        self.conn
+    }
+}
+
+impl Drop for ConnLease {
+    fn drop(&mut self) {
+        if let Some(h) = self.undo.take() {
+            h.send(Cmd::Disconnect { conn: self.conn });
+        }
     }
 }
 
@@ -311,8 +334,8 @@ struct NixlWork {
     /// to the same agent, and ending its first must not cut the second.
     conns: HashMap<u64, String>,
     next_conn: u64,
-    /// Agents whose metadata NIXL holds.
-    loaded: HashSet<String>,
+    /// Agents whose metadata NIXL holds, and those metadata.
+    loaded: HashMap<String, Vec<u8>>,
     prepared: HashMap<u64, Prepared>,
     pending: Vec<Pending>,
     next_id: u64,
@@ -325,6 +348,8 @@ struct NixlWork {
     /// UCX's TCP event handler, found by tests/cross_process.rs's stopped target). The
     /// peer's metadata is dropped after its last one ends.
     zombies: Vec<(String, nx::XferRequest, Instant)>,
+    /// Writes in flight whose caller released them: their request goes when they end.
+    released: HashSet<u64>,
 }
 
 impl NixlWork {
@@ -374,7 +399,7 @@ impl NixlWork {
             regions: HashMap::new(),
             conns: HashMap::new(),
             next_conn: 1,
-            loaded: HashSet::new(),
+            loaded: HashMap::new(),
             prepared: HashMap::new(),
             pending: Vec::new(),
             next_id: 1,
@@ -382,6 +407,7 @@ impl NixlWork {
             last_notif_poll: Instant::now(),
             hub,
             zombies: Vec::new(),
+            released: HashSet::new(),
         })
     }
 
@@ -439,7 +465,7 @@ impl NixlWork {
         true
     }
 
-    fn connect(&mut self, md: &[u8], agent: &str) -> Result<(String, u64)> {
+    fn connect(&mut self, md: &[u8], agent: &str) -> Result<u64> {
         if self.zombies.iter().any(|(p, _, _)| p == agent) {
             // Its abandoned requests still run on the old connection: a new one, of
             // the same name, waits until they ended.
@@ -449,21 +475,41 @@ impl NixlWork {
             });
         }
         // An agent's name is unique to its process (`unique_name`): one that is loaded
-        // already has these metadata, and its connection is shared.
-        let name = if self.loaded.contains(agent) {
-            agent.to_string()
-        } else {
-            let name = self
-                .agent
-                .load_remote_md(md)
-                .map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
-            self.loaded.insert(name.clone());
-            name
-        };
+        // has one set of metadata, and its connection is shared.
+        match self.loaded.get(agent) {
+            Some(known) if known.as_slice() == md => {}
+            Some(_) => {
+                return Err(TransferError::BadMetadata(format!(
+                    "metadata for agent {agent:?} differ from those it connected with"
+                )));
+            }
+            None => {
+                let name = self
+                    .agent
+                    .load_remote_md(md)
+                    .map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
+                if name != agent {
+                    // Metadata naming another agent than the envelope: undone, and the
+                    // other agent's own metadata restored if it was connected.
+                    match self.loaded.get(&name) {
+                        Some(theirs) => {
+                            let _ = self.agent.load_remote_md(theirs);
+                        }
+                        None => {
+                            let _ = self.agent.invalidate_remote_md(&name);
+                        }
+                    }
+                    return Err(TransferError::BadMetadata(format!(
+                        "NIXL metadata name agent {name:?}, the envelope {agent:?}"
+                    )));
+                }
+                self.loaded.insert(name, md.to_vec());
+            }
+        }
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.conns.insert(conn, name.clone());
-        Ok((name, conn))
+        self.conns.insert(conn, agent.to_string());
+        Ok(conn)
     }
 
     /// Ends connection `conn`; the agent's metadata go with its last user.
@@ -561,6 +607,7 @@ impl NixlWork {
         let (gone, keep): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending).into_iter().partition(|p| p.peer == peer);
         self.pending = keep;
         for p in gone {
+            self.released.remove(&p.id);
             if let Some(w) = self.prepared.remove(&p.id) {
                 self.zombies.push((w.peer, w.req, Instant::now() + ABANDON_HOLD));
             }
@@ -584,7 +631,8 @@ impl NixlWork {
         let used = self.conns.values().any(|n| n == peer)
             || self.pending.iter().any(|p| p.peer == peer)
             || self.zombies.iter().any(|(p, _, _)| p == peer);
-        if !used && self.loaded.remove(peer) {
+        let used = used || self.prepared.values().any(|p| p.peer == peer);
+        if !used && self.loaded.remove(peer).is_some() {
             let _ = self.agent.invalidate_remote_md(peer);
         }
     }
@@ -662,11 +710,10 @@ impl Work for NixlWork {
             Cmd::Metadata { reply } => {
                 let _ = reply.send(self.agent.get_local_md().map_err(|e| backend_err("get_local_md", e)));
             }
-            Cmd::Connect { md, agent, reply } => {
-                // A caller gone (cancelled, timed out) leaves no peer behind.
-                if let Err(Ok((_, conn))) = reply.send(self.connect(&md, &agent)) {
-                    self.disconnect(conn);
-                }
+            Cmd::Connect { md, agent, undo, reply } => {
+                // A caller gone (cancelled, timed out) leaves no peer behind: its lease,
+                // dropped unread here or with its channel, ends the connection.
+                let _ = reply.send(self.connect(&md, &agent).map(|conn| ConnLease { conn, undo }));
             }
             Cmd::Disconnect { conn } => self.disconnect(conn),
             Cmd::Prepare { conn, segs, reply } => {
@@ -675,8 +722,11 @@ impl Work for NixlWork {
                 }
             }
             Cmd::Release { id } => {
-                if !self.pending.iter().any(|p| p.id == id) {
-                    self.prepared.remove(&id);
+                if self.pending.iter().any(|p| p.id == id) {
+                    // Its post was cancelled mid-flight: released once the write ends.
+                    self.released.insert(id);
+                } else if let Some(p) = self.prepared.remove(&id) {
+                    self.forget_unless_busy(&p.peer);
                 }
             }
             Cmd::Post { id, tag, deadline, reply } => self.post(id, tag, deadline, reply),
@@ -712,6 +762,9 @@ impl Work for NixlWork {
                 Ok(nx::XferStatus::Success) => {
                     let done = self.pending.swap_remove(i);
                     let _ = done.reply.send(Ok(()));
+                    if self.released.remove(&done.id) {
+                        self.prepared.remove(&done.id);
+                    }
                     if !self.conns.values().any(|n| *n == done.peer) {
                         // Its connection ended while it ran: the agent may go now.
                         self.forget_unless_busy(&done.peer);
@@ -750,16 +803,20 @@ impl Work for NixlWork {
         // Requests before registrations before peers: the order NIXL releases cleanly.
         self.prepared.clear();
         // Abandoned requests still running are left to the process's exit: releasing
-        // them could crash NIXL (see `zombies`).
-        for (_, req, _) in self.zombies.drain(..) {
+        // them, or their peer's metadata, could crash NIXL (see `zombies`).
+        let mut busy = HashSet::new();
+        for (peer, req, _) in self.zombies.drain(..) {
+            busy.insert(peer);
             std::mem::forget(req);
         }
         for (_, mut h) in self.regions.drain() {
             let _ = h.deregister();
         }
         self.conns.clear();
-        for name in self.loaded.drain() {
-            let _ = self.agent.invalidate_remote_md(&name);
+        for name in self.loaded.drain().map(|(name, _)| name) {
+            if !busy.contains(&name) {
+                let _ = self.agent.invalidate_remote_md(&name);
+            }
         }
     }
 }
