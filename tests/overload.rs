@@ -115,6 +115,23 @@ async fn a_full_line_is_refused_at_once_and_a_client_that_goes_away_leaves_it() 
     }
 }
 
+/// Sends `input` until it is no longer refused (within 5 s); it must then be answered.
+async fn admitted_again(c: &mut pb::generation_client::GenerationClient<tonic::transport::Channel>, input: pb::generate_request::Input) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match stream(c, request(input.clone(), &greedy(4))).await {
+            Ok((t, _)) => {
+                assert_eq!(t.len(), 4);
+                return;
+            }
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+}
+
 /// A router with `max_inflight = 1` in front of a deployment: a second request while
 /// one streams is refused at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,23 +158,38 @@ async fn a_router_past_max_inflight_refuses_at_once() {
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("max_inflight"), "{}", refused.message());
     assert!(t.elapsed() < Duration::from_millis(500));
+    // A router that sheds on time to first token (100 ms): while requests wait for
+    // their first token longer than that and none comes faster, new ones are refused
+    // at once; once the line drains, admitted again.
+    let shed_port = free_port();
+    let shed_url = format!("http://127.0.0.1:{shed_port}");
+    let cfg = format!(
+        "listen = \"127.0.0.1:{shed_port}\"\nshed_ttft_ms = 100\ndecode_servers = [{:?}]\n",
+        dep.decode[0]
+    );
+    let mut shed_router = start_daemon("router", work.path(), "router-shed", &cfg);
+    wait_serving(&shed_url, &mut shed_router).await;
+    let mut sc = e2e::client(&shed_url).await;
+    // Two wait (a line of one is no queue).
+    let waiting = [
+        sc.generate(request(ids(10, 8), &greedy(4))).await.unwrap().into_inner(),
+        sc.generate(request(ids(10, 11), &greedy(4))).await.unwrap().into_inner(),
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let shed = sc.generate(request(ids(10, 9), &greedy(4))).await.unwrap_err();
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.message().contains("shed_ttft_ms"), "{}", shed.message());
+    assert!(t.elapsed() < Duration::from_millis(500), "shed after {:?}", t.elapsed());
+    drop(waiting);
     drop(held);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     // The slot comes back when the stream ends.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match stream(&mut c, request(ids(10, 7), &greedy(4))).await {
-            Ok((t, _)) => {
-                assert_eq!(t.len(), 4);
-                break;
-            }
-            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    }
+    admitted_again(&mut c, ids(10, 7)).await;
+    // The shedding router's line drains (its waiting request was dropped): it admits.
+    admitted_again(&mut sc, ids(10, 10)).await;
+    drop(shed_router);
     drop(r);
     dep.stop().await;
 }

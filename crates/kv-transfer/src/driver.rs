@@ -112,16 +112,51 @@ pub(crate) trait Work: Send + 'static {
     fn finish(&mut self);
 }
 
-/// Sends commands to a driver thread ([`Driver::handle`]).
+/// Sends commands to a driver thread ([`Driver::handle`]). It shares the driver's
+/// sender instead of cloning it: a handle left somewhere must not keep the channel
+/// open, or the driver thread would never see its shutdown.
 pub(crate) struct Handle<C> {
-    tx: mpsc::Sender<C>,
+    tx: Arc<Mutex<Option<mpsc::Sender<C>>>>,
     waker: Thread,
 }
 
 impl<C> Handle<C> {
     pub(crate) fn send(&self, cmd: C) {
-        if self.tx.send(cmd).is_ok() {
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && tx.send(cmd).is_ok()
+        {
             self.waker.unpark();
+        }
+    }
+}
+
+/// An id the driver hands to a caller (a new connection or endpoint): dropped unread
+/// (the caller was cancelled after the driver answered), it sends the command that
+/// undoes it, so nothing is left behind without an owner.
+pub(crate) struct Lease<C> {
+    id: u64,
+    undo: Option<(Handle<C>, fn(u64) -> C)>,
+}
+
+impl<C> Lease<C> {
+    pub(crate) fn new(id: u64, handle: Option<Handle<C>>, undo: fn(u64) -> C) -> Self {
+        Lease {
+            id,
+            undo: handle.map(|h| (h, undo)),
+        }
+    }
+
+    /// The caller has it: nothing to undo.
+    pub(crate) fn keep(mut self) -> u64 {
+        self.undo = None;
+        self.id
+    }
+}
+
+impl<C> Drop for Lease<C> {
+    fn drop(&mut self) {
+        if let Some((h, undo)) = self.undo.take() {
+            h.send(undo(self.id));
         }
     }
 }
@@ -129,7 +164,7 @@ impl<C> Handle<C> {
 pub(crate) struct Driver<W: Work> {
     backend: BackendKind,
     shared: Arc<Shared<W>>,
-    tx: Mutex<Option<mpsc::Sender<W::Cmd>>>,
+    tx: Arc<Mutex<Option<mpsc::Sender<W::Cmd>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The driver thread, to unpark after sending it a command.
     waker: Thread,
@@ -180,7 +215,7 @@ impl<W: Work> Driver<W> {
                 Ok(Driver {
                     backend,
                     shared,
-                    tx: Mutex::new(Some(tx)),
+                    tx: Arc::new(Mutex::new(Some(tx))),
                     thread: Mutex::new(Some(thread)),
                     waker,
                 })
@@ -199,8 +234,8 @@ impl<W: Work> Driver<W> {
     /// A sender of commands that outlives a borrow of the driver (for values that
     /// undo themselves when dropped unread); None once the driver is stopping.
     pub(crate) fn handle(&self) -> Option<Handle<W::Cmd>> {
-        self.tx.lock().unwrap().as_ref().map(|tx| Handle {
-            tx: tx.clone(),
+        self.tx.lock().unwrap().is_some().then(|| Handle {
+            tx: self.tx.clone(),
             waker: self.waker.clone(),
         })
     }

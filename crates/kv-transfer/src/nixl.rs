@@ -159,7 +159,7 @@ enum Cmd {
         agent: String,
         /// Ends the connection if its lease is dropped unread.
         undo: Option<crate::driver::Handle<Cmd>>,
-        reply: oneshot::Sender<Result<ConnLease>>,
+        reply: oneshot::Sender<Result<crate::driver::Lease<Cmd>>>,
     },
     Disconnect {
         conn: u64,
@@ -284,28 +284,6 @@ impl Nixl {
 
     pub(crate) fn shutdown(&self) {
         self.driver.shutdown();
-    }
-}
-
-/// A new connection's id on its way to the caller: dropped unread (the caller was
-/// cancelled after the driver answered), it ends the connection.
-pub(crate) struct ConnLease {
-    conn: u64,
-    undo: Option<crate::driver::Handle<Cmd>>,
-}
-
-impl ConnLease {
-    fn keep(mut self) -> u64 {
-        self.undo = None;
-        self.conn
-    }
-}
-
-impl Drop for ConnLease {
-    fn drop(&mut self) {
-        if let Some(h) = self.undo.take() {
-            h.send(Cmd::Disconnect { conn: self.conn });
-        }
     }
 }
 
@@ -713,7 +691,8 @@ impl Work for NixlWork {
             Cmd::Connect { md, agent, undo, reply } => {
                 // A caller gone (cancelled, timed out) leaves no peer behind: its lease,
                 // dropped unread here or with its channel, ends the connection.
-                let _ = reply.send(self.connect(&md, &agent).map(|conn| ConnLease { conn, undo }));
+                let lease = |conn| crate::driver::Lease::new(conn, undo, |conn| Cmd::Disconnect { conn });
+                let _ = reply.send(self.connect(&md, &agent).map(lease));
             }
             Cmd::Disconnect { conn } => self.disconnect(conn),
             Cmd::Prepare { conn, segs, reply } => {

@@ -70,7 +70,9 @@ enum Cmd {
     Connect {
         addr: Vec<u8>,
         rkeys: Vec<(u32, Vec<u8>)>,
-        reply: oneshot::Sender<Result<u64>>,
+        /// Closes the endpoint if its lease is dropped unread.
+        undo: Option<crate::driver::Handle<Cmd>>,
+        reply: oneshot::Sender<Result<crate::driver::Lease<Cmd>>>,
     },
     Disconnect {
         ep: u64,
@@ -156,10 +158,12 @@ impl Ucx {
             return Err(TransferError::BadMetadata("no UCX worker address".into()));
         }
         let rkeys = md.regions.iter().map(|r| (r.id, r.key.clone())).collect();
-        let addr = md.conn.clone();
-        self.driver
-            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { addr, rkeys, reply })
-            .await?
+        let (addr, undo) = (md.conn.clone(), self.driver.handle());
+        let lease = self
+            .driver
+            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { addr, rkeys, undo, reply })
+            .await??;
+        Ok(lease.keep())
     }
 
     pub(crate) fn disconnect(&self, ep: u64) {
@@ -826,13 +830,11 @@ impl Work for UcxWork {
             Cmd::Deregister { id, reply } => {
                 let _ = reply.send(self.deregister(id));
             }
-            Cmd::Connect { addr, rkeys, reply } => {
-                // A caller gone (cancelled, timed out) leaves no endpoint behind.
-                if let Err(Ok(ep)) = reply.send(self.connect(&addr, &rkeys))
-                    && let Some(e) = self.eps.remove(&ep)
-                {
-                    self.close_ep(e, false);
-                }
+            Cmd::Connect { addr, rkeys, undo, reply } => {
+                // A caller gone (cancelled, timed out) leaves no endpoint behind: its
+                // lease, dropped unread here or with its channel, closes it.
+                let lease = |ep| crate::driver::Lease::new(ep, undo, |ep| Cmd::Disconnect { ep });
+                let _ = reply.send(self.connect(&addr, &rkeys).map(lease));
             }
             Cmd::Disconnect { ep } => {
                 self.prepared.retain(|_, p| p.ep != ep);

@@ -68,6 +68,10 @@ pub struct Args {
     /// Most requests waiting for KV blocks on a decode-server; past it they are refused at once.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
+    /// The router refuses new requests while even its fastest first tokens take longer
+    /// than this, ms (router `shed_ttft_ms`; 0: off).
+    #[arg(long, default_value_t = 0)]
+    pub shed_ttft_ms: u64,
     /// Deadline of one prefill call on the decode-servers, ms.
     #[arg(long, default_value_t = 60_000)]
     pub prefill_deadline_ms: u64,
@@ -295,9 +299,10 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         "router",
         "router",
         format!(
-            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\n",
+            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\nshed_ttft_ms = {}\n",
             toml_str(&model_name),
-            metrics(0)
+            metrics(0),
+            a.shed_ttft_ms
         ),
     )?);
     let mut dep = Deployment {

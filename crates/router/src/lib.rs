@@ -6,6 +6,8 @@
 //! (`EarlyPrefill`, round-robin over the healthy ones) as it forwards it, and tells the
 //! decode-server which one: the prompt is being computed while the decode-server
 //! reserves its blocks, so the first token skips the decode-server's hop.
+pub mod shed;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -64,6 +66,10 @@ pub struct RouterConfig {
     /// outstanding: under load its KV blocks come late, the early start would be
     /// dropped after its hold and computed again.
     pub early_prefill_max_outstanding: usize,
+    /// Load shedding on queueing delay: while even the fastest first token of the last
+    /// 100 ms took longer than this, new requests are refused at once
+    /// (RESOURCE_EXHAUSTED, reason `router_shed`). 0: off (requests wait their turn).
+    pub shed_ttft_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -83,6 +89,7 @@ impl Default for RouterConfig {
             connect_timeout_ms: 2_000,
             max_inflight: 1024,
             early_prefill_max_outstanding: 64,
+            shed_ttft_ms: 0,
         }
     }
 }
@@ -128,6 +135,7 @@ pub struct Router {
     inflight: AtomicUsize,
     max_inflight: usize,
     early_prefill_max_outstanding: usize,
+    shed: Arc<shed::Shedder>,
 }
 
 /// A request in flight through the router (its place when it came); leaves the count
@@ -144,6 +152,14 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.1.inflight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// What a routed request holds until its answer ends.
+struct Held {
+    outstanding: Outstanding,
+    _inflight: InFlight,
+    /// Its wait for the first token (for load shedding), ended by the first message.
+    waiting: shed::Waiting,
 }
 
 /// Decrements a backend's outstanding count when the response stream ends.
@@ -184,6 +200,7 @@ impl Router {
             inflight: AtomicUsize::new(0),
             max_inflight: cfg.max_inflight,
             early_prefill_max_outstanding: cfg.early_prefill_max_outstanding,
+            shed: shed::Shedder::new(Duration::from_millis(cfg.shed_ttft_ms)),
         }))
     }
 
@@ -282,7 +299,9 @@ impl RouterApi {
     /// Sends `req` to the healthy decode-servers in policy order until one takes it; a
     /// server that cannot be reached is marked unhealthy and the next one tried. The
     /// returned guard keeps the server's outstanding count until it is dropped.
-    async fn route<T, F, Fut>(&self, mut req: pb::GenerateRequest, call: F) -> Result<(T, (Outstanding, InFlight)), Status>
+    /// `streams`: the answer streams, and its first message ends the request's wait
+    /// for load shedding (unary calls are only checked at admission).
+    async fn route<T, F, Fut>(&self, mut req: pb::GenerateRequest, streams: bool, call: F) -> Result<(T, Held), Status>
     where
         F: Fn(GenerationClient<Channel>, Request<pb::GenerateRequest>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
@@ -298,6 +317,21 @@ impl RouterApi {
             return Err(s);
         }
         Router::prepare(&mut req).inspect_err(|s| daemon::metrics::request_done(Err(s.code())))?;
+        let Some(mut waiting) = self.0.shed.admit() else {
+            let s = daemon::metrics::rejected(
+                "router_shed",
+                format!(
+                    "overloaded: first tokens take longer than {} ms (shed_ttft_ms); retry later",
+                    self.0.shed.target().as_millis()
+                ),
+                SHED_RETRY_AFTER_MS,
+            );
+            daemon::metrics::request_done(Err(s.code()));
+            return Err(s);
+        };
+        if !streams {
+            waiting.leave();
+        }
         let candidates = self.0.candidates();
         // No decode-server to take it: nothing to start early either; nor when the
         // first choice is busy (its blocks would come after the early start's hold).
@@ -335,7 +369,14 @@ impl RouterApi {
             match call(client, request).await {
                 Ok(resp) => {
                     info!(request_id = %req.request_id, decode = %b.url, "routed");
-                    return Ok((resp.into_inner(), (guard, inflight)));
+                    return Ok((
+                        resp.into_inner(),
+                        Held {
+                            outstanding: guard,
+                            _inflight: inflight,
+                            waiting,
+                        },
+                    ));
                 }
                 Err(s) if unreachable(&s) => {
                     warn!(request_id = %req.request_id, decode = %b.url, error = %s.message(), "decode-server unreachable; trying another");
@@ -365,17 +406,23 @@ impl pb::generation_server::Generation for RouterApi {
     type GenerateStream = EventStream;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let (stream, guard) = self.route(req.into_inner(), |mut c, r| async move { c.generate(r).await }).await?;
+        let (stream, guard) = self.route(req.into_inner(), true, |mut c, r| async move { c.generate(r).await }).await?;
         // The decode-server counts as busy with this request until the stream ends.
+        let mut guard = guard;
         let stream = stream.map(move |item| {
-            let _held = &guard;
+            // The whole guard, not just the fields used below (a closure captures only
+            // those): its in-flight count must live as long as the stream.
+            let guard = &mut guard;
+            if item.is_ok() {
+                guard.waiting.first_token();
+            }
             // A decode-server that dies mid-answer, or whose link fails, breaks the
             // connection: the transport reports UNKNOWN or INTERNAL ("h2 protocol
             // error"); to the client it is unavailable.
             let item = item.map_err(|s| {
                 if s.code() == tonic::Code::Unknown || daemon::status::transport_made(&s) {
-                    warn!(decode = %guard.0.0.url, error = %s.message(), "decode-server failed mid-answer");
-                    Status::unavailable(format!("decode-server {} failed mid-answer: {}", guard.0.0.url, s.message()))
+                    warn!(decode = %guard.outstanding.0.url, error = %s.message(), "decode-server failed mid-answer");
+                    Status::unavailable(format!("decode-server {} failed mid-answer: {}", guard.outstanding.0.url, s.message()))
                 } else {
                     s
                 }
@@ -394,7 +441,7 @@ impl pb::generation_server::Generation for RouterApi {
 
     async fn generate_once(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResult>, Status> {
         let (result, _guard) = self
-            .route(req.into_inner(), |mut c, r| async move { c.generate_once(r).await })
+            .route(req.into_inner(), false, |mut c, r| async move { c.generate_once(r).await })
             .await?;
         daemon::metrics::request_done(Ok(()));
         Ok(Response::new(result))
@@ -403,6 +450,9 @@ impl pb::generation_server::Generation for RouterApi {
 
 /// The retry hint of a request refused because the router is full.
 const ROUTER_RETRY_AFTER_MS: u64 = 1_000;
+/// A shed request's hint: about when the standing queue is re-judged and, under
+/// sustained overload, drained.
+const SHED_RETRY_AFTER_MS: u64 = 200;
 
 /// How long open HTTP answers may take after SIGTERM.
 const HTTP_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
