@@ -19,6 +19,8 @@
 #   scripts/gpu-check.sh stage     # there, carrying .carry-model-a, then -b: the pieces to /tmp
 #   scripts/gpu-check.sh smollm    # there, carrying .carry: import the GGUF, 10 prompts against
 #                                  # transformers f32/bf16, per backend, tokens/s GPU and CPU
+#   scripts/gpu-check.sh overload  # pdserve bench overload on the GPU (1B shape, nixl): 1x/2x/4x
+#                                  # of capacity, DURATION s each (env DURATION, BACKEND, SHED_TTFT_MS)
 #   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -375,6 +377,12 @@ case "${1:-}" in
   leak) leak_remote ;;
   doctor) doctor_remote ;;
   twogpu) twogpu_remote ;;
+  overload)
+    gpu_env
+    BIN=/tmp/pdserve-gpu MODEL=/tmp/m1b BACKEND=${BACKEND:-nixl} DURATION=${DURATION:-20} OUT=${OUT:-/tmp/gpu-out}/overload \
+      UP_ARGS="--device cuda:0 --kv-cache-mib 4096" scripts/overload-bench.sh --input-len 512 --output-len 32 \
+      --vocab 120000 --requests 200 --capacity-concurrency 16 || true
+    tail -8 ${OUT:-/tmp/gpu-out}/overload/overload.md ;;
   twogpu-bench)
     # PRESET=1b|8b: the synthetic Llama shape; colocated runs on GPU 1 alone.
     gpu_env; P=${PRESET:-1b}
@@ -382,5 +390,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@
 # BACKEND (tcp), MAX_WAITING (requests in a decode-server's line; 8), DURATION (60),
 # SHED_TTFT_MS (the router's load shedding on time to first token; 1000, half the
 # bench's TTFT SLO; 0: off),
+# UP_ARGS (more `pdserve up` arguments, e.g. "--device cuda:0"),
 # BIN (target/debug; a `cargo build --release` puts faster ones in target/release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,8 @@ BIN=${BIN:-target/debug}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true; rm -rf "$work"' EXIT
-"$BIN/pdserve" up --backend "${BACKEND:-tcp}" ${MODEL:+--model "$MODEL"} \
+# shellcheck disable=SC2086
+"$BIN/pdserve" up --backend "${BACKEND:-tcp}" ${MODEL:+--model "$MODEL"} ${UP_ARGS:-} \
   --max-waiting "${MAX_WAITING:-8}" --shed-ttft-ms "${SHED_TTFT_MS:-1000}" --workdir "$work" > "$work/router" 2> "$OUT/up.log" &
 up=$!
 for _ in $(seq 1 600); do [ -s "$work/router" ] && break; kill -0 $up 2>/dev/null || exit 1; sleep 0.1; done

@@ -122,10 +122,15 @@ pub(crate) struct Handle<C> {
 
 impl<C> Handle<C> {
     pub(crate) fn send(&self, cmd: C) {
-        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-            && tx.send(cmd).is_ok()
-        {
-            self.waker.unpark();
+        // A command that is not sent is dropped after the lock is released (it may
+        // hold a lease whose drop sends again).
+        let unsent = match self.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(tx) => tx.send(cmd).err().map(|e| e.0),
+            None => Some(cmd),
+        };
+        match unsent {
+            None => self.waker.unpark(),
+            Some(cmd) => drop(cmd),
         }
     }
 }

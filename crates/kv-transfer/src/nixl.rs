@@ -434,7 +434,18 @@ impl NixlWork {
             }
             return false;
         }
-        self.prepared.retain(|_, p| !p.regions.contains(&id));
+        let mut peers = HashSet::new();
+        self.prepared.retain(|_, p| {
+            let keep = !p.regions.contains(&id);
+            if !keep {
+                peers.insert(p.peer.clone());
+            }
+            keep
+        });
+        // Agents that only these prepared writes kept loaded go with them.
+        for peer in peers {
+            self.forget_unless_busy(&peer);
+        }
         if let Some(mut h) = self.regions.remove(&id)
             && let Err(e) = h.deregister()
         {
@@ -467,8 +478,10 @@ impl NixlWork {
                     .load_remote_md(md)
                     .map_err(|e| TransferError::BadMetadata(format!("NIXL refused the peer's metadata: {e}")))?;
                 if name != agent {
-                    // Metadata naming another agent than the envelope: undone, and the
-                    // other agent's own metadata restored if it was connected.
+                    // Metadata naming another agent than the envelope: refused, and
+                    // undone as far as NIXL lets us (it adds descriptors, never replaces
+                    // them: a connected agent's own metadata are loaded again over
+                    // them, which removes nothing extra; README, security left).
                     match self.loaded.get(&name) {
                         Some(theirs) => {
                             let _ = self.agent.load_remote_md(theirs);

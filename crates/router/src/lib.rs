@@ -317,7 +317,7 @@ impl RouterApi {
             return Err(s);
         }
         Router::prepare(&mut req).inspect_err(|s| daemon::metrics::request_done(Err(s.code())))?;
-        let Some(mut waiting) = self.0.shed.admit() else {
+        let Some(waiting) = self.0.shed.admit(streams) else {
             let s = daemon::metrics::rejected(
                 "router_shed",
                 format!(
@@ -329,9 +329,6 @@ impl RouterApi {
             daemon::metrics::request_done(Err(s.code()));
             return Err(s);
         };
-        if !streams {
-            waiting.leave();
-        }
         let candidates = self.0.candidates();
         // No decode-server to take it: nothing to start early either; nor when the
         // first choice is busy (its blocks would come after the early start's hold).

@@ -10,10 +10,14 @@
 //! "Stands": the smallest wait seen over an interval, not the largest, so one slow or
 //! hung request does not shed everyone; only when even the fastest first token of the
 //! interval came too late is there a standing queue. When no first token came in an
-//! interval, the youngest request that has waited since the interval began stands for it.
+//! interval, there is one if at least two requests have waited longer than the target.
 //! A line of one request is no queue (CoDel's one-packet rule): never shed for it. While
-//! shedding, one request per interval is let through as a probe: its first token tells
-//! whether the line still stands, so shedding ends without waiting for the line to drain.
+//! shedding, one streaming request per interval is let through as a probe: its first
+//! token tells whether the line still stands, so shedding ends without waiting for the
+//! line to drain.
+//!
+//! Time to first token includes the prompt's own compute: the target must stand well
+//! above the longest prompt's prefill time, or two long prompts alone would shed.
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,22 +76,29 @@ impl Shedder {
     }
 
     /// Whether a request arriving now is refused; otherwise its wait, to end at its
-    /// first token.
-    pub fn admit(self: &Arc<Self>) -> Option<Waiting> {
-        self.admit_at(Instant::now())
+    /// first token. `streams`: its first token will be seen (a unary call's is not:
+    /// it is never a probe, and leaves the line at once).
+    pub fn admit(self: &Arc<Self>, streams: bool) -> Option<Waiting> {
+        let mut w = self.admit_at(Instant::now(), streams)?;
+        if !streams {
+            w.leave();
+        }
+        Some(w)
     }
 
-    fn admit_at(self: &Arc<Self>, now: Instant) -> Option<Waiting> {
+    fn admit_at(self: &Arc<Self>, now: Instant, probe_ok: bool) -> Option<Waiting> {
         if !self.enabled() {
             return Some(Waiting { shed: self.clone(), key: None });
         }
         let mut s = self.state.lock().unwrap();
         if now.duration_since(s.window_start) >= INTERVAL {
-            let window_start = s.window_start;
+            // No first token in the window: a standing queue if two requests have
+            // waited past the target (one may just be slow or hung).
             let standing = s.window_min.or_else(|| {
+                let old = now.checked_sub(self.target)?;
                 s.waiting
-                    .range(..=(window_start, u64::MAX))
-                    .next_back()
+                    .range(..(old, 0))
+                    .nth(1)
                     .map(|(t, _)| now.duration_since(*t))
             });
             let shedding = standing.is_some_and(|d| d > self.target);
@@ -109,7 +120,7 @@ impl Shedder {
         }
         // A line of one (or none) is no queue, whatever the last window said.
         if s.shedding && s.waiting.len() > 1 {
-            if now.duration_since(s.last_probe) < INTERVAL {
+            if !probe_ok || now.duration_since(s.last_probe) < INTERVAL {
                 return None;
             }
             s.last_probe = now;
@@ -171,7 +182,7 @@ mod tests {
     #[test]
     fn off_admits_everything() {
         let s = Shedder::new(Duration::ZERO);
-        let held: Vec<_> = (0..1000).map(|_| s.admit().expect("admitted")).collect();
+        let held: Vec<_> = (0..1000).map(|_| s.admit(true).expect("admitted")).collect();
         assert_eq!(held.len(), 1000);
     }
 
@@ -179,72 +190,74 @@ mod tests {
     fn a_standing_queue_sheds_probes_and_ends_on_a_fast_probe() {
         let s = Shedder::new(100 * MS);
         let t0 = Instant::now();
-        let mut a = s.admit_at(t0).unwrap();
-        let _b = s.admit_at(t0 + MS).unwrap();
-        let _c = s.admit_at(t0 + 2 * MS).unwrap();
+        let mut a = s.admit_at(t0, true).unwrap();
+        let _b = s.admit_at(t0 + MS, true).unwrap();
+        let _c = s.admit_at(t0 + 2 * MS, true).unwrap();
         // Every first token of the window came 300 ms late: a standing queue.
         a.first_token_at(t0 + 300 * MS);
-        assert!(s.admit_at(t0 + 301 * MS).is_none(), "a standing queue must shed");
-        assert!(s.admit_at(t0 + 350 * MS).is_none(), "within the interval the verdict holds");
+        assert!(s.admit_at(t0 + 301 * MS, true).is_none(), "a standing queue must shed");
+        assert!(s.admit_at(t0 + 350 * MS, true).is_none(), "within the interval the verdict holds");
         // An interval after shedding began, one probe goes through.
-        let mut probe = s.admit_at(t0 + 402 * MS).expect("a probe each interval");
-        assert!(s.admit_at(t0 + 403 * MS).is_none(), "one probe per interval");
+        let mut probe = s.admit_at(t0 + 402 * MS, true).expect("a probe each interval");
+        assert!(s.admit_at(t0 + 403 * MS, true).is_none(), "one probe per interval");
         // The probe's first token comes in time: the next verdict admits.
         probe.first_token_at(t0 + 420 * MS);
-        assert!(s.admit_at(t0 + 510 * MS).is_some(), "a fast probe ends the shedding");
+        assert!(s.admit_at(t0 + 510 * MS, true).is_some(), "a fast probe ends the shedding");
     }
 
     #[test]
     fn a_line_of_one_is_no_queue() {
         let s = Shedder::new(100 * MS);
         let t0 = Instant::now();
-        let mut a = s.admit_at(t0).unwrap();
-        let _b = s.admit_at(t0 + MS).unwrap();
+        let mut a = s.admit_at(t0, true).unwrap();
+        let _b = s.admit_at(t0 + MS, true).unwrap();
         a.first_token_at(t0 + 300 * MS);
         // Slow verdict, but only b waits.
-        assert!(s.admit_at(t0 + 301 * MS).is_some());
+        assert!(s.admit_at(t0 + 301 * MS, true).is_some());
     }
 
     #[test]
     fn one_slow_request_does_not_shed_when_others_are_fast() {
         let s = Shedder::new(100 * MS);
         let t0 = Instant::now();
-        let _hung = s.admit_at(t0).unwrap();
-        let mut fast = s.admit_at(t0 + 150 * MS).unwrap();
+        let _hung = s.admit_at(t0, true).unwrap();
+        let mut fast = s.admit_at(t0 + 150 * MS, true).unwrap();
         fast.first_token_at(t0 + 160 * MS);
         // The hung one has waited 500 ms, but a first token of this window took 10 ms.
-        assert!(s.admit_at(t0 + 500 * MS).is_some());
+        assert!(s.admit_at(t0 + 500 * MS, true).is_some());
     }
 
     #[test]
-    fn no_first_token_in_a_window_judges_by_the_youngest_old_waiter() {
+    fn no_first_token_in_a_window_sheds_when_two_have_waited_too_long() {
         let s = Shedder::new(100 * MS);
         let t0 = Instant::now();
-        let _a = s.admit_at(t0).unwrap();
-        let _b = s.admit_at(t0 + 20 * MS).unwrap();
-        // The first window closes at 120 ms with no first token and nobody waiting
-        // from before it: admitted.
-        let _c = s.admit_at(t0 + 120 * MS).unwrap();
-        // The next closes at 400 ms, again with no first token: c, the youngest of those
-        // waiting since 120 ms, has stood 280 ms.
-        assert!(s.admit_at(t0 + 400 * MS).is_none(), "waiters standing 280 ms must shed");
+        let _a = s.admit_at(t0, true).unwrap();
+        let _b = s.admit_at(t0 + 20 * MS, true).unwrap();
+        // The first window closes at 120 ms with no first token and one request past
+        // the target: admitted.
+        let _c = s.admit_at(t0 + 120 * MS, true).unwrap();
+        // The next closes at 400 ms, again with no first token: three past the target.
+        assert!(s.admit_at(t0 + 400 * MS, true).is_none(), "a line standing 280-400 ms must shed");
+        // A unary call is never the probe.
+        assert!(s.admit_at(t0 + 520 * MS, false).is_none());
+        assert!(s.admit_at(t0 + 521 * MS, true).is_some(), "a streaming probe goes through");
     }
 
     #[test]
     fn a_drained_queue_admits_at_once() {
         let s = Shedder::new(100 * MS);
         let t0 = Instant::now();
-        let mut a = s.admit_at(t0).unwrap();
+        let mut a = s.admit_at(t0, true).unwrap();
         a.first_token_at(t0 + 300 * MS);
         // Shedding verdict, but nobody is waiting any more: the queue is gone.
-        assert!(s.admit_at(t0 + 301 * MS).is_some());
+        assert!(s.admit_at(t0 + 301 * MS, true).is_some());
     }
 
     #[test]
     fn failed_requests_leave_the_line_without_a_verdict() {
         let s = Shedder::new(100 * MS);
         let t0 = Instant::now();
-        drop(s.admit_at(t0).unwrap());
+        drop(s.admit_at(t0, true).unwrap());
         assert!(s.state.lock().unwrap().waiting.is_empty());
         assert!(s.state.lock().unwrap().window_min.is_none());
     }
