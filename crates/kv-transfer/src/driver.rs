@@ -140,28 +140,27 @@ impl<C> Handle<C> {
 /// undoes it, so nothing is left behind without an owner.
 pub(crate) struct Lease<C> {
     id: u64,
-    undo: Option<(Handle<C>, fn(u64) -> C)>,
+    /// None once kept (or when the driver was stopping).
+    handle: Option<Handle<C>>,
+    undo: fn(u64) -> C,
 }
 
 impl<C> Lease<C> {
     pub(crate) fn new(id: u64, handle: Option<Handle<C>>, undo: fn(u64) -> C) -> Self {
-        Lease {
-            id,
-            undo: handle.map(|h| (h, undo)),
-        }
+        Lease { id, handle, undo }
     }
 
     /// The caller has it: nothing to undo.
     pub(crate) fn keep(mut self) -> u64 {
-        self.undo = None;
+        self.handle = None;
         self.id
     }
 }
 
 impl<C> Drop for Lease<C> {
     fn drop(&mut self) {
-        if let Some((h, undo)) = self.undo.take() {
-            h.send(undo(self.id));
+        if let Some(h) = self.handle.take() {
+            h.send((self.undo)(self.id));
         }
     }
 }

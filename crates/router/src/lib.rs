@@ -403,7 +403,9 @@ impl pb::generation_server::Generation for RouterApi {
     type GenerateStream = EventStream;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let (stream, guard) = self.route(req.into_inner(), true, |mut c, r| async move { c.generate(r).await }).await?;
+        let (stream, guard) = self
+            .route(req.into_inner(), true, |mut c, r| async move { c.generate(r).await })
+            .await?;
         // The decode-server counts as busy with this request until the stream ends.
         let mut guard = guard;
         let stream = stream.map(move |item| {
@@ -419,7 +421,11 @@ impl pb::generation_server::Generation for RouterApi {
             let item = item.map_err(|s| {
                 if s.code() == tonic::Code::Unknown || daemon::status::transport_made(&s) {
                     warn!(decode = %guard.outstanding.0.url, error = %s.message(), "decode-server failed mid-answer");
-                    Status::unavailable(format!("decode-server {} failed mid-answer: {}", guard.outstanding.0.url, s.message()))
+                    Status::unavailable(format!(
+                        "decode-server {} failed mid-answer: {}",
+                        guard.outstanding.0.url,
+                        s.message()
+                    ))
                 } else {
                     s
                 }

@@ -88,7 +88,10 @@ impl Shedder {
 
     fn admit_at(self: &Arc<Self>, now: Instant, probe_ok: bool) -> Option<Waiting> {
         if !self.enabled() {
-            return Some(Waiting { shed: self.clone(), key: None });
+            return Some(Waiting {
+                shed: self.clone(),
+                key: None,
+            });
         }
         let mut s = self.state.lock().unwrap();
         if now.duration_since(s.window_start) >= INTERVAL {
@@ -96,10 +99,7 @@ impl Shedder {
             // waited past the target (one may just be slow or hung).
             let standing = s.window_min.or_else(|| {
                 let old = now.checked_sub(self.target)?;
-                s.waiting
-                    .range(..(old, 0))
-                    .nth(1)
-                    .map(|(t, _)| now.duration_since(*t))
+                s.waiting.range(..(old, 0)).nth(1).map(|(t, _)| now.duration_since(*t))
             });
             let shedding = standing.is_some_and(|d| d > self.target);
             if shedding != s.shedding {
