@@ -1,11 +1,35 @@
 //! The requests a benchmark sends: random token prompts of fixed or uniformly drawn
-//! lengths, or prompts from a JSONL file; the same seed gives the same workload.
+//! lengths (optionally behind shared prefixes, as SGLang's `generated-shared-prefix`),
+//! or prompts from a JSONL file; the same seed gives the same workload.
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use proto::v1 as pb;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// Shared prefixes: `GROUPS:LEN`, GROUPS distinct prefixes of LEN tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedPrefix {
+    pub groups: usize,
+    pub len: usize,
+}
+
+impl std::str::FromStr for SharedPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("shared prefix {s:?}: want GROUPS:LEN, both at least 1");
+        let (g, l) = s.split_once(':').ok_or_else(bad)?;
+        let (groups, len) = (
+            g.trim().parse::<usize>().map_err(|_| bad())?,
+            l.trim().parse::<usize>().map_err(|_| bad())?,
+        );
+        if groups == 0 || len == 0 {
+            return Err(bad());
+        }
+        Ok(SharedPrefix { groups, len })
+    }
+}
 
 /// A length: `512` (fixed) or `256:1024` (uniform, both ends included).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +84,12 @@ pub struct WorkloadArgs {
     /// `token_ids`, and optionally `output_len`; used in order, round robin.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// Random prompts behind shared prefixes: `GROUPS:LEN` (e.g. `8:512`) makes GROUPS
+    /// random prefixes of LEN tokens, and each request one of them (drawn) followed by
+    /// its own `--input-len` tokens: a shared system prompt, or a few documents asked
+    /// many questions (prefix caching's workload).
+    #[arg(long)]
+    pub shared_prefix: Option<SharedPrefix>,
     /// Random prompt token ids are drawn below this (the model's vocabulary size or less).
     #[arg(long, default_value_t = 512)]
     pub vocab: u32,
@@ -96,6 +126,7 @@ impl WorkloadArgs {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         let draw = |r: LenRange, rng: &mut ChaCha8Rng| rng.random_range(r.min..=r.max);
         match &self.prompts {
+            Some(_) if self.shared_prefix.is_some() => bail!("--shared-prefix makes random prompts: not with --prompts"),
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
                 let mut lines = Vec::new();
@@ -130,13 +161,23 @@ impl WorkloadArgs {
                 if self.vocab < 2 {
                     bail!("--vocab must be at least 2");
                 }
+                let vocab = self.vocab;
+                let random = |n: usize, rng: &mut ChaCha8Rng| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..vocab)).collect() };
+                let prefixes: Vec<Vec<u32>> = match self.shared_prefix {
+                    Some(sp) => (0..sp.groups).map(|_| random(sp.len, &mut rng)).collect(),
+                    None => Vec::new(),
+                };
                 Ok((0..self.requests)
                     .map(|_| {
+                        let mut ids = match prefixes.len() {
+                            0 => Vec::new(),
+                            g => prefixes[rng.random_range(0..g)].clone(),
+                        };
                         let n = draw(input_len, &mut rng);
-                        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(1..self.vocab)).collect();
+                        ids.extend(random(n, &mut rng));
                         Prompt {
+                            input_tokens: Some(ids.len()),
                             input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
-                            input_tokens: Some(n),
                             output_len: draw(self.output_len, &mut rng),
                         }
                     })
@@ -158,8 +199,12 @@ impl WorkloadArgs {
         match &self.prompts {
             Some(p) => format!("{} requests from {}, output {}", self.requests, p.display(), self.output_len),
             None => format!(
-                "{} requests, input {input_len} tokens, output {} tokens",
-                self.requests, self.output_len
+                "{} requests, input {}{input_len} tokens, output {} tokens",
+                self.requests,
+                self.shared_prefix
+                    .map(|sp| format!("{} (one of {} shared prefixes) + ", sp.len, sp.groups))
+                    .unwrap_or_default(),
+                self.output_len
             ),
         }
     }
@@ -175,6 +220,7 @@ mod tests {
             input_len: vec!["5:9".parse().unwrap()],
             output_len: "3".parse().unwrap(),
             prompts: None,
+            shared_prefix: None,
             vocab: 100,
             seed: 7,
             temperature: 0.0,
@@ -226,5 +272,36 @@ mod tests {
         std::fs::write(&path, "{\"prompt\": \"a\"}\n{\"nothing\": 1}\n").unwrap();
         let e = w.build(w.input_len[0]).unwrap_err().to_string();
         assert!(e.contains("p.jsonl:2"), "{e}");
+    }
+
+    #[test]
+    fn shared_prefixes_are_shared_and_seeded() {
+        let w = WorkloadArgs {
+            shared_prefix: Some("3:20".parse().unwrap()),
+            requests: 60,
+            ..args()
+        };
+        let ids = |p: &Prompt| match &p.input {
+            pb::generate_request::Input::TokenIds(t) => t.ids.clone(),
+            _ => panic!("token prompts"),
+        };
+        let a = w.build(w.input_len[0]).unwrap();
+        let b = w.build(w.input_len[0]).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        let mut prefixes: Vec<Vec<u32>> = a.iter().map(|p| ids(p)[..20].to_vec()).collect();
+        for p in &a {
+            let n = ids(p).len();
+            assert_eq!(p.input_tokens, Some(n));
+            assert!((25..=29).contains(&n), "20 shared + 5..9 own tokens, got {n}");
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        assert_eq!(prefixes.len(), 3, "every group used, and no more than 3 prefixes");
+        assert!("0:5".parse::<SharedPrefix>().is_err() && "4".parse::<SharedPrefix>().is_err());
+        let both = WorkloadArgs {
+            prompts: Some("x.jsonl".into()),
+            ..w
+        };
+        assert!(both.build(both.input_len[0]).is_err());
     }
 }
