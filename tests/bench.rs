@@ -117,6 +117,43 @@ fn bench_open_loop_counts_every_request() {
     assert_eq!(level["summary"]["completed"], 12);
     assert_eq!(level["summary"]["slo_attainment"], 1.0);
 
+    // A trace (Mooncake's format) replayed at its own times: lengths as the trace says,
+    // and sent no earlier than its timestamps (400 ms apart).
+    let trace = dir.path().join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        (0..4)
+            .map(|i| {
+                format!(
+                    "{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [1, {}]}}\n",
+                    5000 + 400 * i,
+                    10 + i,
+                    2 + i,
+                    i + 2
+                )
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = pdserve()
+        .args(["bench", "--router", &dep.router, "--trace"])
+        .arg(&trace)
+        .args(["--trace-block", "8", "--vocab", "400", "--warmup", "0", "--quiet", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["levels"][0]["load"], "trace arrivals");
+    let reqs = doc["levels"][0]["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 4);
+    for (i, r) in reqs.iter().enumerate() {
+        assert!(r["error"].is_null(), "{r}");
+        assert_eq!(r["input_tokens"].as_u64().unwrap(), 10 + i as u64, "{r}");
+        assert_eq!(r["output_tokens"].as_u64().unwrap(), 2 + i as u64, "{r}");
+        assert!(r["sent_s"].as_f64().unwrap() >= 0.4 * i as f64 - 0.01, "{r}");
+    }
+
     let bad = pdserve()
         .args(["bench", "--router", &dep.router, "--input-len", "9:2"])
         .output()

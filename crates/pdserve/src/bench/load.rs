@@ -21,6 +21,8 @@ pub enum Load {
     Closed(usize),
     /// Poisson arrivals at this many requests per second, however many are in flight.
     Open(f64),
+    /// Each request at its own time (a trace's `Prompt::at_s`).
+    Trace,
 }
 
 impl std::fmt::Display for Load {
@@ -28,6 +30,7 @@ impl std::fmt::Display for Load {
         match self {
             Load::Closed(c) => write!(f, "concurrency {c}"),
             Load::Open(r) => write!(f, "rate {r}/s"),
+            Load::Trace => write!(f, "trace arrivals"),
         }
     }
 }
@@ -83,11 +86,26 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
                 });
             }
         }
-        Load::Open(rate) => {
-            anyhow::ensure!(rate > 0.0, "the request rate must be above 0");
-            let mut rng = ChaCha8Rng::seed_from_u64(shot.seed ^ 0x9e37_79b9_7f4a_7c15);
-            let mut at = 0.0f64;
-            for i in 0..prompts.len() {
+        Load::Open(_) | Load::Trace => {
+            // Each request's send time, seconds from the start.
+            let times: Vec<f64> = match load {
+                Load::Open(rate) => {
+                    anyhow::ensure!(rate > 0.0, "the request rate must be above 0");
+                    let mut rng = ChaCha8Rng::seed_from_u64(shot.seed ^ 0x9e37_79b9_7f4a_7c15);
+                    let mut at = 0.0f64;
+                    (0..prompts.len())
+                        .map(|_| {
+                            let now = at;
+                            // Exponential gaps: a Poisson process of `rate` per second.
+                            let u: f64 = rng.random_range(f64::EPSILON..1.0);
+                            at += -u.ln() / rate;
+                            now
+                        })
+                        .collect()
+                }
+                _ => prompts.iter().map(|p| p.at_s.unwrap_or(0.0)).collect(),
+            };
+            for (i, at) in times.into_iter().enumerate() {
                 tokio::time::sleep_until((start + Duration::from_secs_f64(at)).into()).await;
                 let (shot, prompts, bar) = (shot.clone(), prompts.clone(), bar.clone());
                 tasks.spawn(async move {
@@ -95,9 +113,6 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
                     bar.inc(1);
                     vec![r]
                 });
-                // Exponential gaps: a Poisson process of `rate` per second.
-                let u: f64 = rng.random_range(f64::EPSILON..1.0);
-                at += -u.ln() / rate;
             }
         }
     }

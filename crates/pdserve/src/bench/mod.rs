@@ -177,7 +177,9 @@ pub async fn measure(
     for len in w.input_lens() {
         let prompts = w.build(len)?;
         warm_up(&shot, &prompts, l.warmup).await?;
-        for load in l.levels()? {
+        // A trace sets its own arrivals.
+        let levels = if w.trace.is_some() { vec![Load::Trace] } else { l.levels()? };
+        for load in levels {
             let (records, secs) = load::run(&shot, &prompts, load, !l.quiet).await?;
             out.push(Level {
                 target: target.to_string(),

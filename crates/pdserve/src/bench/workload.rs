@@ -1,6 +1,7 @@
 //! The requests a benchmark sends: random token prompts of fixed or uniformly drawn
 //! lengths (optionally behind shared prefixes, as SGLang's `generated-shared-prefix`),
-//! or prompts from a JSONL file; the same seed gives the same workload.
+//! prompts from a JSONL file, or a trace replayed at its own arrival times (Mooncake's
+//! format); the same seed gives the same workload.
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -90,6 +91,16 @@ pub struct WorkloadArgs {
     /// many questions (prefix caching's workload).
     #[arg(long)]
     pub shared_prefix: Option<SharedPrefix>,
+    /// Replays a trace: JSONL in Mooncake's format, one request per line with
+    /// `timestamp` (ms), `input_length`, `output_length` and optionally `hash_ids` (one
+    /// per `--trace-block` tokens: equal ids, equal tokens, so shared prefixes stay
+    /// shared). Requests are sent at their timestamps (the first `--requests` lines);
+    /// `--concurrency`/`--rate` do not apply.
+    #[arg(long, conflicts_with_all = ["prompts", "shared_prefix"])]
+    pub trace: Option<PathBuf>,
+    /// Tokens per hash id of a trace (Mooncake's traces: 512).
+    #[arg(long, default_value_t = 512)]
+    pub trace_block: usize,
     /// Random prompt token ids are drawn below this (the model's vocabulary size or less).
     #[arg(long, default_value_t = 512)]
     pub vocab: u32,
@@ -108,6 +119,17 @@ pub struct Prompt {
     /// Prompt tokens when known before sending (token prompts); text prompts learn it from the answer.
     pub input_tokens: Option<usize>,
     pub output_len: usize,
+    /// When to send it, seconds from the run's start (traces only).
+    pub at_s: Option<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct TraceLine {
+    timestamp: f64,
+    input_length: usize,
+    output_length: usize,
+    #[serde(default)]
+    hash_ids: Vec<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -125,6 +147,9 @@ impl WorkloadArgs {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         let draw = |r: LenRange, rng: &mut ChaCha8Rng| rng.random_range(r.min..=r.max);
+        if let Some(path) = &self.trace {
+            return self.trace(path, &mut rng);
+        }
         match &self.prompts {
             Some(_) if self.shared_prefix.is_some() => bail!("--shared-prefix makes random prompts: not with --prompts"),
             Some(path) => {
@@ -153,6 +178,7 @@ impl WorkloadArgs {
                             input,
                             input_tokens,
                             output_len,
+                            at_s: None,
                         }
                     })
                     .collect())
@@ -179,6 +205,7 @@ impl WorkloadArgs {
                             input_tokens: Some(ids.len()),
                             input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
                             output_len: draw(self.output_len, &mut rng),
+                            at_s: None,
                         }
                     })
                     .collect())
@@ -186,9 +213,52 @@ impl WorkloadArgs {
         }
     }
 
-    /// The prompt lengths to measure: one pass for a prompts file.
+    /// A trace's requests: each hash id stands for `trace_block` tokens drawn from a
+    /// generator seeded by it (and `--seed`), cut or topped up to `input_length`.
+    fn trace(&self, path: &std::path::Path, rng: &mut ChaCha8Rng) -> anyhow::Result<Vec<Prompt>> {
+        if self.vocab < 2 || self.trace_block == 0 {
+            bail!("--vocab must be at least 2 and --trace-block at least 1");
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let vocab = self.vocab;
+        let mut out = Vec::new();
+        let mut first: Option<f64> = None;
+        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).take(self.requests) {
+            let where_ = || format!("{}:{}", path.display(), i + 1);
+            let t: TraceLine =
+                serde_json::from_str(l).with_context(|| format!("{}: want timestamp, input_length, output_length", where_()))?;
+            if t.input_length == 0 || t.output_length == 0 || !t.timestamp.is_finite() {
+                bail!("{}: lengths must be at least 1 and the timestamp a number", where_());
+            }
+            let mut ids: Vec<u32> = Vec::with_capacity(t.input_length);
+            for h in &t.hash_ids {
+                if ids.len() >= t.input_length {
+                    break;
+                }
+                let mut block = ChaCha8Rng::seed_from_u64(self.seed ^ h.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                ids.extend((0..self.trace_block).map(|_| block.random_range(1..vocab)));
+            }
+            ids.truncate(t.input_length);
+            while ids.len() < t.input_length {
+                ids.push(rng.random_range(1..vocab));
+            }
+            let t0 = *first.get_or_insert(t.timestamp);
+            out.push(Prompt {
+                input_tokens: Some(ids.len()),
+                input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
+                output_len: t.output_length,
+                at_s: Some(((t.timestamp - t0) / 1000.0).max(0.0)),
+            });
+        }
+        if out.is_empty() {
+            bail!("{} has no requests", path.display());
+        }
+        Ok(out)
+    }
+
+    /// The prompt lengths to measure: one pass for a prompts file or a trace.
     pub fn input_lens(&self) -> Vec<LenRange> {
-        if self.prompts.is_some() {
+        if self.prompts.is_some() || self.trace.is_some() {
             vec![LenRange { min: 1, max: 1 }]
         } else {
             self.input_len.clone()
@@ -196,6 +266,9 @@ impl WorkloadArgs {
     }
 
     pub fn describe(&self, input_len: LenRange) -> String {
+        if let Some(t) = &self.trace {
+            return format!("up to {} requests replayed from {}", self.requests, t.display());
+        }
         match &self.prompts {
             Some(p) => format!("{} requests from {}, output {}", self.requests, p.display(), self.output_len),
             None => format!(
@@ -221,6 +294,8 @@ mod tests {
             output_len: "3".parse().unwrap(),
             prompts: None,
             shared_prefix: None,
+            trace: None,
+            trace_block: 512,
             vocab: 100,
             seed: 7,
             temperature: 0.0,
@@ -303,5 +378,40 @@ mod tests {
             ..w
         };
         assert!(both.build(both.input_len[0]).is_err());
+    }
+
+    #[test]
+    fn traces_keep_shared_blocks_shared_and_their_arrival_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                "{\"timestamp\": 1000, \"input_length\": 10, \"output_length\": 3, \"hash_ids\": [7, 8, 9]}\n",
+                "{\"timestamp\": 1500, \"input_length\": 6, \"output_length\": 2, \"hash_ids\": [7, 5]}\n",
+                "{\"timestamp\": 2250, \"input_length\": 4, \"output_length\": 1}\n",
+            ),
+        )
+        .unwrap();
+        let w = WorkloadArgs {
+            trace: Some(path.clone()),
+            trace_block: 4,
+            ..args()
+        };
+        let p = w.build(w.input_lens()[0]).unwrap();
+        let ids = |p: &Prompt| match &p.input {
+            pb::generate_request::Input::TokenIds(t) => t.ids.clone(),
+            _ => panic!("token prompts"),
+        };
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.iter().map(|p| ids(p).len()).collect::<Vec<_>>(), [10, 6, 4]);
+        assert_eq!(p.iter().map(|p| p.output_len).collect::<Vec<_>>(), [3, 2, 1]);
+        assert_eq!(p.iter().map(|p| p.at_s.unwrap()).collect::<Vec<_>>(), [0.0, 0.5, 1.25]);
+        let (a, b) = (ids(&p[0]), ids(&p[1]));
+        assert_eq!(a[..4], b[..4], "hash id 7: the same first block");
+        assert_ne!(a[4..6], b[4..6], "hash ids 8 and 5: other tokens");
+        assert_eq!(format!("{p:?}"), format!("{:?}", w.build(w.input_lens()[0]).unwrap()), "seeded");
+        std::fs::write(&path, "{\"timestamp\": 0, \"input_length\": 0, \"output_length\": 1}\n").unwrap();
+        assert!(w.build(w.input_lens()[0]).unwrap_err().to_string().contains("t.jsonl:1"));
     }
 }
