@@ -174,9 +174,12 @@ pub async fn measure(
 ) -> anyhow::Result<Vec<Level>> {
     let shot = shot(target, url, api, client, w, Duration::from_secs(l.timeout_s)).await?;
     let mut out = Vec::new();
+    if w.trace.is_some() && !(l.rate.is_empty() && l.concurrency.is_empty()) {
+        bail!("--trace sends each request at its own time: no --rate or --concurrency with it");
+    }
     for len in w.input_lens() {
         let prompts = w.build(len)?;
-        warm_up(&shot, &prompts, l.warmup).await?;
+        warm_up(&shot, &w.warm_up_prompts(&prompts, l.warmup)?, l.warmup).await?;
         // A trace sets its own arrivals.
         let levels = if w.trace.is_some() { vec![Load::Trace] } else { l.levels()? };
         for load in levels {

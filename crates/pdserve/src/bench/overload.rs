@@ -109,6 +109,10 @@ fn refused(r: &Record) -> bool {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        a.workload.trace.is_none(),
+        "bench overload sends at multiples of the capacity: --trace (its own arrivals) does not apply"
+    );
     if a.multiples.is_empty() || a.multiples.iter().any(|m| !(*m > 0.0 && m.is_finite())) {
         bail!("--multiples: positive numbers, e.g. 1,2,4");
     }

@@ -25,8 +25,8 @@ impl std::str::FromStr for SharedPrefix {
             g.trim().parse::<usize>().map_err(|_| bad())?,
             l.trim().parse::<usize>().map_err(|_| bad())?,
         );
-        if groups == 0 || len == 0 {
-            return Err(bad());
+        if groups == 0 || len == 0 || groups.saturating_mul(len) > MAX_TRACE_TOKENS {
+            return Err(format!("{}, and GROUPS x LEN at most {MAX_TRACE_TOKENS}", bad()));
         }
         Ok(SharedPrefix { groups, len })
     }
@@ -123,6 +123,18 @@ pub struct Prompt {
     pub at_s: Option<f64>,
 }
 
+/// The longest trace prompt taken (a clear error rather than an allocation failure).
+const MAX_TRACE_TOKENS: usize = 1 << 20;
+
+/// A trace block's generator seed: mixed (splitmix64) so that no hash id's blocks
+/// equal the filler tokens drawn from `--seed` itself.
+fn block_seed(seed: u64, hash: u64) -> u64 {
+    let mut z = seed ^ 0x7472_6163_6562_6c6b ^ hash.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[derive(serde::Deserialize)]
 struct TraceLine {
     timestamp: f64,
@@ -213,47 +225,94 @@ impl WorkloadArgs {
         }
     }
 
-    /// A trace's requests: each hash id stands for `trace_block` tokens drawn from a
-    /// generator seeded by it (and `--seed`), cut or topped up to `input_length`.
+    /// A trace's requests, in time order: each hash id stands for `trace_block` tokens
+    /// drawn from a generator seeded by it (and `--seed`), cut or topped up to
+    /// `input_length`.
     fn trace(&self, path: &std::path::Path, rng: &mut ChaCha8Rng) -> anyhow::Result<Vec<Prompt>> {
         if self.vocab < 2 || self.trace_block == 0 {
             bail!("--vocab must be at least 2 and --trace-block at least 1");
         }
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let vocab = self.vocab;
-        let mut out = Vec::new();
-        let mut first: Option<f64> = None;
-        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).take(self.requests) {
+        let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+        if lines.len() > self.requests {
+            eprintln!(
+                "bench: replaying the first {} of {} requests in {} (--requests)",
+                self.requests,
+                lines.len(),
+                path.display()
+            );
+        }
+        let mut timed = Vec::new();
+        for (i, l) in lines.into_iter().take(self.requests) {
             let where_ = || format!("{}:{}", path.display(), i + 1);
             let t: TraceLine =
                 serde_json::from_str(l).with_context(|| format!("{}: want timestamp, input_length, output_length", where_()))?;
-            if t.input_length == 0 || t.output_length == 0 || !t.timestamp.is_finite() {
-                bail!("{}: lengths must be at least 1 and the timestamp a number", where_());
+            if t.input_length == 0 || t.output_length == 0 || t.input_length > MAX_TRACE_TOKENS || !t.timestamp.is_finite() {
+                bail!(
+                    "{}: lengths must be 1 to {MAX_TRACE_TOKENS} tokens and the timestamp a number",
+                    where_()
+                );
             }
             let mut ids: Vec<u32> = Vec::with_capacity(t.input_length);
             for h in &t.hash_ids {
-                if ids.len() >= t.input_length {
+                let n = self.trace_block.min(t.input_length - ids.len());
+                if n == 0 {
                     break;
                 }
-                let mut block = ChaCha8Rng::seed_from_u64(self.seed ^ h.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                ids.extend((0..self.trace_block).map(|_| block.random_range(1..vocab)));
+                let mut block = ChaCha8Rng::seed_from_u64(block_seed(self.seed, *h));
+                ids.extend((0..n).map(|_| block.random_range(1..vocab)));
             }
-            ids.truncate(t.input_length);
             while ids.len() < t.input_length {
                 ids.push(rng.random_range(1..vocab));
             }
-            let t0 = *first.get_or_insert(t.timestamp);
-            out.push(Prompt {
+            let prompt = Prompt {
                 input_tokens: Some(ids.len()),
                 input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
                 output_len: t.output_length,
-                at_s: Some(((t.timestamp - t0) / 1000.0).max(0.0)),
-            });
+                at_s: None,
+            };
+            timed.push((t.timestamp, prompt));
         }
-        if out.is_empty() {
+        if timed.is_empty() {
             bail!("{} has no requests", path.display());
         }
-        Ok(out)
+        // Sent in time order, from the earliest; a span past a day is a unit mistake.
+        timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let t0 = timed[0].0;
+        let span_s = (timed[timed.len() - 1].0 - t0) / 1000.0;
+        if span_s > 86_400.0 {
+            bail!(
+                "{}: timestamps span {span_s:.0} s (want milliseconds, within a day)",
+                path.display()
+            );
+        }
+        Ok(timed
+            .into_iter()
+            .map(|(ts, p)| Prompt {
+                at_s: Some((ts - t0) / 1000.0),
+                ..p
+            })
+            .collect())
+    }
+
+    /// The prompts to warm up with: the workload's own first ones, except where they
+    /// share prefixes with what follows (a trace, shared prefixes): then unrelated
+    /// random prompts, so the warm-up fills no cache the measured requests hit.
+    pub fn warm_up_prompts(&self, prompts: &[Prompt], n: usize) -> anyhow::Result<Vec<Prompt>> {
+        if self.trace.is_none() && self.shared_prefix.is_none() {
+            return Ok(prompts.iter().take(n).cloned().collect());
+        }
+        WorkloadArgs {
+            requests: n.max(1),
+            trace: None,
+            shared_prefix: None,
+            prompts: None,
+            seed: self.seed ^ 0x7761_726d,
+            output_len: LenRange { min: 4, max: 4 },
+            ..self.clone()
+        }
+        .build(LenRange { min: 16, max: 16 })
     }
 
     /// The prompt lengths to measure: one pass for a prompts file or a trace.
@@ -377,7 +436,7 @@ mod tests {
             prompts: Some("x.jsonl".into()),
             ..w
         };
-        assert!(both.build(both.input_len[0]).is_err());
+        assert!(both.build(both.input_len[0]).unwrap_err().to_string().contains("--shared-prefix"));
     }
 
     #[test]
@@ -407,6 +466,14 @@ mod tests {
         assert_eq!(p.iter().map(|p| ids(p).len()).collect::<Vec<_>>(), [10, 6, 4]);
         assert_eq!(p.iter().map(|p| p.output_len).collect::<Vec<_>>(), [3, 2, 1]);
         assert_eq!(p.iter().map(|p| p.at_s.unwrap()).collect::<Vec<_>>(), [0.0, 0.5, 1.25]);
+        // Lines out of time order are sent in time order, from the earliest.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.reverse();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let r = w.build(w.input_lens()[0]).unwrap();
+        assert_eq!(format!("{r:?}"), format!("{p:?}"), "sorted by timestamp");
+        std::fs::write(&path, text).unwrap();
         let (a, b) = (ids(&p[0]), ids(&p[1]));
         assert_eq!(a[..4], b[..4], "hash id 7: the same first block");
         assert_ne!(a[4..6], b[4..6], "hash ids 8 and 5: other tokens");
