@@ -96,12 +96,18 @@ async fn a_full_line_is_refused_at_once_and_a_client_that_goes_away_leaves_it() 
     assert!(text.starts_with("http/1.1 429"), "{text}");
     assert!(text.contains("retry-after: 1\r\n") && text.contains("max_waiting"), "{text}");
     // B's client goes away: B leaves the line (counted), and D can take its place.
+    let gone = Instant::now();
     drop(b);
     let deadline = Instant::now() + Duration::from_secs(2);
     while metric(metrics, "pdserve_requests_cancelled_total", &[]) < 1.0 {
         assert!(Instant::now() < deadline, "the cancellation was not seen within 2 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // A figure, not a bound (CI's 2 cores vary): the issue asks for 100 ms.
+    eprintln!(
+        "a queued request's cancellation counted {:?} after its client went away",
+        gone.elapsed()
+    );
     let d_prompt: Vec<u32> = (0..12).map(|i| 3 + (i * 31 + 4) % 400).collect();
     let want = engine::generate_local(reference_engine(), &d_prompt, &greedy(40)).unwrap();
     let (tokens, r) = stream(&mut c, request(ids(12, 4), &greedy(40))).await.unwrap();
