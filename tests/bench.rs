@@ -155,6 +155,39 @@ fn bench_open_loop_counts_every_request() {
         assert!(sent >= 0.4 * i as f64 - 0.01 && sent < 0.4 * i as f64 + 0.5, "{r}");
     }
 
+    // Multi-turn chats (3 turns) in a closed loop of 2: each turn's prompt is longer than
+    // the last, and a turn is sent only after the one before it ended.
+    let out = pdserve()
+        .args([
+            "bench",
+            "--router",
+            &dep.router,
+            "--multi-turn",
+            "3",
+            "--requests",
+            "6",
+            "--concurrency",
+            "2",
+        ])
+        .args(["--input-len", "4:8", "--output-len", "2", "--warmup", "1", "--quiet", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let reqs = doc["levels"][0]["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 6);
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    for i in [1, 2, 4, 5] {
+        let (prev, this) = (&reqs[i - 1], &reqs[i]);
+        assert!(this["error"].is_null(), "{this}");
+        assert!(f(this, "input_tokens") >= f(prev, "input_tokens") + 2.0 + 4.0, "{prev}\n{this}");
+        assert!(
+            f(this, "sent_s") >= f(prev, "sent_s") + f(prev, "e2e_ms") / 1000.0 - 0.001,
+            "{prev}\n{this}"
+        );
+    }
+
     let bad = pdserve()
         .args(["bench", "--router", &dep.router, "--input-len", "9:2"])
         .output()

@@ -70,23 +70,36 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
     let mut tasks = tokio::task::JoinSet::new();
     match load {
         Load::Closed(c) => {
+            // Each worker takes the next conversation (a request and the turns that
+            // follow it, in order; a single request without multi-turn).
+            let starts: Arc<Vec<usize>> = Arc::new((0..prompts.len()).filter(|&i| prompts[i].follows.is_none()).collect());
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..c.max(1) {
-                let (shot, prompts, bar, next) = (shot.clone(), prompts.clone(), bar.clone(), next.clone());
+                let (shot, prompts, bar, next, starts) = (shot.clone(), prompts.clone(), bar.clone(), next.clone(), starts.clone());
                 tasks.spawn(async move {
                     let mut out = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= prompts.len() {
+                        let Some(&first) = starts.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return out;
+                        };
+                        let mut i = first;
+                        loop {
+                            out.push(one(&shot, i, &prompts[i], start).await);
+                            bar.inc(1);
+                            if prompts.get(i + 1).is_none_or(|p| p.follows != Some(i)) {
+                                break;
+                            }
+                            i += 1;
                         }
-                        out.push(one(&shot, i, &prompts[i], start).await);
-                        bar.inc(1);
                     }
                 });
             }
         }
         Load::Open(_) | Load::Trace => {
+            anyhow::ensure!(
+                prompts.iter().all(|p| p.follows.is_none()),
+                "multi-turn conversations run in a closed loop (--concurrency), not at a rate"
+            );
             // Each request's send time, seconds from the start.
             let times: Vec<f64> = match load {
                 Load::Open(rate) => {

@@ -98,6 +98,12 @@ pub struct WorkloadArgs {
     /// `--concurrency`/`--rate` do not apply.
     #[arg(long, conflicts_with_all = ["prompts", "shared_prefix"])]
     pub trace: Option<PathBuf>,
+    /// Multi-turn chats of this many turns: each turn's prompt is the previous turn's
+    /// prompt, an answer of its output length (random tokens standing in for the
+    /// model's) and `--input-len` new tokens; a conversation's turns go one after the
+    /// other (closed loop only). `--requests` counts turns.
+    #[arg(long, conflicts_with_all = ["prompts", "shared_prefix", "trace"])]
+    pub multi_turn: Option<usize>,
     /// Tokens per hash id of a trace (Mooncake's traces: 512).
     #[arg(long, default_value_t = 512)]
     pub trace_block: usize,
@@ -121,6 +127,8 @@ pub struct Prompt {
     pub output_len: usize,
     /// When to send it, seconds from the run's start (traces only).
     pub at_s: Option<f64>,
+    /// The request it is the next turn of (multi-turn: sent only after that one ended).
+    pub follows: Option<usize>,
 }
 
 /// The longest trace prompt taken (a clear error rather than an allocation failure).
@@ -191,6 +199,7 @@ impl WorkloadArgs {
                             input_tokens,
                             output_len,
                             at_s: None,
+                            follows: None,
                         }
                     })
                     .collect())
@@ -205,6 +214,34 @@ impl WorkloadArgs {
                     Some(sp) => (0..sp.groups).map(|_| random(sp.len, &mut rng)).collect(),
                     None => Vec::new(),
                 };
+                if let Some(turns) = self.multi_turn {
+                    if turns == 0 {
+                        bail!("--multi-turn must be at least 1");
+                    }
+                    let mut out: Vec<Prompt> = Vec::with_capacity(self.requests);
+                    let mut history: Vec<u32> = Vec::new();
+                    for i in 0..self.requests {
+                        let first = i % turns == 0;
+                        if first {
+                            history.clear();
+                        }
+                        history.extend(random(draw(input_len, &mut rng), &mut rng));
+                        if history.len() > MAX_TRACE_TOKENS {
+                            bail!("--multi-turn: a conversation grew past {MAX_TRACE_TOKENS} tokens");
+                        }
+                        let output_len = draw(self.output_len, &mut rng);
+                        out.push(Prompt {
+                            input_tokens: Some(history.len()),
+                            input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids: history.clone() }),
+                            output_len,
+                            at_s: None,
+                            follows: (!first).then(|| i - 1),
+                        });
+                        // The answer's stand-in joins the history the next turn extends.
+                        history.extend(random(output_len, &mut rng));
+                    }
+                    return Ok(out);
+                }
                 Ok((0..self.requests)
                     .map(|_| {
                         let mut ids = match prefixes.len() {
@@ -218,6 +255,7 @@ impl WorkloadArgs {
                             input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
                             output_len: draw(self.output_len, &mut rng),
                             at_s: None,
+                            follows: None,
                         }
                     })
                     .collect())
@@ -271,6 +309,7 @@ impl WorkloadArgs {
                 input: pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
                 output_len: t.output_length,
                 at_s: None,
+                follows: None,
             };
             timed.push((t.timestamp, prompt));
         }
@@ -297,16 +336,17 @@ impl WorkloadArgs {
     }
 
     /// The prompts to warm up with: the workload's own first ones, except where they
-    /// share prefixes with what follows (a trace, shared prefixes): then unrelated
+    /// share prefixes with what follows (a trace, shared prefixes, chats): then unrelated
     /// random prompts, so the warm-up fills no cache the measured requests hit.
     pub fn warm_up_prompts(&self, prompts: &[Prompt], n: usize) -> anyhow::Result<Vec<Prompt>> {
-        if self.trace.is_none() && self.shared_prefix.is_none() {
+        if self.trace.is_none() && self.shared_prefix.is_none() && self.multi_turn.is_none() {
             return Ok(prompts.iter().take(n).cloned().collect());
         }
         WorkloadArgs {
             requests: n.max(1),
             trace: None,
             shared_prefix: None,
+            multi_turn: None,
             prompts: None,
             seed: self.seed ^ 0x7761_726d,
             output_len: LenRange { min: 4, max: 4 },
@@ -335,6 +375,7 @@ impl WorkloadArgs {
                 self.requests,
                 self.shared_prefix
                     .map(|sp| format!("{} (one of {} shared prefixes) + ", sp.len, sp.groups))
+                    .or(self.multi_turn.map(|t| format!("({t}-turn chats, the history) + ")))
                     .unwrap_or_default(),
                 self.output_len
             ),
@@ -355,6 +396,7 @@ mod tests {
             shared_prefix: None,
             trace: None,
             trace_block: 512,
+            multi_turn: None,
             vocab: 100,
             seed: 7,
             temperature: 0.0,
@@ -480,5 +522,32 @@ mod tests {
         assert_eq!(format!("{p:?}"), format!("{:?}", w.build(w.input_lens()[0]).unwrap()), "seeded");
         std::fs::write(&path, "{\"timestamp\": 0, \"input_length\": 0, \"output_length\": 1}\n").unwrap();
         assert!(w.build(w.input_lens()[0]).unwrap_err().to_string().contains("t.jsonl:1"));
+    }
+
+    #[test]
+    fn multi_turn_prompts_extend_the_last_turn() {
+        let w = WorkloadArgs {
+            multi_turn: Some(3),
+            requests: 7,
+            ..args()
+        };
+        let p = w.build(w.input_len[0]).unwrap();
+        let ids = |p: &Prompt| match &p.input {
+            pb::generate_request::Input::TokenIds(t) => t.ids.clone(),
+            _ => panic!("token prompts"),
+        };
+        assert_eq!(p.len(), 7);
+        assert_eq!(
+            p.iter().map(|p| p.follows).collect::<Vec<_>>(),
+            [None, Some(0), Some(1), None, Some(3), Some(4), None]
+        );
+        for i in [1, 2, 4, 5] {
+            let (prev, this) = (ids(&p[i - 1]), ids(&p[i]));
+            // The previous prompt, its answer's stand-in, then 5-9 new tokens.
+            let grown = this.len() - prev.len() - p[i - 1].output_len;
+            assert!(this.starts_with(&prev) && (5..=9).contains(&grown), "turn {i}");
+        }
+        assert!((5..=9).contains(&ids(&p[3]).len()), "a new conversation starts fresh");
+        assert!(w.warm_up_prompts(&p, 2).unwrap().iter().all(|q| q.follows.is_none()));
     }
 }
