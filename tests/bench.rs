@@ -178,15 +178,21 @@ fn bench_open_loop_counts_every_request() {
     let reqs = doc["levels"][0]["requests"].as_array().unwrap();
     assert_eq!(reqs.len(), 6);
     let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    assert!(reqs.iter().all(|r| r["error"].is_null()), "{reqs:?}");
     for i in [1, 2, 4, 5] {
         let (prev, this) = (&reqs[i - 1], &reqs[i]);
-        assert!(this["error"].is_null(), "{this}");
         assert!(f(this, "input_tokens") >= f(prev, "input_tokens") + 2.0 + 4.0, "{prev}\n{this}");
         assert!(
-            f(this, "sent_s") >= f(prev, "sent_s") + f(prev, "e2e_ms") / 1000.0 - 0.001,
+            f(this, "sent_s") >= f(prev, "sent_s") + f(prev, "e2e_ms") / 1000.0 - 1e-6,
             "{prev}\n{this}"
         );
     }
+    let at_a_rate = pdserve()
+        .args(["bench", "--router", &dep.router, "--multi-turn", "2", "--rate", "5"])
+        .output()
+        .unwrap();
+    assert!(!at_a_rate.status.success());
+    assert!(String::from_utf8_lossy(&at_a_rate.stderr).contains("closed loop"));
 
     let bad = pdserve()
         .args(["bench", "--router", &dep.router, "--input-len", "9:2"])

@@ -72,7 +72,13 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
         Load::Closed(c) => {
             // Each worker takes the next conversation (a request and the turns that
             // follow it, in order; a single request without multi-turn).
-            let starts: Arc<Vec<usize>> = Arc::new((0..prompts.len()).filter(|&i| prompts[i].follows.is_none()).collect());
+            // A start is every prompt that does not continue the one before it, so each
+            // runs exactly once.
+            let starts: Arc<Vec<usize>> = Arc::new(
+                (0..prompts.len())
+                    .filter(|&i| prompts[i].follows.is_none() || prompts[i].follows != i.checked_sub(1))
+                    .collect(),
+            );
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..c.max(1) {
                 let (shot, prompts, bar, next, starts) = (shot.clone(), prompts.clone(), bar.clone(), next.clone(), starts.clone());

@@ -177,6 +177,9 @@ pub async fn measure(
     if w.trace.is_some() && !(l.rate.is_empty() && l.concurrency.is_empty()) {
         bail!("--trace sends each request at its own time: no --rate or --concurrency with it");
     }
+    if w.multi_turn.is_some() && !l.rate.is_empty() {
+        bail!("multi-turn conversations run in a closed loop (--concurrency), not at a --rate");
+    }
     for len in w.input_lens() {
         let prompts = w.build(len)?;
         warm_up(&shot, &w.warm_up_prompts(&prompts, l.warmup)?, l.warmup).await?;

@@ -110,8 +110,8 @@ fn refused(r: &Record) -> bool {
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(
-        a.workload.trace.is_none(),
-        "bench overload sends at multiples of the capacity: --trace (its own arrivals) does not apply"
+        a.workload.trace.is_none() && a.workload.multi_turn.is_none(),
+        "bench overload sends at multiples of the capacity (an open loop): --trace and --multi-turn do not apply"
     );
     if a.multiples.is_empty() || a.multiples.iter().any(|m| !(*m > 0.0 && m.is_finite())) {
         bail!("--multiples: positive numbers, e.g. 1,2,4");
