@@ -289,6 +289,19 @@ impl<W: Work> Driver<W> {
         }
     }
 
+    /// [`Driver::call_async`] for a command that creates something (a connection, an
+    /// endpoint) and answers its id as a [`Lease`]: `make` gets the handle the lease
+    /// undoes through, so a caller cancelled after the answer leaves nothing behind.
+    pub(crate) async fn call_leased(
+        &self,
+        deadline: Duration,
+        make: impl FnOnce(Option<Handle<W::Cmd>>, tokio::sync::oneshot::Sender<Result<Lease<W::Cmd>>>) -> W::Cmd,
+    ) -> Result<u64> {
+        let undo = self.handle();
+        let lease = self.call_async(deadline, |reply| make(undo, reply)).await??;
+        Ok(lease.keep())
+    }
+
     /// Runs a command that answers through a oneshot (a write: the driver enforces its
     /// deadline) and awaits the answer without blocking the runtime, the way `wait` says.
     pub(crate) async fn ask<R: Send + 'static>(

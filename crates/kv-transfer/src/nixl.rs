@@ -249,17 +249,15 @@ impl Nixl {
     /// connections to one agent share NIXL's (one per agent name): it is dropped when
     /// the last of them is.
     pub(crate) async fn connect(&self, md: &Metadata) -> Result<u64> {
-        let (bytes, agent, undo) = (md.conn.clone(), md.agent.clone(), self.driver.handle());
-        let lease = self
-            .driver
-            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect {
+        let (bytes, agent) = (md.conn.clone(), md.agent.clone());
+        self.driver
+            .call_leased(SETUP_DEADLINE, |undo, reply| Cmd::Connect {
                 md: bytes,
                 agent,
                 undo,
                 reply,
             })
-            .await??;
-        Ok(lease.keep())
+            .await
     }
 
     pub(crate) fn disconnect(&self, conn: u64) {
@@ -617,12 +615,12 @@ impl NixlWork {
     }
 
     /// Drops `peer`'s metadata (closing NIXL's connections to it) unless a connection,
-    /// a write in flight or an abandoned request still uses it.
+    /// a write in flight, a prepared request or an abandoned request still uses it.
     fn forget_unless_busy(&mut self, peer: &str) {
         let used = self.conns.values().any(|n| n == peer)
             || self.pending.iter().any(|p| p.peer == peer)
+            || self.prepared.values().any(|p| p.peer == peer)
             || self.zombies.iter().any(|(p, _, _)| p == peer);
-        let used = used || self.prepared.values().any(|p| p.peer == peer);
         if !used && self.loaded.remove(peer).is_some() {
             let _ = self.agent.invalidate_remote_md(peer);
         }
@@ -757,10 +755,8 @@ impl Work for NixlWork {
                     if self.released.remove(&done.id) {
                         self.prepared.remove(&done.id);
                     }
-                    if !self.conns.values().any(|n| *n == done.peer) {
-                        // Its connection ended while it ran: the agent may go now.
-                        self.forget_unless_busy(&done.peer);
-                    }
+                    // If its connection ended while it ran, the agent may go now.
+                    self.forget_unless_busy(&done.peer);
                 }
                 Err(e) => {
                     let cause = TransferError::PeerLost {

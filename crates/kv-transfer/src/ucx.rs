@@ -158,12 +158,10 @@ impl Ucx {
             return Err(TransferError::BadMetadata("no UCX worker address".into()));
         }
         let rkeys = md.regions.iter().map(|r| (r.id, r.key.clone())).collect();
-        let (addr, undo) = (md.conn.clone(), self.driver.handle());
-        let lease = self
-            .driver
-            .call_async(SETUP_DEADLINE, |reply| Cmd::Connect { addr, rkeys, undo, reply })
-            .await??;
-        Ok(lease.keep())
+        let addr = md.conn.clone();
+        self.driver
+            .call_leased(SETUP_DEADLINE, |undo, reply| Cmd::Connect { addr, rkeys, undo, reply })
+            .await
     }
 
     pub(crate) fn disconnect(&self, ep: u64) {

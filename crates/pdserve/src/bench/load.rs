@@ -76,7 +76,7 @@ pub async fn run(shot: &Shot, prompts: &[Prompt], load: Load, progress: bool) ->
             // runs exactly once.
             let starts: Arc<Vec<usize>> = Arc::new(
                 (0..prompts.len())
-                    .filter(|&i| prompts[i].follows.is_none() || prompts[i].follows != i.checked_sub(1))
+                    .filter(|&i| prompts[i].follows.is_none_or(|f| Some(f) != i.checked_sub(1)))
                     .collect(),
             );
             let next = Arc::new(AtomicUsize::new(0));
