@@ -19,6 +19,10 @@
 #   scripts/gpu-check.sh stage     # there, carrying .carry-model-a, then -b: the pieces to /tmp
 #   scripts/gpu-check.sh smollm    # there, carrying .carry: import the GGUF, 10 prompts against
 #                                  # transformers f32/bf16, per backend, tokens/s GPU and CPU
+#   scripts/gpu-check.sh numerics  # there, carrying .carry (after stage): SmolLM2's arithmetic
+#                                  # against transformers f32 layer by layer, pdserve per precision
+#                                  # beside transformers bf16 (fails below it); enginebench per
+#                                  # precision (and the build before, BEFORE=pdserve.xz at prepare-model)
 #   scripts/gpu-check.sh overload  # pdserve bench overload on the GPU (1B shape, nixl): 1x/2x/4x
 #                                  # of capacity, DURATION s each (env DURATION, BACKEND, SHED_TTFT_MS)
 #   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
@@ -306,24 +310,33 @@ prepare_model() {
   rm -rf .carry-model-a .carry-model-b && mkdir -p .carry-model-a .carry-model-b
   split -b 50M -d $g .carry-model-a/gguf.part-
   mv .carry-model-a/gguf.part-01 .carry-model-b/
+  if [ -n "${BEFORE:-}" ]; then cp "$BEFORE" .carry-model-b/pdserve-before.xz; fi
   sha256sum $g | cut -d' ' -f1 > .carry/smollm2.sha256
 }
 
 stage_remote() {
   mkdir -p /tmp/pdserve-model
   cp .carry-model-*/gguf.part-* /tmp/pdserve-model/
+  # An earlier build to compare with, if one rides along (BEFORE=FILE.xz at prepare-model).
+  cp .carry-model-*/pdserve-before.xz /tmp/pdserve-model/ 2>/dev/null || true
   ls -la /tmp/pdserve-model
 }
 
-smollm_remote() {
+# The staged GGUF checked and imported to /tmp/smollm2 (once per warm machine).
+smollm_import() {
   local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} S=/tmp/pdserve-model M=/tmp/smollm2
-  gpu_env
+  [ -e $M/config.json ] && return 0
   cat $S/gguf.part-* > $S/model.gguf
   echo "$(cat .carry/smollm2.sha256)  $S/model.gguf" | sha256sum -c
-  rm -rf $M
   local t0; t0=$(date +%s%N)
-  $D/pdserve model import $S/model.gguf --out $M
+  $D/pdserve model import $S/model.gguf --out $M.tmp && mv $M.tmp $M
   echo "import: $(( ($(date +%s%N) - t0) / 1000000 )) ms, $(du -sm $M | cut -f1) MiB" | tee $OUTDIR/import.txt
+}
+
+smollm_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/smollm2
+  gpu_env
+  smollm_import
   PYTHONUNBUFFERED=1 python3 scripts/real_model_gpu.py --pdserve $D/pdserve --model $M --out $OUTDIR | tee $OUTDIR/real_model.md
   echo "== SmolLM2 tokens/s: GPU bf16, GPU f32, transformers bf16, the host's CPU f32"
   $D/pdserve enginebench --model $M --device cuda:0 --dtype bf16 --kv-cache-mib 4096 --json $OUTDIR/smollm_gpu_bf16.json | tee $OUTDIR/smollm_gpu_bf16.md
@@ -332,6 +345,47 @@ smollm_remote() {
   $D/pdserve enginebench --model $M --device cpu --prefill 128 --batch 1,8 --steps 16 --kv-cache-mib 512 \
     --json $OUTDIR/smollm_cpu.json | tee $OUTDIR/smollm_cpu.md
   echo "host CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+}
+
+# The GPU's arithmetic on the real model: pdserve's variants against transformers f32
+# (and transformers bf16 as the bar), layer by layer; then the engine's speed per
+# precision on the 1B shape, beside the build before (staged with the model, if
+# given) and the fused kernels' check against candle's ops.
+numerics_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/smollm2 B=/tmp/m1b
+  gpu_env
+  smollm_import
+  local before=()
+  if [ -f /tmp/pdserve-model/pdserve-before.xz ]; then
+    xz -dc /tmp/pdserve-model/pdserve-before.xz > $D/pdserve-before && chmod +x $D/pdserve-before
+    before=(--variant "build before, bf16=$D/pdserve-before:--dtype bf16")
+  fi
+  local rc=0
+  PYTHONUNBUFFERED=1 python3 scripts/numerics_gpu.py --model $M --out $OUTDIR/numerics --tokens ${TOKENS:-32} \
+    --variant "pdserve bf16=$D/pdserve:--dtype bf16 --precision f32" \
+    --variant "pdserve bf16, precision model=$D/pdserve:--dtype bf16 --precision model" \
+    --variant "pdserve bf16, candle ops=$D/pdserve:--dtype bf16 --kernels reference" \
+    --variant "pdserve f32=$D/pdserve:--dtype f32" "${before[@]}" | tee $OUTDIR/numerics.md || rc=$?
+  rm -rf $OUTDIR/numerics/*/  # the raw dumps stay on the device
+  $D/pdserve enginebench --model $B --device cuda:0 --check --kv-cache-mib 4096 | tail -4 | tee $OUTDIR/kernels_check.md
+  local runs=("f32|$D/pdserve|--precision f32" "model|$D/pdserve|--precision model") name bin args
+  [ -x $D/pdserve-before ] && runs+=("before|$D/pdserve-before|")
+  for r in "${runs[@]}"; do
+    IFS='|' read -r name bin args <<< "$r"
+    # shellcheck disable=SC2086
+    $bin enginebench --model $B --device cuda:0 --prefill 512,2048,8192 --batch 1,8,32,64 $args \
+      --json $OUTDIR/enginebench_$name.json > /dev/null
+  done
+  python3 - $OUTDIR "${runs[@]%%|*}" <<'PY' | tee $OUTDIR/enginebench.md
+import json, sys
+d, names = sys.argv[1], sys.argv[2:]
+runs = {n: {r["what"]: r for r in json.load(open(f"{d}/enginebench_{n}.json"))} for n in names}
+print("\n1B shape, bf16, tokens/s (ms): " + ", ".join(names))
+print("| measurement | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+for what in runs[names[0]]:
+    print(f"| {what} | " + " | ".join(f"{runs[n][what]['tokens_per_s']:,.0f} ({runs[n][what]['ms']:.2f})" for n in names) + " |")
+PY
+  return $rc  # the numerics gate (the bench only reports)
 }
 
 # Starts `pdserve up --workdir WORKDIR ARGS...` in the background and waits until it
@@ -369,6 +423,7 @@ case "${1:-}" in
   prepare-model) prepare_model ;;
   stage) stage_remote ;;
   smollm) smollm_remote ;;
+  numerics) numerics_remote ;;
   remote) remote ;;
   engine) engine_remote ;;
   warm) warm_remote ;;
@@ -390,5 +445,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
 esac

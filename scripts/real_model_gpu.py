@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A real model on the GPU against transformers: ten prompts (plain text and chats),
+"""A real model on the GPU against transformers: the prompts of real_prompts.py (plain text and chats),
 tokenized by transformers from the imported model's own tokenizer files, greedy tokens
 from transformers in f32 and bf16 and from pdserve (`generate --local`) in f32 and bf16,
 then through `pdserve up` per backend against pdserve's one-process run.
@@ -14,18 +14,7 @@ import argparse, json, os, signal, subprocess, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-PROMPTS = [
-    {"text": "The capital of France is"},
-    {"text": "def fibonacci(n):\n    "},
-    {"chat": [{"role": "user", "content": "What is the capital of France?"}]},
-    {"chat": [{"role": "user", "content": "Write a haiku about the sea."}]},
-    {"text": "Once upon a time, in a small village by the mountains,"},
-    {"chat": [{"role": "user", "content": "Explain what a GPU is in one sentence."}]},
-    {"text": "Café, naïve, 東京, Москва:"},
-    {"text": "1, 2, 3, 5, 8, 13,"},
-    {"chat": [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "How are you today?"}]},
-    {"text": "The quick brown fox"},
-]
+from real_prompts import PROMPTS, ids_of as _ids_of
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--pdserve", required=True)
@@ -40,14 +29,7 @@ N = a.tokens
 tok = AutoTokenizer.from_pretrained(a.model)
 
 
-def ids_of(p):
-    if "chat" in p:
-        r = tok.apply_chat_template(p["chat"], add_generation_prompt=True, tokenize=True)
-        return list(r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r)
-    return tok(p["text"], add_special_tokens=False)["input_ids"]
-
-
-prompt_ids = [ids_of(p) for p in PROMPTS]
+prompt_ids = [_ids_of(tok, p) for p in PROMPTS]
 
 
 @torch.no_grad()

@@ -8,8 +8,9 @@
 //   paged_attention  attention that reads K/V through the block tables, online softmax
 //                    in f32, any mix of context lengths (decode batches, causal prefill);
 //   silu_mul         SwiGLU's silu(gate) * up out of the fused gate/up projection.
-// Arithmetic follows candle's and PyTorch's rounding for bf16/f16 where it affects
-// tokens (RoPE's products rounded as in `x * cos - rotate(x) * sin` done in the dtype).
+// RoPE either rounds as candle and PyTorch do in bf16/f16 (`x * cos - rotate(x) * sin`
+// with the tables, each product and the sum in the dtype: precision `model`), or
+// computes in f32 from f32 tables and rounds once (precision `f32`).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -30,13 +31,15 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f(from_f<T>(x)); }
 
 // qkv: [n, (H + 2 KV) * D], the fused projection's output (bias added).
-// pos, slot: [n], each token's position and pool slot. cos, sin: [max_pos, D / 2].
+// pos, slot: [n], each token's position and pool slot. cos, sin: [max_pos, D / 2] f32.
 // Writes q rotated into q_out [n, H, D], k rotated and v into the pools [slots, KV, D].
+// in_dtype: round as the dtype's ops would (see the top of the file).
 template <typename T>
 __device__ void rope_kv(const T *__restrict__ qkv, const uint32_t *__restrict__ pos,
-                        const uint32_t *__restrict__ slot, const T *__restrict__ cos,
-                        const T *__restrict__ sin, T *__restrict__ q_out, T *__restrict__ k_pool,
-                        T *__restrict__ v_pool, uint32_t n, uint32_t H, uint32_t KV, uint32_t D) {
+                        const uint32_t *__restrict__ slot, const float *__restrict__ cos,
+                        const float *__restrict__ sin, T *__restrict__ q_out, T *__restrict__ k_pool,
+                        T *__restrict__ v_pool, uint32_t n, uint32_t H, uint32_t KV, uint32_t D,
+                        uint32_t in_dtype) {
   const uint32_t half = D / 2, heads = H + 2 * KV;
   const uint64_t total = (uint64_t)n * heads * half;
   for (uint64_t idx = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
@@ -51,11 +54,18 @@ __device__ void rope_kv(const T *__restrict__ qkv, const uint32_t *__restrict__ 
       dst[i + half] = src[i + half];
       continue;
     }
-    const float c = to_f(cos[(uint64_t)pos[t] * half + i]), s = to_f(sin[(uint64_t)pos[t] * half + i]);
+    float c = cos[(uint64_t)pos[t] * half + i], s = sin[(uint64_t)pos[t] * half + i];
     const float x1 = to_f(src[i]), x2 = to_f(src[i + half]);
     T *dst = h < H ? q_out + ((uint64_t)t * H + h) * D : k_pool + ((uint64_t)slot[t] * KV + (h - H)) * D;
-    dst[i] = from_f<T>(rnd<T>(x1 * c) - rnd<T>(x2 * s));
-    dst[i + half] = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+    if (in_dtype) {
+      c = rnd<T>(c);
+      s = rnd<T>(s);
+      dst[i] = from_f<T>(rnd<T>(x1 * c) - rnd<T>(x2 * s));
+      dst[i + half] = from_f<T>(rnd<T>(x2 * c) + rnd<T>(x1 * s));
+    } else {
+      dst[i] = from_f<T>(x1 * c - x2 * s);
+      dst[i + half] = from_f<T>(x2 * c + x1 * s);
+    }
   }
 }
 
@@ -69,6 +79,41 @@ __device__ void silu_mul(const T *__restrict__ gu, T *__restrict__ out, uint32_t
     const float g = to_f(gu[t * 2 * I + i]), u = to_f(gu[t * 2 * I + I + i]);
     out[idx] = from_f<T>(rnd<T>(g / (1.0f + expf(-g))) * u);
   }
+}
+
+// The residual add and the RMSNorm that follows it, one block per row: x_out = x + d
+// (in R, the residual stream's type: f32 keeps the stream's sums exact where the
+// model's dtype would round them at every layer), out = norm(x_out) * w in T, rounded
+// once. d null: no add, x_out unused (the first layer's input).
+// x, x_out: [n, h] R; d, out: [n, h] T; w: [h] T. blockDim.x is a multiple of 32.
+template <typename T, typename R>
+__device__ void add_rms_norm(const R *__restrict__ x, const T *__restrict__ d, const T *__restrict__ w,
+                             R *__restrict__ x_out, T *__restrict__ out, uint32_t h, float eps) {
+  __shared__ float partial[32];
+  const uint64_t row = (uint64_t)blockIdx.x * h;
+  float ss = 0.0f;
+  for (uint32_t i = threadIdx.x; i < h; i += blockDim.x) {
+    float v = to_f(x[row + i]);
+    if (d != nullptr) {
+      const R r = from_f<R>(v + to_f(d[row + i]));
+      x_out[row + i] = r;
+      v = to_f(r);
+    }
+    ss += v * v;
+  }
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) ss += __shfl_xor_sync(FULL_MASK, ss, o);
+  const uint32_t warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, warps = blockDim.x / WARP;
+  if (lane == 0) partial[warp] = ss;
+  __syncthreads();
+  ss = lane < warps ? partial[lane] : 0.0f;
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) ss += __shfl_xor_sync(FULL_MASK, ss, o);
+  const float scale = rsqrtf(ss / (float)h + eps);
+  // Each thread reads back only the elements it wrote above.
+  const R *src = d != nullptr ? x_out : x;
+  for (uint32_t i = threadIdx.x; i < h; i += blockDim.x)
+    out[row + i] = from_f<T>(to_f(src[row + i]) * scale * to_f(w[i]));
 }
 
 // Attention over paged K/V. Block (tile, kv head): `qt` consecutive queries of one
@@ -243,12 +288,19 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
 
 #define ELEMENTWISE(TYPE, SUFFIX)                                                                      \
   extern "C" __global__ void rope_kv_##SUFFIX(const TYPE *qkv, const uint32_t *pos, const uint32_t *slot, \
-                                              const TYPE *cos, const TYPE *sin, TYPE *q_out, TYPE *k_pool,  \
-                                              TYPE *v_pool, uint32_t n, uint32_t H, uint32_t KV, uint32_t D) { \
-    rope_kv<TYPE>(qkv, pos, slot, cos, sin, q_out, k_pool, v_pool, n, H, KV, D);                       \
+                                              const float *cos, const float *sin, TYPE *q_out, TYPE *k_pool, \
+                                              TYPE *v_pool, uint32_t n, uint32_t H, uint32_t KV, uint32_t D,   \
+                                              uint32_t in_dtype) {                                             \
+    rope_kv<TYPE>(qkv, pos, slot, cos, sin, q_out, k_pool, v_pool, n, H, KV, D, in_dtype);             \
   }                                                                                                    \
   extern "C" __global__ void silu_mul_##SUFFIX(const TYPE *gu, TYPE *out, uint32_t n, uint32_t I) {    \
     silu_mul<TYPE>(gu, out, n, I);                                                                     \
+  }
+
+#define ADD_RMS_NORM(TYPE, RES, SUFFIX)                                                               \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const RES *x, const TYPE *d, const TYPE *w, RES *x_out, \
+                                                   TYPE *out, uint32_t h, float eps) {                    \
+    add_rms_norm<TYPE, RES>(x, d, w, x_out, out, h, eps);                                               \
   }
 
 #define ATTENTION(TYPE, SUFFIX, DIM)                                                                     \
@@ -264,8 +316,10 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     attention_combine<TYPE, DIM>(part_ml, part_acc, out, rows, splits);                                  \
   }
 
-#define ALL(TYPE, SUFFIX)      \
-  ELEMENTWISE(TYPE, SUFFIX)    \
+#define ALL(TYPE, SUFFIX)                 \
+  ELEMENTWISE(TYPE, SUFFIX)               \
+  ADD_RMS_NORM(TYPE, TYPE, SUFFIX)        \
+  ADD_RMS_NORM(TYPE, float, SUFFIX##_f32) \
   ATTENTION(TYPE, SUFFIX, 32)  \
   ATTENTION(TYPE, SUFFIX, 64)  \
   ATTENTION(TYPE, SUFFIX, 128)

@@ -34,6 +34,10 @@ pub struct EngineConfig {
     /// where they serve the model (head dim 32, 64 or 128, at most 16 query heads per
     /// KV head); `reference`: candle's plain ops (the CPU always uses those).
     pub kernels: String,
+    /// `f32`: with the fused kernels, the residual stream and the logits stay in f32
+    /// (the matmuls still read bf16/f16 weights and activations); `model`: both in the
+    /// model's dtype, as transformers and candle's ops keep them.
+    pub precision: String,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +50,7 @@ impl Default for EngineConfig {
             block_size: 16,
             max_model_len: 0,
             kernels: "auto".into(),
+            precision: "f32".into(),
         }
     }
 }
@@ -100,7 +105,7 @@ impl Engine {
         let tokenizer = tokenizers::Tokenizer::from_file(&dir.tokenizer)
             .map_err(|e| EngineError::model(&dir.tokenizer, format!("not a tokenizer: {e}")))?;
         let chat = crate::chat::ChatTemplate::load(&dir.root)?;
-        let model = Model::load(&dir, dtype, &device, &cfg.kernels)?;
+        let model = Model::load(&dir, dtype, &device, &cfg.kernels, &cfg.precision)?;
         let c = &model.cfg;
         let block_size = cfg.block_size.max(1);
         let per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.size_in_bytes()) as u64;
@@ -236,6 +241,32 @@ impl Engine {
     /// Prefill of `tokens` at positions `start..`; the last position's logits.
     pub fn prefill(&self, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Vec<f32>> {
         Ok(self.model.prefill(&self.pools, tokens, start, blocks)?.to_vec1()?)
+    }
+
+    /// A prompt's prefill from position 0 in blocks of its own, kept apart from any
+    /// serving: the residual stream after every layer (f32, `[len * hidden]` each) and
+    /// the last position's logits. For comparing numerics with a reference.
+    pub fn trace_prefill(&self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+        self.check_prompt(
+            tokens,
+            &SamplingParams {
+                max_tokens: 0,
+                ..Default::default()
+            },
+        )?;
+        let seq = self.next_sequence_id();
+        let blocks = self.admit(seq, tokens.len())?;
+        let traced = (|| {
+            let mut taps = Vec::with_capacity(self.model.cfg.num_layers);
+            let logits = self.model.prefill_traced(&self.pools, tokens, 0, &blocks, Some(&mut taps))?;
+            let layers = taps
+                .iter()
+                .map(|t| t.flatten_all()?.to_vec1())
+                .collect::<candle_core::Result<_>>()?;
+            Ok((layers, logits.to_vec1()?))
+        })();
+        self.release(seq);
+        traced
     }
 
     /// Prefills like [`Engine::prefill`] from position 0 and samples the prompt's first

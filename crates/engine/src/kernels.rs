@@ -80,7 +80,8 @@ pub(crate) struct Heads {
 }
 
 /// The inputs of [`rope_kv`]: the fused projection `qkv` `[n, (q + 2 kv) * dim]`, each
-/// row's position and pool slot, the RoPE tables, one layer's pools.
+/// row's position and pool slot, the RoPE tables (f32), one layer's pools, and whether
+/// to round as the model's dtype would (precision `model`) or once, from f32.
 #[derive(Clone, Copy)]
 pub(crate) struct RopeKv<'a> {
     pub qkv: &'a Tensor,
@@ -91,6 +92,7 @@ pub(crate) struct RopeKv<'a> {
     pub k_pool: &'a Tensor,
     pub v_pool: &'a Tensor,
     pub heads: Heads,
+    pub in_dtype: bool,
 }
 
 /// RoPE on q and k, k and v written into the pools at the slots; returns q `[n, q, dim]`.
@@ -105,6 +107,7 @@ pub(crate) fn rope_kv(a: RopeKv<'_>) -> Result<Tensor> {
             k_pool,
             v_pool,
             heads: h,
+            in_dtype,
         } = a;
         let n = qkv.dim(0)?;
         if qkv.dims() != [n, (h.q + 2 * h.kv) * h.dim] || pos.dims() != [n] || slots.dims() != [n] {
@@ -119,15 +122,17 @@ pub(crate) fn rope_kv(a: RopeKv<'_>) -> Result<Tensor> {
         let (s5, l5) = k_pool.storage_and_layout();
         let (s6, l6) = v_pool.storage_and_layout();
         let (x, p, s) = (view::<T>(&s0, l0)?, view::<u32>(&s1, l1)?, view::<u32>(&s2, l2)?);
-        let (c, sn) = (view::<T>(&s3, l3)?, view::<T>(&s4, l4)?);
+        let (c, sn) = (view::<f32>(&s3, l3)?, view::<f32>(&s4, l4)?);
         let (kp, vp) = (view::<T>(&s5, l5)?, view::<T>(&s6, l6)?);
         let func = dev.get_or_load_custom_func(&format!("rope_kv_{}", suffix(qkv.dtype())?), MODULE, PTX)?;
         // SAFETY: the kernel writes every element of `out` before it is read.
         let out = unsafe { dev.alloc::<T>(n * h.q * h.dim)? };
         let mut b = func.builder();
         b.arg(&x).arg(&p).arg(&s).arg(&c).arg(&sn).arg(&out).arg(&kp).arg(&vp);
-        let dims = [n as u32, h.q as u32, h.kv as u32, h.dim as u32];
-        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        let dims = [n as u32, h.q as u32, h.kv as u32, h.dim as u32, in_dtype as u32];
+        for d in &dims {
+            b.arg(d);
+        }
         // SAFETY: arguments match the kernel's signature; the model checked the slots
         // against the pools (KvPools::slots) and the positions against the RoPE table.
         unsafe { b.launch(grid(n * (h.q + 2 * h.kv) * h.dim / 2)) }.w()?;
@@ -157,6 +162,143 @@ pub(crate) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
         Ok(wrap(out, dev, (n, i)))
     }
     by_dtype!(gu.dtype(), go(gu))
+}
+
+/// The residual add and the RMSNorm after it in one kernel: `x + d` (in `x`'s dtype,
+/// f32 or the model's) and `rms_norm(x + d) * w` in `w`'s dtype. Without `d`, no add:
+/// the norm of `x`, which is returned as it is.
+pub(crate) fn add_rms_norm(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    fn go<T: CudaDType + DeviceRepr>(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        fn with_residual<T: CudaDType + DeviceRepr, R: CudaDType + DeviceRepr>(
+            x: &Tensor,
+            d: Option<&Tensor>,
+            w: &Tensor,
+            eps: f32,
+        ) -> Result<(Tensor, Tensor)> {
+            let (n, h) = x.dims2()?;
+            if w.dims() != [h] || d.is_some_and(|d| d.dims() != [n, h] || d.dtype() != w.dtype()) {
+                return Err(invalid("add_rms_norm: shapes"));
+            }
+            let dev = device(x)?;
+            let res = if x.dtype() == w.dtype() {
+                suffix(w.dtype())?.to_string()
+            } else {
+                format!("{}_f32", suffix(w.dtype())?)
+            };
+            let func = dev.get_or_load_custom_func(&format!("add_rms_norm_{res}"), MODULE, PTX)?;
+            let (s0, l0) = x.storage_and_layout();
+            let (s2, l2) = w.storage_and_layout();
+            let (xv, wv) = (view::<R>(&s0, l0)?, view::<T>(&s2, l2)?);
+            let ds = d.map(|d| d.storage_and_layout());
+            let dv = match (&ds, d) {
+                (Some((s1, l1)), Some(_)) => Some(view::<T>(s1, l1)?),
+                _ => None,
+            };
+            // SAFETY: the kernel writes every element of `out`, and of `x_out` when there is
+            // a `d` (x_out is not used otherwise).
+            let (x_out, out) = unsafe { (dev.alloc::<R>(if d.is_some() { n * h } else { 1 })?, dev.alloc::<T>(n * h)?) };
+            let mut b = func.builder();
+            let null: u64 = 0;
+            b.arg(&xv);
+            match &dv {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            let h_arg = h as u32;
+            b.arg(&wv).arg(&x_out).arg(&out).arg(&h_arg).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel's signature (a null `d` skips the add);
+            // one block per row, the shapes checked above.
+            unsafe { b.launch(cfg) }.w()?;
+            drop((xv, wv, dv));
+            let x_new = if d.is_some() { wrap(x_out, dev.clone(), (n, h)) } else { x.clone() };
+            Ok((x_new, wrap(out, dev, (n, h))))
+        }
+        match x.dtype() {
+            DType::F32 => with_residual::<T, f32>(x, d, w, eps),
+            dt if dt == w.dtype() => with_residual::<T, T>(x, d, w, eps),
+            dt => Err(invalid(&format!("add_rms_norm: residual {dt:?} with weights {:?}", w.dtype()))),
+        }
+    }
+    if !x.is_contiguous() || d.is_some_and(|d| !d.is_contiguous()) {
+        return Err(invalid("add_rms_norm: tensors must be contiguous"));
+    }
+    by_dtype!(w.dtype(), go(x, d, w, eps))
+}
+
+/// `x @ w^T` with `x` `[n, k]` and `w` `[m, k]` in the model's dtype, accumulated and
+/// returned in f32 `[n, m]`: the logits, not rounded to bf16 (whose steps of 1/8 at a
+/// logit of 20 tie tokens that f32 tells apart).
+pub(crate) fn linear_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (n, k) = x.dims2()?;
+    let (m, k2) = w.dims2()?;
+    if k != k2 || x.dtype() != w.dtype() {
+        return Err(invalid("linear_f32: shapes"));
+    }
+    let ty = match x.dtype() {
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+        DType::F32 => return Ok(x.matmul(&w.t()?)?),
+        d => return Err(invalid(&format!("linear_f32: dtype {d:?}"))),
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let dev = device(&x)?;
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    // SAFETY: cuBLAS writes every element of the [n, m] output (beta = 0).
+    let mut out = unsafe { dev.alloc::<f32>(n * m)? };
+    {
+        let (s0, l0) = x.storage_and_layout();
+        let (s1, l1) = w.storage_and_layout();
+        macro_rules! ptrs {
+            ($t:ty) => {{
+                let (xv, wv) = (view::<$t>(&s0, l0)?, view::<$t>(&s1, l1)?);
+                let (xp, _gx) = xv.device_ptr(&stream);
+                let (wp, _gw) = wv.device_ptr(&stream);
+                let (op, _go) = out.device_ptr_mut(&stream);
+                let (alpha, beta) = (1.0f32, 0.0f32);
+                // Row-major out [n, m] is column-major out^T [m, n] = w [m, k] . x^T [k, n].
+                // SAFETY: the pointers cover the contiguous [n, k], [m, k] and [n, m]
+                // buffers on candle's stream, which the cuBLAS handle is bound to; alpha
+                // and beta are f32 as CUBLAS_COMPUTE_32F requires.
+                unsafe {
+                    gemm_ex(
+                        *blas.handle(),
+                        sys::cublasOperation_t::CUBLAS_OP_T,
+                        sys::cublasOperation_t::CUBLAS_OP_N,
+                        m as i32,
+                        n as i32,
+                        k as i32,
+                        (&alpha) as *const f32 as *const _,
+                        wp as *const _,
+                        ty,
+                        k as i32,
+                        xp as *const _,
+                        ty,
+                        k as i32,
+                        (&beta) as *const f32 as *const _,
+                        op as *mut _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        m as i32,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                    )
+                }
+                .map_err(|e| invalid(&format!("linear_f32: cuBLAS {e:?}")))?;
+            }};
+        }
+        match x.dtype() {
+            DType::BF16 => ptrs!(half::bf16),
+            _ => ptrs!(half::f16),
+        }
+    }
+    Ok(wrap(out, dev, (n, m)))
 }
 
 /// What the attention kernel needs to find each query's keys.

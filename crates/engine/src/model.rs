@@ -33,6 +33,10 @@ pub struct Model {
     sin: Tensor,
     /// The fused CUDA kernels (`kernels.rs`) run attention, RoPE and SwiGLU.
     fused: bool,
+    /// With the fused kernels: the residual stream and the logits in f32 (`precision`
+    /// `f32`), not in the model's dtype.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    f32_stream: bool,
 }
 
 /// One sequence's part of a decode step.
@@ -48,8 +52,9 @@ pub struct DecodeInput<'a> {
 impl Model {
     /// Loads weights as `dtype` on `device`, checking every tensor's shape first.
     /// `kernels`: `auto` uses the fused CUDA kernels where they serve the model,
-    /// `reference` the plain candle ops everywhere.
-    pub fn load(dir: &ModelDir, dtype: DType, device: &Device, kernels: &str) -> Result<Model> {
+    /// `reference` the plain candle ops everywhere. `precision`: `f32` keeps the fused
+    /// path's residual stream and logits in f32, `model` in `dtype` (candle's ops always do).
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device, kernels: &str, precision: &str) -> Result<Model> {
         let c = &dir.config;
         let (h, kv, d) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.head_dim);
         let mut expected: Vec<(String, Vec<usize>)> = vec![
@@ -137,6 +142,11 @@ impl Model {
             "reference" => false,
             other => return Err(EngineError::Invalid(format!("kernels {other:?} is not auto or reference"))),
         };
+        let f32_stream = match precision {
+            "f32" => fused,
+            "model" => false,
+            other => return Err(EngineError::Invalid(format!("precision {other:?} is not f32 or model"))),
+        };
         Ok(Model {
             cfg: c.clone(),
             device: device.clone(),
@@ -145,9 +155,12 @@ impl Model {
             layers,
             norm,
             lm_head,
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            // The fused RoPE reads f32 tables (and rounds them itself for precision
+            // `model`); candle's rope wants them in the model's dtype.
+            cos: freqs.cos()?.to_dtype(if fused { DType::F32 } else { dtype })?,
+            sin: freqs.sin()?.to_dtype(if fused { DType::F32 } else { dtype })?,
             fused,
+            f32_stream,
         })
     }
 
@@ -158,6 +171,19 @@ impl Model {
     /// Runs the prompt `tokens` at positions `start..start+len`, writing their K/V into
     /// `blocks` (which must cover `0..start+len`); returns the last position's logits (f32).
     pub fn prefill(&self, pools: &KvPools, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Tensor> {
+        self.prefill_traced(pools, tokens, start, blocks, None)
+    }
+
+    /// [`Model::prefill`], keeping in `taps` the residual stream after each layer (f32
+    /// `[len, hidden]`): for comparing numerics with a reference layer by layer.
+    pub fn prefill_traced(
+        &self,
+        pools: &KvPools,
+        tokens: &[u32],
+        start: usize,
+        blocks: &[u32],
+        taps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         let total = start + t;
         let slots = pools.slots(blocks, 0, total)?;
@@ -173,12 +199,12 @@ impl Model {
                 queries_per_block: self.prefill_queries_per_block(),
                 key_splits: 1,
             };
-            self.forward_fused(pools, &rows)?
+            self.forward_fused(pools, &rows, Some(t - 1), taps)?
         } else {
-            self.prefill_reference(pools, tokens, start, &slots)?
+            let x = self.prefill_reference(pools, tokens, start, &slots, taps)?;
+            self.rms(&x.i(t - 1..t)?, &self.norm)?
         };
-        let last = self.rms(&x.i(t - 1..t)?, &self.norm)?;
-        Ok(self.lm_head.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(self.logits(&x)?.squeeze(0)?)
     }
 
     /// Advances each sequence by one token; returns logits `[batch, vocab]` (f32).
@@ -207,16 +233,33 @@ impl Model {
             }
             let longest = batch.iter().map(|s| s.pos + 1).max().unwrap_or(1);
             rows.key_splits = decode_key_splits(b * self.cfg.num_kv_heads, longest);
-            self.forward_fused(pools, &rows)?
+            self.forward_fused(pools, &rows, None, None)?
         } else {
-            self.decode_reference(pools, batch)?
+            self.rms(&self.decode_reference(pools, batch)?, &self.norm)?
         };
-        let x = self.rms(&x, &self.norm)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        self.logits(&x)
+    }
+
+    /// The final-normed hidden states' logits, f32 `[rows, vocab]`: accumulated and kept
+    /// in f32 with `precision` `f32` on the fused path, rounded to the model's dtype
+    /// (as candle's and transformers' ops leave them) otherwise.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.f32_stream {
+            return crate::kernels::linear_f32(x, self.lm_head.weight());
+        }
+        Ok(self.lm_head.forward(x)?.to_dtype(DType::F32)?)
     }
 
     /// Prefill with candle's ops: the reference, and the path on the CPU.
-    fn prefill_reference(&self, pools: &KvPools, tokens: &[u32], start: usize, slots: &[u32]) -> Result<Tensor> {
+    fn prefill_reference(
+        &self,
+        pools: &KvPools,
+        tokens: &[u32],
+        start: usize,
+        slots: &[u32],
+        mut taps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         let total = start + t;
         let new_slots = pools.write_index(&slots[start..], &self.device)?;
@@ -243,6 +286,9 @@ impl Model {
             let att = self.attend(&q, &k, &v, Some(&mask))?; // [1, t, heads*d]
             x = (x + layer.o.forward(&att.reshape((t, ()))?)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
+            if let Some(taps) = taps.as_deref_mut() {
+                taps.push(x.to_dtype(DType::F32)?);
+            }
         }
         Ok(x)
     }
@@ -285,9 +331,11 @@ impl Model {
 
     /// The decoder layers with the fused CUDA kernels: RoPE and the K/V writes in one
     /// kernel, attention straight from the pools through the block tables (no gather,
-    /// no padding, no score matrix), SwiGLU in one kernel. Returns the hidden states.
+    /// no padding, no score matrix), SwiGLU in one kernel, each residual add with the
+    /// RMSNorm after it in one kernel. Returns the final-normed hidden states of every
+    /// row, or of row `only` alone; `taps` as in [`Model::prefill_traced`].
     #[cfg(feature = "cuda")]
-    fn forward_fused(&self, pools: &KvPools, r: &Rows) -> Result<Tensor> {
+    fn forward_fused(&self, pools: &KvPools, r: &Rows, only: Option<usize>, mut taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         use crate::kernels::{self, PagedContext};
         let n = r.tokens.len();
         // One host-to-device copy for all the per-row integers.
@@ -309,10 +357,20 @@ impl Model {
         };
         let heads = self.heads();
         let ids = Tensor::new(r.tokens.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]
+        let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]: the residual stream
+        if self.f32_stream {
+            x = x.to_dtype(DType::F32)?;
+        }
+        let eps = self.cfg.rms_norm_eps as f32;
+        // Each layer's MLP output, added to the stream by the next norm's kernel.
+        let mut delta: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let (kp, vp) = pools.layer(li);
-            let qkv = layer.qkv.forward(&self.rms(&x, &layer.in_norm)?)?;
+            let (x1, h) = kernels::add_rms_norm(&x, delta.as_ref(), &layer.in_norm, eps)?;
+            if let (Some(taps), Some(_)) = (taps.as_deref_mut(), &delta) {
+                taps.push(x1.to_dtype(DType::F32)?);
+            }
+            let qkv = layer.qkv.forward(&h)?;
             let q = kernels::rope_kv(kernels::RopeKv {
                 qkv: &qkv,
                 pos: &pos,
@@ -322,17 +380,37 @@ impl Model {
                 k_pool: kp,
                 v_pool: vp,
                 heads,
+                in_dtype: !self.f32_stream,
             })?;
             let att = kernels::paged_attention(&q, kp, vp, &paged, heads)?;
-            x = (x + layer.o.forward(&att.reshape((n, ()))?)?)?;
-            let gu = layer.gate_up.forward(&self.rms(&x, &layer.post_norm)?)?;
-            x = (&x + layer.down.forward(&kernels::silu_mul(&gu)?)?)?;
+            let o = layer.o.forward(&att.reshape((n, ()))?)?;
+            let (x2, h) = kernels::add_rms_norm(&x1, Some(&o), &layer.post_norm, eps)?;
+            let gu = layer.gate_up.forward(&h)?;
+            delta = Some(layer.down.forward(&kernels::silu_mul(&gu)?)?);
+            x = x2;
         }
-        Ok(x)
+        // The last layer's add and the final norm: for the one row asked, unless the
+        // taps want the whole stream.
+        let narrow = only.filter(|_| taps.is_none());
+        let (x, d) = match narrow {
+            Some(i) => {
+                let row = |t: Tensor| -> Result<Tensor> { Ok(t.narrow(0, i, 1)?.contiguous()?) };
+                (row(x)?, delta.map(row).transpose()?)
+            }
+            None => (x, delta),
+        };
+        let (x, h) = kernels::add_rms_norm(&x, d.as_ref(), &self.norm, eps)?;
+        if let (Some(taps), Some(_)) = (taps, &d) {
+            taps.push(x.to_dtype(DType::F32)?);
+        }
+        Ok(match (only, narrow) {
+            (Some(i), None) => h.narrow(0, i, 1)?,
+            _ => h,
+        })
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn forward_fused(&self, _: &KvPools, _: &Rows) -> Result<Tensor> {
+    fn forward_fused(&self, _: &KvPools, _: &Rows, _: Option<usize>, _: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         unreachable!("the fused kernels are built with the `cuda` feature only")
     }
 

@@ -37,6 +37,9 @@ pub struct Args {
     /// `auto` (fused CUDA kernels where they serve) or `reference` (candle's ops).
     #[arg(long, default_value = "auto")]
     pub kernels: String,
+    /// `f32` (the fused path's residual stream and logits in f32) or `model`.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Instead of timing: compare `--kernels`' logits with `reference` on the same
     /// device (prefill at block boundaries, a prefix continued, a mixed decode batch);
     /// exit 1 when a greedy token differs or the error exceeds --tolerance.
@@ -68,6 +71,7 @@ fn load(a: &Args, kernels: &str) -> anyhow::Result<Engine> {
             dtype: a.dtype.clone(),
             kv_cache_mib: a.kv_cache_mib,
             kernels: kernels.into(),
+            precision: a.precision.clone(),
             ..Default::default()
         })
     })?)

@@ -6,6 +6,7 @@ pub mod enginebench;
 pub mod generate;
 pub mod kvbench;
 pub mod model;
+pub mod numerics;
 pub mod units;
 pub mod up;
 
@@ -36,6 +37,9 @@ pub enum Command {
     Doctor(doctor::Args),
     /// Measure the engine alone: prefill and decode throughput.
     Enginebench(enginebench::Args),
+    /// Dump a prompt's per-layer hidden states, first-step logits and greedy tokens, for
+    /// comparing the engine's numerics with a reference (scripts/numerics_gpu.py).
+    Numerics(numerics::Args),
     /// Load a running router (closed or open loop) and report TTFT, TPOT, ITL, end to end,
     /// throughput and goodput; `bench compare` puts deployments side by side.
     Bench(Box<bench::Args>),
@@ -56,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(a) => bench::run(*a).await,
         Command::Doctor(a) => doctor::run(a).await,
         Command::Enginebench(a) => enginebench::run(a).await,
+        Command::Numerics(a) => numerics::run(a).await,
         Command::KvbenchTarget(a) => kvbench::run_target(a).await,
     }
 }
