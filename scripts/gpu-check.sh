@@ -17,7 +17,7 @@
 #   scripts/gpu-check.sh prepare-model  # here (prepare runs it too): the SmolLM2 GGUF split into
 #                                  # .carry-model-a/-b (one carry can't hold it and the binaries)
 #   scripts/gpu-check.sh stage     # there, carrying .carry-model-a, then -b: the pieces to /tmp
-#   scripts/gpu-check.sh smollm    # there, carrying .carry: import the GGUF, 10 prompts against
+#   scripts/gpu-check.sh smollm    # there, carrying .carry: import the GGUF, 24 prompts against
 #                                  # transformers f32/bf16, per backend, tokens/s GPU and CPU
 #   scripts/gpu-check.sh numerics  # there, carrying .carry (after stage): SmolLM2's arithmetic
 #                                  # against transformers f32 layer by layer, pdserve per precision
@@ -329,7 +329,10 @@ smollm_import() {
   cat $S/gguf.part-* > $S/model.gguf
   echo "$(cat .carry/smollm2.sha256)  $S/model.gguf" | sha256sum -c
   local t0; t0=$(date +%s%N)
-  $D/pdserve model import $S/model.gguf --out $M.tmp && mv $M.tmp $M
+  rm -rf $M.tmp
+  $D/pdserve model import $S/model.gguf --out $M.tmp
+  rm -rf $M
+  mv $M.tmp $M
   echo "import: $(( ($(date +%s%N) - t0) / 1000000 )) ms, $(du -sm $M | cut -f1) MiB" | tee $OUTDIR/import.txt
 }
 
@@ -355,10 +358,11 @@ numerics_remote() {
   local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/smollm2 B=/tmp/m1b
   gpu_env
   smollm_import
-  local before=()
+  local before=() runs=("f32|$D/pdserve|--precision f32" "model|$D/pdserve|--precision model") name bin args
   if [ -f /tmp/pdserve-model/pdserve-before.xz ]; then
     xz -dc /tmp/pdserve-model/pdserve-before.xz > $D/pdserve-before && chmod +x $D/pdserve-before
     before=(--variant "build before, bf16=$D/pdserve-before:--dtype bf16")
+    runs+=("before|$D/pdserve-before|")
   fi
   local rc=0
   PYTHONUNBUFFERED=1 python3 scripts/numerics_gpu.py --model $M --out $OUTDIR/numerics --tokens ${TOKENS:-32} \
@@ -366,10 +370,10 @@ numerics_remote() {
     --variant "pdserve bf16, precision model=$D/pdserve:--dtype bf16 --precision model" \
     --variant "pdserve bf16, candle ops=$D/pdserve:--dtype bf16 --kernels reference" \
     --variant "pdserve f32=$D/pdserve:--dtype f32" "${before[@]}" | tee $OUTDIR/numerics.md || rc=$?
-  rm -rf $OUTDIR/numerics/*/  # the raw dumps stay on the device
-  $D/pdserve enginebench --model $B --device cuda:0 --check --kv-cache-mib 4096 | tail -4 | tee $OUTDIR/kernels_check.md
-  local runs=("f32|$D/pdserve|--precision f32" "model|$D/pdserve|--precision model") name bin args
-  [ -x $D/pdserve-before ] && runs+=("before|$D/pdserve-before|")
+  rm -rf $OUTDIR/numerics/*/  # the raw dumps are too big to bring back
+  # The fused kernels against candle's ops, like for like (both round as the dtype).
+  $D/pdserve enginebench --model $B --device cuda:0 --check --precision model --kv-cache-mib 4096 \
+    | tail -4 | tee $OUTDIR/kernels_check.md || rc=$?
   for r in "${runs[@]}"; do
     IFS='|' read -r name bin args <<< "$r"
     # shellcheck disable=SC2086
@@ -383,7 +387,8 @@ runs = {n: {r["what"]: r for r in json.load(open(f"{d}/enginebench_{n}.json"))} 
 print("\n1B shape, bf16, tokens/s (ms): " + ", ".join(names))
 print("| measurement | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
 for what in runs[names[0]]:
-    print(f"| {what} | " + " | ".join(f"{runs[n][what]['tokens_per_s']:,.0f} ({runs[n][what]['ms']:.2f})" for n in names) + " |")
+    cells = [runs[n].get(what) for n in names]
+    print(f"| {what} | " + " | ".join(f"{c['tokens_per_s']:,.0f} ({c['ms']:.2f})" if c else "n/a" for c in cells) + " |")
 PY
   return $rc  # the numerics gate (the bench only reports)
 }

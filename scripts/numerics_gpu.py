@@ -83,8 +83,15 @@ def pdserve_run(name, spec):
         return out
     if "unrecognized subcommand" not in r.stderr:
         sys.exit(f"{name}: pdserve numerics failed: {r.stderr[-800:]}")
-    out = []  # an older build: tokens only
-    gen_args = [x for x in args.split() if x not in ("--precision", "f32", "model")]
+    out = []  # an older build: tokens only (and no --precision)
+    gen_args, skip = [], False
+    for x in args.split():
+        if skip or x.startswith("--precision="):
+            skip = False
+        elif x == "--precision":
+            skip = True
+        else:
+            gen_args.append(x)
     for ids in prompt_ids:
         g = subprocess.run([binary, "generate", "--local", "--device", "cuda:0", "--model", a.model, *gen_args,
                             "--token-ids", ",".join(map(str, ids)), "--max-tokens", str(N), "--ignore-eos", "--json"],
@@ -107,6 +114,8 @@ def lead(x, y):
 def layer_err(xs, refs):
     # Per position |a - ref| / |ref|, averaged: position 0's massive activations would
     # otherwise decide a norm over the whole prompt.
+    assert len(xs) == len(refs), f"{len(xs)} layers against the reference's {len(refs)}"
+    assert all(x.shape == r.shape for x, r in zip(xs, refs)), "layer shapes differ from the reference's"
     return [float(np.mean(np.linalg.norm(x - r, axis=-1) / np.maximum(np.linalg.norm(r, axis=-1), 1e-6))) for x, r in zip(xs, refs)]
 
 
@@ -147,7 +156,7 @@ for name, s in summary.items():
 
 with_layers = [n for n, s in summary.items() if s["layers"]]
 L = len(ref[0]["layers"])
-picks = sorted({0, 1, L // 4, L // 2, 3 * L // 4, L - 1})
+picks = sorted(i for i in {0, 1, L // 4, L // 2, 3 * L // 4, L - 1} if 0 <= i < L)
 print("\n## Residual stream after layer i: mean relative error against transformers f32\n")
 print("| layer | " + " | ".join(with_layers) + " |")
 print("|---|" + "---|" * len(with_layers))
@@ -156,10 +165,17 @@ for i in picks:
 
 hf = summary["transformers bf16"]
 g = summary[gate]
-ok = g["leading"] >= hf["leading"] and bool(g["logit_err"]) and np.mean(g["logit_err"]) <= np.mean(hf["logit_err"])
+# Three measures, each at least as good as transformers bf16's: the last layer's stream
+# error and the first-step logits error (stable under reduction order), and the leading
+# greedy tokens (what users see; noisier, see docs/benchmarks.md).
+ok = bool(g["logit_err"]) and bool(g["layers"])
+ok = ok and g["leading"] >= hf["leading"] and np.mean(g["logit_err"]) <= np.mean(hf["logit_err"])
+ok = ok and g["layers"][-1] <= hf["layers"][-1]
+last = g["layers"][-1] if g["layers"] else float("nan")
 print(f"\n{gate} agrees with transformers f32 at least as well as transformers bf16 "
       f"(leading tokens {g['leading']} vs {hf['leading']}, mean first-step logits error "
-      f"{np.mean(g['logit_err']) if g['logit_err'] else float('nan'):.4f} vs {np.mean(hf['logit_err']):.4f}): {'PASS' if ok else 'FAIL'}")
+      f"{np.mean(g['logit_err']) if g['logit_err'] else float('nan'):.4f} vs {np.mean(hf['logit_err']):.4f}, "
+      f"last-layer stream error {last:.2e} vs {hf['layers'][-1]:.2e}): {'PASS' if ok else 'FAIL'}")
 json.dump({"prompts": PROMPTS, "prompt_ids": prompt_ids, "tokens": N,
            "reference_tokens": [r["tokens"] for r in ref],
            "runs": {n: {"tokens": [r["tokens"] for r in runs[n]], **summary[n]} for n in runs}},

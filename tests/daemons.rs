@@ -773,15 +773,16 @@ async fn unclaimed_early_prefills_give_way_to_prefills() {
         max_tokens: 4,
         ..Default::default()
     };
-    let prompt = |n: u32| {
+    // Prompts that share no block (a shared prefix would be found in the cache instead).
+    let prompt = |n: u32, salt: u32| {
         Input::TokenIds(pb::TokenIds {
-            ids: (0..n).map(|j| 3 + (j * 7919) % 500).collect(),
+            ids: (0..n).map(|j| 3 + (j * 7919 + salt) % 500).collect(),
         })
     };
     // 1,500 tokens: 94 of the prefill-server's 128 blocks, held unclaimed.
     let orphan = pb::GenerateRequest {
         request_id: "early-hog".into(),
-        ..request(prompt(1500), &greedy)
+        ..request(prompt(1500, 1), &greedy)
     };
     assert!(pc.early_prefill(orphan).await.unwrap().into_inner().started);
     let total = sample(&scrape(prefill_metrics), "pdserve_kv_blocks_total", &[]).unwrap();
@@ -791,7 +792,7 @@ async fn unclaimed_early_prefills_give_way_to_prefills() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // 1,000 tokens need 63 blocks, 34 are free.
-    let input = prompt(1000);
+    let input = prompt(1000, 0);
     let want = engine::generate_local(reference_engine(), &prompt_ids(&input), &greedy).unwrap();
     let (_, got) = stream(&mut client(&dep.router).await, request(input, &greedy)).await.unwrap();
     assert_eq!(got.token_ids, want.tokens);
@@ -802,6 +803,57 @@ async fn unclaimed_early_prefills_give_way_to_prefills() {
         "{m}"
     );
     assert_eq!(sample(&m, "pdserve_kv_blocks_free", &[]), Some(total));
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}
+
+/// Prompts that start the same way reuse the prefill-server's cached blocks: a later
+/// prompt computes only what follows the shared whole blocks, says so in
+/// `cached_tokens`, and its tokens (greedy, and sampled with a repetition penalty that
+/// reads the whole prompt) equal the colocated run; the metrics count the lookups and
+/// hits in tokens, and every decode block comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefixes_are_computed_once() {
+    let (dep, _work, prefill_metrics, _) = deploy_with_metrics(args(BackendKind::Tcp, 1, 1, 64)).await;
+    // Straight to the decode-server: no early prefill from the router, one compute each.
+    let mut c = client(&dep.decode[0]).await;
+    let prefix: Vec<u32> = (0..48).map(|j| 3 + (j * 7919) % 500).collect();
+    let prompt = |tail: u32, len: u32| -> Vec<u32> {
+        let mut p = prefix.clone();
+        p.extend((0..len).map(|j| 3 + (j * 31 + tail * 17) % 500));
+        p
+    };
+    let sampled = SamplingParams {
+        temperature: 1.1,
+        repetition_penalty: 1.2,
+        seed: 5,
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let greedy = SamplingParams {
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let cases = [
+        (prompt(1, 12), greedy.clone(), 0),
+        (prompt(2, 22), sampled.clone(), 48),
+        (prompt(1, 12), sampled, 48),
+        (prompt(3, 0)[..40].to_vec(), greedy, 32),
+    ];
+    for (i, (ids, params, cached)) in cases.iter().enumerate() {
+        let want = engine::generate_local(reference_engine(), ids, params).unwrap();
+        let (_, got) = stream(&mut c, request(Input::TokenIds(pb::TokenIds { ids: ids.clone() }), params))
+            .await
+            .unwrap();
+        assert_eq!(got.token_ids, want.tokens, "case {i}: tokens differ from the colocated run");
+        assert_eq!(got.cached_tokens, *cached, "case {i}: cached tokens");
+        assert_eq!(got.prefill_server, dep.prefill[0], "case {i} went to the prefill-server");
+    }
+    let m = scrape(prefill_metrics);
+    let queries: usize = cases.iter().map(|(ids, ..)| ids.len()).sum();
+    assert_eq!(sample(&m, "pdserve_prefix_cache_queries_total", &[]), Some(queries as f64));
+    assert_eq!(sample(&m, "pdserve_prefix_cache_hits_total", &[]), Some(128.0));
+    assert!(sample(&m, "pdserve_kv_blocks_cached", &[]).unwrap_or(0.0) >= 3.0);
     assert_all_blocks_free(&dep.decode[0]).await;
     stop_cleanly(dep).await;
 }

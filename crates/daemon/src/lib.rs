@@ -211,18 +211,20 @@ pub fn report_readiness<S: tonic::server::NamedService>(
     });
 }
 
-/// Runs `prompt` through the model into `blocks` and picks its first token (on a
-/// blocking thread); returns the token and the time both took in ms. Colocated and
+/// Runs `prompt` from position `start` (the K/V of the positions before it already in
+/// `blocks`: a cached prefix) through the model into `blocks` and picks its first
+/// token (on a blocking thread); returns the token and the time both took in ms. Colocated and
 /// disaggregated prefills both come through here, so their figures compare.
 pub async fn prefill_first_token(
     engine: &std::sync::Arc<engine::Engine>,
     prompt: &[u32],
+    start: usize,
     blocks: &[u32],
     params: &engine::SamplingParams,
 ) -> Result<(u32, f64), tonic::Status> {
     let t = std::time::Instant::now();
     let (e, p, b, params) = (engine.clone(), prompt.to_vec(), blocks.to_vec(), params.clone());
-    let first = tokio::task::spawn_blocking(move || e.prefill_pick(&p, &b, &params))
+    let first = tokio::task::spawn_blocking(move || e.prefill_pick(&p, start, &b, &params))
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))?
         .map_err(|e| status::from_engine(&e))?;

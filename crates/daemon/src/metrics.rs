@@ -29,6 +29,9 @@ pub const REQUESTS_CANCELLED: &str = "pdserve_requests_cancelled_total";
 pub const REQUESTS_REJECTED: &str = "pdserve_requests_rejected_total";
 pub const BLOCKS_QUARANTINED: &str = "pdserve_kv_blocks_quarantined";
 pub const KV_WRITES_ABANDONED: &str = "pdserve_kv_writes_abandoned_total";
+pub const PREFIX_QUERIES: &str = "pdserve_prefix_cache_queries_total";
+pub const PREFIX_HITS: &str = "pdserve_prefix_cache_hits_total";
+pub const BLOCKS_CACHED: &str = "pdserve_kv_blocks_cached";
 
 const SECONDS: [f64; 20] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
@@ -77,8 +80,11 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Requests waiting for KV blocks or their prefill");
     describe_gauge!(RUNNING, "Sequences in the decode batch");
     describe_histogram!(BATCH_SIZE, "Sequences per decode step");
-    describe_gauge!(BLOCKS_FREE, "Free KV-cache blocks");
+    describe_gauge!(BLOCKS_FREE, "KV-cache blocks a new request can take (empty, or cached and idle)");
     describe_gauge!(BLOCKS_TOTAL, "KV-cache blocks in the pools");
+    describe_counter!(PREFIX_QUERIES, "Prompt tokens looked up in the prefix cache");
+    describe_counter!(PREFIX_HITS, "Prompt tokens found in the prefix cache (not computed)");
+    describe_gauge!(BLOCKS_CACHED, "KV-cache blocks holding a cached prompt block (in use or idle)");
     describe_gauge!(REGIONS, "Memory regions registered with the data plane (the KV pools only)");
     describe_counter!(KV_BYTES, Unit::Bytes, "KV-cache bytes written to decode-servers, by backend");
     describe_histogram!(KV_TIME, Unit::Seconds, "Duration of one request's KV write, by backend");

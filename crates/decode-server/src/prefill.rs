@@ -149,7 +149,7 @@ impl DecodeService {
         if let Some(url) = hint {
             self.drop_early(url, id);
         }
-        let (first_token, prefill_ms) = daemon::prefill_first_token(&self.engine, prompt, &lease.blocks, params).await?;
+        let (first_token, prefill_ms) = daemon::prefill_first_token(&self.engine, prompt, 0, &lease.blocks, params).await?;
         let r = pb::PrefillResponse {
             first_token,
             prefill_ms,

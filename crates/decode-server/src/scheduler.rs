@@ -163,6 +163,7 @@ impl Job {
                 mean_inter_token_ms: if n > 1 { self.itl_sum_ms / (n - 1) as f64 } else { 0.0 },
             }),
             prefill_server: self.prefill_server.clone(),
+            cached_tokens: self.prefill.cached_tokens,
             kv_backend: if self.prefill_server == crate::prefill::LOCAL {
                 "none".into()
             } else {

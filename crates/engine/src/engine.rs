@@ -38,6 +38,10 @@ pub struct EngineConfig {
     /// (the matmuls still read bf16/f16 weights and activations); `model`: both in the
     /// model's dtype, as transformers and candle's ops keep them.
     pub precision: String,
+    /// Keep computed prompt blocks after their request and reuse them for prompts that
+    /// start the same way (see `kv_cache`'s module comment); used where prompts are
+    /// admitted with [`Engine::admit_prompt`] (the prefill-server).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
             max_model_len: 0,
             kernels: "auto".into(),
             precision: "f32".into(),
+            prefix_caching: true,
         }
     }
 }
@@ -88,6 +93,7 @@ pub struct Engine {
     chat: Option<crate::chat::ChatTemplate>,
     max_len: usize,
     next_seq: AtomicU64,
+    prefix_caching: bool,
 }
 
 impl Engine {
@@ -140,6 +146,7 @@ impl Engine {
             chat,
             max_len,
             next_seq: AtomicU64::new(1),
+            prefix_caching: cfg.prefix_caching,
         })
     }
 
@@ -217,6 +224,33 @@ impl Engine {
         Ok(self.blocks.lock().unwrap().admit(seq, tokens)?.to_vec())
     }
 
+    /// Admits a prompt for prefill: with prefix caching, its leading blocks already
+    /// cached are shared and only the rest needs computing (from `cached_tokens` on).
+    pub fn admit_prompt(&self, seq: u64, prompt: &[u32]) -> Result<crate::kv_cache::Admitted> {
+        let hashes = self.prompt_hashes(prompt);
+        self.blocks.lock().unwrap().admit_cached(seq, prompt.len(), &hashes)
+    }
+
+    /// Offers a prefilled prompt's full blocks to the prefix cache (after its K/V is
+    /// computed: a block must never be found before it holds its tokens' K/V).
+    pub fn commit_prompt(&self, seq: u64, prompt: &[u32]) {
+        let hashes = self.prompt_hashes(prompt);
+        self.blocks.lock().unwrap().commit_cached(seq, &hashes);
+    }
+
+    fn prompt_hashes(&self, prompt: &[u32]) -> Vec<crate::kv_cache::BlockHash> {
+        if !self.prefix_caching {
+            return vec![];
+        }
+        let layout = self.layout();
+        crate::kv_cache::block_hashes(layout.model_fingerprint, prompt, layout.block_size)
+    }
+
+    /// Blocks holding a cached prompt block (in use or idle).
+    pub fn cached_blocks(&self) -> usize {
+        self.blocks.lock().unwrap().cached_blocks()
+    }
+
     pub fn release(&self, seq: u64) {
         self.blocks.lock().unwrap().release(seq);
     }
@@ -244,9 +278,10 @@ impl Engine {
     }
 
     /// A prompt's prefill from position 0 in blocks of its own, kept apart from any
-    /// serving: the residual stream after every layer (f32, `[len * hidden]` each) and
-    /// the last position's logits. For comparing numerics with a reference.
-    pub fn trace_prefill(&self, tokens: &[u32]) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+    /// serving: the last position's logits and, with `layers`, the residual stream
+    /// after every layer (f32, `[len * hidden]` each; layers x len x hidden x 4 bytes
+    /// on the device and here). For comparing numerics with a reference.
+    pub fn trace_prefill(&self, tokens: &[u32], layers: bool) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
         self.check_prompt(
             tokens,
             &SamplingParams {
@@ -257,8 +292,10 @@ impl Engine {
         let seq = self.next_sequence_id();
         let blocks = self.admit(seq, tokens.len())?;
         let traced = (|| {
-            let mut taps = Vec::with_capacity(self.model.cfg.num_layers);
-            let logits = self.model.prefill_traced(&self.pools, tokens, 0, &blocks, Some(&mut taps))?;
+            let mut taps = Vec::new();
+            let logits = self
+                .model
+                .prefill_traced(&self.pools, tokens, 0, &blocks, layers.then_some(&mut taps))?;
             let layers = taps
                 .iter()
                 .map(|t| t.flatten_all()?.to_vec1())
@@ -269,11 +306,17 @@ impl Engine {
         traced
     }
 
-    /// Prefills like [`Engine::prefill`] from position 0 and samples the prompt's first
-    /// token. A greedy pick without repetition penalty is made on the device, so only
+    /// Prefills like [`Engine::prefill`] and samples the prompt's first token. A greedy pick without repetition penalty is made on the device, so only
     /// the token id comes to the host (copying 128k logits out costs ~0.3 ms of TTFT).
-    pub fn prefill_pick(&self, tokens: &[u32], blocks: &[u32], params: &SamplingParams) -> Result<u32> {
-        let logits = self.model.prefill(&self.pools, tokens, 0, blocks)?;
+    /// `start`: leading positions whose K/V the blocks already hold (a cached prefix).
+    pub fn prefill_pick(&self, tokens: &[u32], start: usize, blocks: &[u32], params: &SamplingParams) -> Result<u32> {
+        if start >= tokens.len() {
+            return Err(EngineError::Invalid(format!(
+                "prefill from position {start} of a {}-token prompt",
+                tokens.len()
+            )));
+        }
+        let logits = self.model.prefill(&self.pools, &tokens[start..], start, blocks)?;
         if self.picks_on_device(params) {
             return Ok(self.model.argmax_rows(&logits.unsqueeze(0)?)?[0]);
         }

@@ -111,7 +111,7 @@ pub fn generate_local(engine: &Engine, prompt: &[u32], params: &SamplingParams) 
     let seq = engine.next_sequence_id();
     let blocks = engine.admit(seq, prompt.len() + params.max_tokens as usize)?;
     let result = (|| {
-        let mut next = engine.prefill_pick(prompt, &blocks, params)?;
+        let mut next = engine.prefill_pick(prompt, 0, &blocks, params)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let mut tokens = prompt.to_vec();
         let mut stream = TextStream::new(prompt.len());

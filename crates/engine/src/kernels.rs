@@ -179,6 +179,9 @@ pub(crate) fn add_rms_norm(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32)
             if w.dims() != [h] || d.is_some_and(|d| d.dims() != [n, h] || d.dtype() != w.dtype()) {
                 return Err(invalid("add_rms_norm: shapes"));
             }
+            if n == 0 {
+                return Ok((x.clone(), x.to_dtype(w.dtype())?));
+            }
             let dev = device(x)?;
             let res = if x.dtype() == w.dtype() {
                 suffix(w.dtype())?.to_string()
@@ -247,6 +250,9 @@ pub(crate) fn linear_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         DType::F32 => return Ok(x.matmul(&w.t()?)?),
         d => return Err(invalid(&format!("linear_f32: dtype {d:?}"))),
     };
+    if n == 0 || m == 0 {
+        return Ok(Tensor::zeros((n, m), DType::F32, x.device())?);
+    }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let dev = device(&x)?;
     let stream = dev.cuda_stream();

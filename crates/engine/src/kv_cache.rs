@@ -3,7 +3,14 @@
 //! hands out blocks (lowest ids first, so a request's blocks tend to be one contiguous
 //! run) and keeps per-sequence block tables with reference counts. The pools are what
 //! the data plane registers; moving a request's KV is a list of block runs.
-use std::collections::{BTreeSet, HashMap};
+//!
+//! Prefix caching: a full block computed for a prompt is named by a chained hash of its
+//! tokens ([`block_hashes`]); after its sequence ends it stays cached (idle, least
+//! recently used first) until the free list runs out, and a later prompt with the same
+//! leading blocks takes them instead of computing them again.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sha2::{Digest, Sha256};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -221,12 +228,52 @@ pub fn block_runs(src: &[u32], dst: &[u32]) -> Vec<BlockRun> {
     runs
 }
 
-/// Free list, reference counts and per-sequence block tables.
+/// A full block's identity for prefix caching: the first 128 bits of SHA-256 over the
+/// previous block's hash (the model's fingerprint for the first block) and this block's
+/// token ids. A cryptographic hash because a collision would hand one request another
+/// request's KV: crafted prompts must not be able to produce one.
+pub type BlockHash = u128;
+
+/// The chained hashes of the full blocks of `tokens` (a trailing partial block has none).
+pub fn block_hashes(fingerprint: u64, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+    let mut parent = fingerprint as u128;
+    tokens
+        .chunks_exact(block_size.max(1))
+        .map(|block| {
+            let mut h = Sha256::new();
+            h.update(parent.to_le_bytes());
+            for t in block {
+                h.update(t.to_le_bytes());
+            }
+            parent = u128::from_le_bytes(h.finalize()[..16].try_into().expect("16 of 32 bytes"));
+            parent
+        })
+        .collect()
+}
+
+/// Free list, reference counts, per-sequence block tables, and the prefix cache.
 pub struct BlockManager {
     block_size: usize,
+    /// Blocks holding nothing reusable.
     free: BTreeSet<u32>,
     refs: Vec<u32>,
     tables: HashMap<u64, Vec<u32>>,
+    /// The hash of each cached block's content, and the block of each hash.
+    hash_of: Vec<Option<BlockHash>>,
+    by_hash: HashMap<BlockHash, u32>,
+    /// Cached blocks no sequence holds, by when they were last released (oldest first):
+    /// allocatable, evicted when the free list is empty.
+    idle: BTreeMap<u64, u32>,
+    idle_since: Vec<u64>,
+    clock: u64,
+}
+
+/// What a prompt found in the prefix cache at admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub blocks: Vec<u32>,
+    /// Leading tokens whose K/V the blocks already hold (whole blocks).
+    pub cached_tokens: usize,
 }
 
 impl BlockManager {
@@ -236,14 +283,24 @@ impl BlockManager {
             free: (0..num_blocks as u32).collect(),
             refs: vec![0; num_blocks],
             tables: HashMap::new(),
+            hash_of: vec![None; num_blocks],
+            by_hash: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_since: vec![0; num_blocks],
+            clock: 0,
         }
     }
 
     pub fn total(&self) -> usize {
         self.refs.len()
     }
+    /// Blocks a new sequence can take: empty ones and idle cached ones.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
+    }
+    /// Blocks holding a cached prefix block, held by a sequence or idle.
+    pub fn cached_blocks(&self) -> usize {
+        self.by_hash.len()
     }
     pub fn block_size(&self) -> usize {
         self.block_size
@@ -255,17 +312,28 @@ impl BlockManager {
         self.tables.len()
     }
 
+    /// Takes `n` blocks: empty ones first (lowest ids), then the least recently used
+    /// idle cached ones, whose hashes are forgotten.
     fn take(&mut self, n: usize) -> Result<Vec<u32>> {
-        if n > self.free.len() {
+        if n > self.free_blocks() {
             return Err(EngineError::OutOfBlocks {
                 needed: n,
-                free: self.free.len(),
+                free: self.free_blocks(),
                 total: self.total(),
             });
         }
-        let ids: Vec<u32> = self.free.iter().take(n).copied().collect();
+        let mut ids: Vec<u32> = self.free.iter().take(n).copied().collect();
         for id in &ids {
             self.free.remove(id);
+        }
+        while ids.len() < n {
+            let (_, id) = self.idle.pop_first().expect("counted above");
+            if let Some(h) = self.hash_of[id as usize].take() {
+                self.by_hash.remove(&h);
+            }
+            ids.push(id);
+        }
+        for id in &ids {
             self.refs[*id as usize] = 1;
         }
         Ok(ids)
@@ -277,7 +345,58 @@ impl BlockManager {
             debug_assert!(*r > 0, "block {id} freed twice");
             *r = r.saturating_sub(1);
             if *r == 0 {
-                self.free.insert(id);
+                if self.hash_of[id as usize].is_some() {
+                    self.clock += 1;
+                    self.idle.insert(self.clock, id);
+                    self.idle_since[id as usize] = self.clock;
+                } else {
+                    self.free.insert(id);
+                }
+            }
+        }
+    }
+
+    /// Admits a prompt of `tokens` positions whose full blocks have `hashes`
+    /// ([`block_hashes`]): its leading blocks found in the cache are shared, the rest
+    /// taken fresh; all or nothing. At least the last token is always left to compute
+    /// (its logits give the first output token), so a fully cached prompt still
+    /// recomputes its last block.
+    pub fn admit_cached(&mut self, seq: u64, tokens: usize, hashes: &[BlockHash]) -> Result<Admitted> {
+        if self.tables.contains_key(&seq) {
+            return Err(EngineError::Invalid(format!("sequence {seq} is already admitted")));
+        }
+        let reusable = tokens.saturating_sub(1) / self.block_size.max(1);
+        let hits: Vec<u32> = hashes.iter().take(reusable).map_while(|h| self.by_hash.get(h).copied()).collect();
+        for &b in &hits {
+            if self.refs[b as usize] == 0 {
+                self.idle.remove(&self.idle_since[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+        }
+        match self.take(self.blocks_for(tokens) - hits.len()) {
+            Ok(fresh) => {
+                let cached_tokens = hits.len() * self.block_size;
+                let mut blocks = hits;
+                blocks.extend(fresh);
+                self.tables.insert(seq, blocks.clone());
+                Ok(Admitted { blocks, cached_tokens })
+            }
+            Err(e) => {
+                self.put(&hits);
+                Err(e)
+            }
+        }
+    }
+
+    /// Offers a computed sequence's full blocks to the cache under their `hashes`; a
+    /// hash already cached (the same prefix computed by another sequence meanwhile)
+    /// keeps its block.
+    pub fn commit_cached(&mut self, seq: u64, hashes: &[BlockHash]) {
+        let Some(table) = self.tables.get(&seq) else { return };
+        for (&b, &h) in table.iter().zip(hashes) {
+            if self.hash_of[b as usize].is_none() && !self.by_hash.contains_key(&h) {
+                self.hash_of[b as usize] = Some(h);
+                self.by_hash.insert(h, b);
             }
         }
     }

@@ -26,7 +26,7 @@ pub use config::{Arch, ModelConfig};
 pub use engine::{Engine, EngineConfig, Pick, parse_device};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, TextStream, generate_local};
-pub use kv_cache::{BlockManager, BlockRun, KvLayout, KvPools, PoolRegion, block_runs};
+pub use kv_cache::{Admitted, BlockManager, BlockRun, KvLayout, KvPools, PoolRegion, block_runs};
 pub use loader::ModelDir;
 pub use model::DecodeInput;
 pub use sampling::{MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, sample};

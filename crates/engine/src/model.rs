@@ -185,6 +185,9 @@ impl Model {
         taps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let t = tokens.len();
+        if t == 0 {
+            return Err(EngineError::Invalid("prefill of no tokens".into()));
+        }
         let total = start + t;
         let slots = pools.slots(blocks, 0, total)?;
         let x = if self.fused {

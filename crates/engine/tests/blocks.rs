@@ -70,3 +70,113 @@ fn engine_refuses_when_full_and_recovers() {
     e.release(2);
     assert_eq!(e.free_blocks(), total);
 }
+
+/// Prefix caching: a computed prompt's full blocks are found by a later prompt that
+/// starts the same way (never its last token's block when the whole prompt matches),
+/// stay cached after release until the free list runs out (least recently used first),
+/// and a refused admission gives back what it had found.
+#[test]
+fn cached_prefixes_are_shared_reused_and_evicted_oldest_first() {
+    use engine::kv_cache::block_hashes;
+    let bs = 4;
+    let mut m = BlockManager::new(8, bs);
+    let a: Vec<u32> = (10..22).collect(); // 3 full blocks
+    let ha = block_hashes(1, &a, bs);
+    assert_eq!(ha.len(), 3);
+    assert_ne!(block_hashes(2, &a, bs), ha, "the model's fingerprint seeds the chain");
+
+    let first = m.admit_cached(1, a.len(), &ha).unwrap();
+    assert_eq!(first.cached_tokens, 0);
+    m.commit_cached(1, &ha);
+    assert_eq!(m.cached_blocks(), 3);
+    m.release(1);
+    assert_eq!(m.free_blocks(), 8, "idle cached blocks are allocatable");
+
+    // The same prompt: two blocks found, the third recomputed for the last token.
+    let again = m.admit_cached(2, a.len(), &ha).unwrap();
+    assert_eq!(again.cached_tokens, 8);
+    assert_eq!(again.blocks[..2], first.blocks[..2]);
+    // One token longer: all three found.
+    let mut longer = a.clone();
+    longer.push(99);
+    let hl = block_hashes(1, &longer, bs);
+    let third = m.admit_cached(3, longer.len(), &hl).unwrap();
+    assert_eq!(third.cached_tokens, 12);
+    assert_eq!(third.blocks[..3], first.blocks[..3]);
+    // A prompt that differs in its second block shares only the first.
+    let mut fork = a.clone();
+    fork[5] = 7;
+    let f = m.admit_cached(4, fork.len(), &block_hashes(1, &fork, bs)).unwrap();
+    assert_eq!(f.cached_tokens, 4);
+    for s in [2, 3, 4] {
+        m.release(s);
+    }
+    assert_eq!(m.free_blocks(), 8);
+
+    // Too big for what is free: refused, and the blocks it found are idle again.
+    assert!(matches!(
+        m.admit_cached(5, 40, &block_hashes(1, &(0..40).collect::<Vec<_>>(), bs)),
+        Err(EngineError::OutOfBlocks { .. })
+    ));
+    let b: Vec<u32> = (10..50).collect(); // a's three blocks, then 7 more of the 5 left
+    assert!(matches!(
+        m.admit_cached(6, b.len(), &block_hashes(1, &b, bs)),
+        Err(EngineError::OutOfBlocks { .. })
+    ));
+    assert_eq!((m.free_blocks(), m.cached_blocks(), m.sequences()), (8, 3, 0));
+
+    // Taking every block evicts the cache; the oldest idle block goes first.
+    m.admit(7, 5 * bs).unwrap();
+    assert_eq!(m.cached_blocks(), 3, "empty blocks are taken before cached ones");
+    m.admit(8, 2 * bs).unwrap();
+    assert_eq!(m.cached_blocks(), 1);
+    m.release(7);
+    m.release(8);
+    let last = m.admit_cached(9, a.len(), &ha).unwrap();
+    assert!(last.cached_tokens <= 4, "evicted blocks are not found: {}", last.cached_tokens);
+    m.release(9);
+    assert_eq!(m.free_blocks(), 8);
+}
+
+/// Random prompts over a few shared prefixes: every block stays either free (empty or
+/// idle cached) or held, and a cached block's hash always names it.
+#[test]
+fn random_cached_admissions_leak_nothing() {
+    use engine::kv_cache::block_hashes;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let bs = 4;
+    let mut m = BlockManager::new(64, bs);
+    let mut live: Vec<u64> = Vec::new();
+    let (mut hits, mut next) = (0usize, 0u64);
+    for _ in 0..2000 {
+        if rng.random_range(0..3) > 0 || live.is_empty() {
+            let base = rng.random_range(0..4u32) * 1000;
+            let len = rng.random_range(1..40);
+            let prompt: Vec<u32> = (0..len).map(|i| base + if i < 20 { i } else { rng.random_range(0..50) }).collect();
+            let h = block_hashes(0, &prompt, bs);
+            next += 1;
+            match m.admit_cached(next, prompt.len(), &h) {
+                Ok(a) => {
+                    assert!(a.cached_tokens < prompt.len() && a.cached_tokens % bs == 0);
+                    assert_eq!(a.blocks.len(), prompt.len().div_ceil(bs));
+                    hits += a.cached_tokens;
+                    m.commit_cached(next, &h);
+                    live.push(next);
+                }
+                Err(EngineError::OutOfBlocks { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        } else {
+            let s = live.swap_remove(rng.random_range(0..live.len()));
+            m.release(s);
+        }
+        let held: std::collections::HashSet<u32> = live.iter().flat_map(|s| m.table(*s).unwrap().to_vec()).collect();
+        assert_eq!(held.len() + m.free_blocks(), m.total(), "a block is neither free nor held");
+        assert!(m.cached_blocks() <= m.total());
+    }
+    assert!(hits > 0, "shared prefixes must hit");
+    for s in live {
+        m.release(s);
+    }
+    assert_eq!(m.free_blocks(), m.total());
+}

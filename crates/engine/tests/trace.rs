@@ -12,7 +12,12 @@ fn taps_cover_every_layer_and_keep_nothing() {
     let (layers, hidden) = (e.config().num_layers, e.config().hidden_size);
     let prompt = common::prompt(21, 3, e.config().vocab_size);
     let free = e.free_blocks();
-    let (taps, logits) = e.trace_prefill(&prompt).unwrap();
+    let (taps, logits) = e.trace_prefill(&prompt, true).unwrap();
+    assert_eq!(
+        e.trace_prefill(&prompt, false).unwrap(),
+        (vec![], logits.clone()),
+        "no taps unless asked"
+    );
     assert_eq!(e.free_blocks(), free, "the trace's blocks are released");
     assert_eq!(taps.len(), layers);
     assert!(taps.iter().all(|t| t.len() == prompt.len() * hidden));
@@ -27,7 +32,7 @@ fn taps_cover_every_layer_and_keep_nothing() {
 
     // Position i's stream depends on tokens 0..=i only.
     let k = 9;
-    let (short, _) = e.trace_prefill(&prompt[..k]).unwrap();
+    let (short, _) = e.trace_prefill(&prompt[..k], true).unwrap();
     for (a, b) in short.iter().zip(&taps) {
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
         let err = a.iter().zip(&b[..k * hidden]).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
@@ -38,8 +43,8 @@ fn taps_cover_every_layer_and_keep_nothing() {
 #[test]
 fn bad_prompts_and_settings_are_refused() {
     let e = common::engine(Arch::Llama, Preset::Tiny, 8);
-    assert!(e.trace_prefill(&[]).unwrap_err().to_string().contains("empty"));
-    let err = e.trace_prefill(&[u32::MAX]).unwrap_err().to_string();
+    assert!(e.trace_prefill(&[], true).unwrap_err().to_string().contains("empty"));
+    let err = e.trace_prefill(&[u32::MAX], true).unwrap_err().to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
     let err = Engine::load(&EngineConfig {
         model: common::model_dir(Arch::Llama, Preset::Tiny),

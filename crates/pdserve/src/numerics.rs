@@ -79,7 +79,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
         };
         let mut entries = Vec::with_capacity(prompts.len());
         for (i, p) in prompts.iter().enumerate() {
-            let (layers, logits) = e.trace_prefill(p).with_context(|| format!("prompt {i}"))?;
+            let (layers, logits) = e.trace_prefill(p, a.layers).with_context(|| format!("prompt {i}"))?;
             let logits_file = format!("logits_{i}.f32");
             write_f32(&a.out.join(&logits_file), &[logits])?;
             let layers = if a.layers {

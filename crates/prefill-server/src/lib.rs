@@ -101,6 +101,8 @@ struct Computed {
     freed: Arc<tokio::sync::Notify>,
     seq: u64,
     blocks: Vec<u32>,
+    /// Leading prompt tokens found in the prefix cache (not computed).
+    cached_tokens: usize,
     first_token: u32,
     queue_ms: f64,
     prefill_ms: f64,
@@ -204,9 +206,9 @@ impl PrefillService {
                 .map_err(|_| Status::unavailable("shutting down"))?,
         };
         let seq = self.engine.next_sequence_id();
-        let blocks = loop {
+        let admitted = loop {
             let freed = self.freed.notified();
-            match self.engine.admit(seq, tokens.len()) {
+            match self.engine.admit_prompt(seq, tokens) {
                 Err(EngineError::OutOfBlocks { needed, total, .. }) if !speculative && needed <= total => {
                     if self.evict_early_starts() == 0 {
                         tokio::select! {
@@ -227,13 +229,19 @@ impl PrefillService {
             engine: self.engine.clone(),
             freed: self.freed.clone(),
             seq,
-            blocks,
+            blocks: admitted.blocks,
+            cached_tokens: admitted.cached_tokens,
             first_token: 0,
             queue_ms: received.elapsed().as_secs_f64() * 1e3,
             prefill_ms: 0.0,
         };
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
-        (c.first_token, c.prefill_ms) = daemon::prefill_first_token(&self.engine, tokens, &c.blocks, params).await?;
+        metrics::counter!(daemon::metrics::PREFIX_QUERIES).increment(tokens.len() as u64);
+        metrics::counter!(daemon::metrics::PREFIX_HITS).increment(c.cached_tokens as u64);
+        (c.first_token, c.prefill_ms) = daemon::prefill_first_token(&self.engine, tokens, c.cached_tokens, &c.blocks, params).await?;
+        // Only now do the blocks hold the prompt's K/V: from here on they may be found.
+        self.engine.commit_prompt(seq, tokens);
+        metrics::gauge!(daemon::metrics::BLOCKS_CACHED).set(self.engine.cached_blocks() as f64);
         Ok(c)
     }
 
@@ -340,6 +348,7 @@ impl PrefillService {
             queue_ms: local.queue_ms,
             prefill_ms: local.prefill_ms,
             early: started_early,
+            cached_tokens: local.cached_tokens as u32,
             ..Default::default()
         };
         // If the decode-server has gone, the checks below skip the write (ours
@@ -375,7 +384,7 @@ impl PrefillService {
         if secs > 0.0 {
             metrics::histogram!(daemon::metrics::KV_BANDWIDTH, "backend" => backend).record(bytes as f64 / secs);
         }
-        info!(tokens = tokens.len(), segments = segs.len(), bytes, prefill_ms = local.prefill_ms, kv_transfer_ms, early = started_early, peer = %session.name, "prefilled");
+        info!(tokens = tokens.len(), cached_tokens = local.cached_tokens, segments = segs.len(), bytes, prefill_ms = local.prefill_ms, kv_transfer_ms, early = started_early, peer = %session.name, "prefilled");
         msg.kv_transfer_ms = kv_transfer_ms;
         msg.kv_bytes = bytes;
         msg.kv_written = true;
