@@ -224,21 +224,22 @@ impl Engine {
         Ok(self.blocks.lock().unwrap().admit(seq, tokens)?.to_vec())
     }
 
-    /// Admits a prompt for prefill: with prefix caching, its leading blocks already
-    /// cached are shared and only the rest needs computing (from `cached_tokens` on).
-    pub fn admit_prompt(&self, seq: u64, prompt: &[u32]) -> Result<crate::kv_cache::Admitted> {
-        let hashes = self.prompt_hashes(prompt);
-        self.blocks.lock().unwrap().admit_cached(seq, prompt.len(), &hashes)
+    /// Admits a prompt of `len` tokens with its [`Engine::prompt_hashes`] for prefill:
+    /// with prefix caching, its leading blocks already cached are shared and only the
+    /// rest must be computed, from `cached_tokens` on (never earlier: the shared blocks
+    /// may be in use by other requests).
+    pub fn admit_prompt(&self, seq: u64, len: usize, hashes: &[crate::kv_cache::BlockHash]) -> Result<crate::kv_cache::Admitted> {
+        self.blocks.lock().unwrap().admit_cached(seq, len, hashes)
     }
 
     /// Offers a prefilled prompt's full blocks to the prefix cache (after its K/V is
     /// computed: a block must never be found before it holds its tokens' K/V).
-    pub fn commit_prompt(&self, seq: u64, prompt: &[u32]) {
-        let hashes = self.prompt_hashes(prompt);
-        self.blocks.lock().unwrap().commit_cached(seq, &hashes);
+    pub fn commit_prompt(&self, seq: u64, hashes: &[crate::kv_cache::BlockHash]) {
+        self.blocks.lock().unwrap().commit_cached(seq, hashes);
     }
 
-    fn prompt_hashes(&self, prompt: &[u32]) -> Vec<crate::kv_cache::BlockHash> {
+    /// The prompt's full blocks' chained hashes; none with prefix caching off.
+    pub fn prompt_hashes(&self, prompt: &[u32]) -> Vec<crate::kv_cache::BlockHash> {
         if !self.prefix_caching {
             return vec![];
         }

@@ -228,24 +228,25 @@ pub fn block_runs(src: &[u32], dst: &[u32]) -> Vec<BlockRun> {
     runs
 }
 
-/// A full block's identity for prefix caching: the first 128 bits of SHA-256 over the
-/// previous block's hash (the model's fingerprint for the first block) and this block's
-/// token ids. A cryptographic hash because a collision would hand one request another
-/// request's KV: crafted prompts must not be able to produce one.
-pub type BlockHash = u128;
+/// A full block's identity for prefix caching: SHA-256 over the previous block's hash
+/// (for the first block, the model's fingerprint) and this block's token ids, all 256
+/// bits kept. A cryptographic hash because a collision would hand one request another
+/// request's KV; finding one costs ~2^128 evaluations.
+pub type BlockHash = [u8; 32];
 
 /// The chained hashes of the full blocks of `tokens` (a trailing partial block has none).
 pub fn block_hashes(fingerprint: u64, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
-    let mut parent = fingerprint as u128;
+    let mut parent = [0u8; 32];
+    parent[..8].copy_from_slice(&fingerprint.to_le_bytes());
     tokens
         .chunks_exact(block_size.max(1))
         .map(|block| {
             let mut h = Sha256::new();
-            h.update(parent.to_le_bytes());
+            h.update(parent);
             for t in block {
                 h.update(t.to_le_bytes());
             }
-            parent = u128::from_le_bytes(h.finalize()[..16].try_into().expect("16 of 32 bytes"));
+            parent = h.finalize().into();
             parent
         })
         .collect()
@@ -339,11 +340,19 @@ impl BlockManager {
         Ok(ids)
     }
 
+    /// Drops one reference to each of a table's `ids`, last block first: a prefix's
+    /// first blocks become idle last, so eviction takes a chain's tail before its head
+    /// (a head evicted strands its tail, which lookups can no longer reach).
     fn put(&mut self, ids: &[u32]) {
-        for &id in ids {
+        for &id in ids.iter().rev() {
             let r = &mut self.refs[id as usize];
             debug_assert!(*r > 0, "block {id} freed twice");
-            *r = r.saturating_sub(1);
+            if *r == 0 {
+                // Already free: inserting it again would let two sequences take it.
+                tracing::error!(block = id, "a free KV block was released again; ignored");
+                continue;
+            }
+            *r -= 1;
             if *r == 0 {
                 if self.hash_of[id as usize].is_some() {
                     self.clock += 1;
@@ -369,7 +378,8 @@ impl BlockManager {
         let hits: Vec<u32> = hashes.iter().take(reusable).map_while(|h| self.by_hash.get(h).copied()).collect();
         for &b in &hits {
             if self.refs[b as usize] == 0 {
-                self.idle.remove(&self.idle_since[b as usize]);
+                let was = self.idle.remove(&self.idle_since[b as usize]);
+                debug_assert_eq!(was, Some(b), "an unheld cached block is idle");
             }
             self.refs[b as usize] += 1;
         }

@@ -184,8 +184,8 @@ fn usage(r: &pb::GenerateResult) -> Value {
         "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens,
         "total_tokens": r.prompt_tokens + r.completion_tokens,
-        // No prefix cache yet: nothing of a prompt is reused.
-        "prompt_tokens_details": { "cached_tokens": 0 },
+        // Leading prompt tokens taken from the prefill-server's prefix cache.
+        "prompt_tokens_details": { "cached_tokens": r.cached_tokens },
     })
 }
 

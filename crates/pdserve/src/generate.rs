@@ -221,6 +221,7 @@ pub fn result_json(r: &proto::v1::GenerateResult) -> serde_json::Value {
         "text": r.text,
         "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens,
+        "cached_tokens": r.cached_tokens,
         "prefill_server": r.prefill_server,
         "kv_backend": r.kv_backend,
         "timings": {

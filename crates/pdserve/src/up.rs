@@ -27,6 +27,10 @@ pub struct Placement {
     /// Weights and activations: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Turn the prefill-servers' prefix caching off (engine `prefix_caching`), e.g. to
+    /// measure what it saves.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
 }
 
 impl Placement {
@@ -37,6 +41,7 @@ impl Placement {
             prefill_device: None,
             kv_cache_mib,
             dtype: "auto".into(),
+            no_prefix_caching: false,
         }
     }
 }
@@ -215,11 +220,12 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     let model = model.canonicalize().with_context(|| format!("model {}", model.display()))?;
     let engine = |device: &str| {
         format!(
-            "[engine]\nmodel = {}\ndevice = {}\ndtype = {}\nkv_cache_mib = {}\n\n[transfer]\nbackend = \"{}\"\ndeadline_ms = {}\n",
+            "[engine]\nmodel = {}\ndevice = {}\ndtype = {}\nkv_cache_mib = {}\nprefix_caching = {}\n\n[transfer]\nbackend = \"{}\"\ndeadline_ms = {}\n",
             toml_str(&model.display().to_string()),
             toml_str(device),
             toml_str(&p.dtype),
             p.kv_cache_mib,
+            !p.no_prefix_caching,
             a.backend,
             a.transfer_deadline_ms
         )

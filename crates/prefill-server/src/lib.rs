@@ -112,6 +112,7 @@ impl Drop for Computed {
     fn drop(&mut self) {
         self.engine.release(self.seq);
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+        metrics::gauge!(daemon::metrics::BLOCKS_CACHED).set(self.engine.cached_blocks() as f64);
         self.freed.notify_waiters();
     }
 }
@@ -156,7 +157,8 @@ impl PrefillService {
         validate::Limits::new(&self.engine, self.cfg.max_prompt_tokens, u32::MAX)
     }
 
-    /// Computes `tokens` into fresh local blocks and samples the first token, after
+    /// Computes `tokens` into local blocks (those of its longest cached prefix shared,
+    /// the rest fresh, see `prefix_caching`) and samples the first token, after
     /// waiting (up to the queue deadline) for the compute slot. The slot is free again
     /// on return: the KV write overlaps the next prompt's compute. Short of blocks, a
     /// Prefill (`speculative` false) drops the computed early starts nobody has claimed,
@@ -206,9 +208,10 @@ impl PrefillService {
                 .map_err(|_| Status::unavailable("shutting down"))?,
         };
         let seq = self.engine.next_sequence_id();
+        let hashes = self.engine.prompt_hashes(tokens);
         let admitted = loop {
             let freed = self.freed.notified();
-            match self.engine.admit_prompt(seq, tokens) {
+            match self.engine.admit_prompt(seq, tokens.len(), &hashes) {
                 Err(EngineError::OutOfBlocks { needed, total, .. }) if !speculative && needed <= total => {
                     if self.evict_early_starts() == 0 {
                         tokio::select! {
@@ -236,11 +239,13 @@ impl PrefillService {
             prefill_ms: 0.0,
         };
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
-        metrics::counter!(daemon::metrics::PREFIX_QUERIES).increment(tokens.len() as u64);
-        metrics::counter!(daemon::metrics::PREFIX_HITS).increment(c.cached_tokens as u64);
         (c.first_token, c.prefill_ms) = daemon::prefill_first_token(&self.engine, tokens, c.cached_tokens, &c.blocks, params).await?;
         // Only now do the blocks hold the prompt's K/V: from here on they may be found.
-        self.engine.commit_prompt(seq, tokens);
+        self.engine.commit_prompt(seq, &hashes);
+        // Counted per prompt computed (an early start and a Prefill that both compute
+        // count twice, the second mostly as hits).
+        metrics::counter!(daemon::metrics::PREFIX_QUERIES).increment(tokens.len() as u64);
+        metrics::counter!(daemon::metrics::PREFIX_HITS).increment(c.cached_tokens as u64);
         metrics::gauge!(daemon::metrics::BLOCKS_CACHED).set(self.engine.cached_blocks() as f64);
         Ok(c)
     }

@@ -33,6 +33,8 @@ pub struct OpenAiClient {
 pub struct Answer {
     /// `usage`: prompt and completion tokens, if the server sent it.
     pub usage: Option<(usize, usize)>,
+    /// `usage.prompt_tokens_details.cached_tokens` (0 when absent).
+    pub cached_tokens: usize,
     /// pdserve's own figures (the `pdserve` extension object), when the server is pdserve.
     pub pdserve: Option<Value>,
 }
@@ -175,6 +177,7 @@ impl OpenAiClient {
                         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                             let n = |k: &str| u[k].as_u64().unwrap_or(0) as usize;
                             answer.usage = Some((n("prompt_tokens"), n("completion_tokens")));
+                            answer.cached_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as usize;
                         }
                         if let Some(x) = v.get("pdserve") {
                             answer.pdserve = Some(x.clone());

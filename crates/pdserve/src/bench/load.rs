@@ -229,6 +229,7 @@ async fn grpc(
             Some(pb::generate_response::Kind::Result(r)) => {
                 rec.output_tokens = r.completion_tokens as usize;
                 rec.input_tokens = r.prompt_tokens as usize;
+                rec.cached_tokens = r.cached_tokens as usize;
                 let t = r.timings.unwrap_or_default();
                 rec.queue_ms = t.queue_ms;
                 rec.prefill_ms = t.prefill_ms;
@@ -282,6 +283,7 @@ async fn openai(
         Some((prompt, completion)) => (rec.input_tokens, rec.output_tokens) = (prompt, completion),
         None => rec.output_tokens = events,
     }
+    rec.cached_tokens = a.cached_tokens;
     if let Some(x) = a.pdserve {
         let f = |k: &str| x[k].as_f64().unwrap_or(0.0);
         rec.queue_ms = f("queue_ms");

@@ -13,6 +13,8 @@ pub struct Record {
     pub sent_s: f64,
     pub input_tokens: usize,
     pub output_tokens: usize,
+    /// Leading prompt tokens the server took from its prefix cache.
+    pub cached_tokens: usize,
     /// `None` when the request succeeded; otherwise the gRPC code and message.
     pub error: Option<String>,
     /// Client clock: send to first token.
@@ -100,6 +102,12 @@ pub struct Summary {
     pub decode_ms: Dist,
     pub server_total_ms: Dist,
     pub mean_kv_bytes: f64,
+    /// Share of the prompt tokens found in the prefix cache (not computed).
+    #[serde(default)]
+    pub prefix_hit_rate: f64,
+    /// Prompt tokens the prefill computed (not found in the cache), all requests.
+    #[serde(default)]
+    pub prefill_tokens_computed: usize,
     pub slo: Slo,
     /// Share of all requests (failed ones included) that met the SLO.
     pub slo_attainment: f64,
@@ -113,6 +121,7 @@ impl Summary {
         let dist = |f: &dyn Fn(&Record) -> f64| Dist::of(ok.iter().map(|r| f(r)).collect());
         let out: usize = ok.iter().map(|r| r.output_tokens).sum();
         let inp: usize = ok.iter().map(|r| r.input_tokens).sum();
+        let cached: usize = ok.iter().map(|r| r.cached_tokens.min(r.input_tokens)).sum();
         let per_s = |n: f64| if duration_s > 0.0 { n / duration_s } else { 0.0 };
         let good = records.iter().filter(|r| slo.met(r)).count();
         Summary {
@@ -138,6 +147,8 @@ impl Summary {
             } else {
                 ok.iter().map(|r| r.kv_bytes as f64).sum::<f64>() / ok.len() as f64
             },
+            prefix_hit_rate: if inp == 0 { 0.0 } else { cached as f64 / inp as f64 },
+            prefill_tokens_computed: inp - cached,
             slo,
             slo_attainment: if records.is_empty() {
                 0.0
@@ -165,9 +176,9 @@ impl Summary {
             s += &format!("| {name} | {:.3} | {:.3} | {:.3} | {:.3} |\n", d.mean, d.p50, d.p90, d.p99);
         }
         s += &format!(
-            "\n| requests | completed | failed | duration s | req/s | output tok/s | total tok/s | KV bytes/req | SLO met | goodput req/s |\n\
-             |---|---|---|---|---|---|---|---|---|---|\n\
-             | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.1}% | {:.2} |\n",
+            "\n| requests | completed | failed | duration s | req/s | output tok/s | total tok/s | KV bytes/req | prefix hit rate | prompt tokens computed | SLO met | goodput req/s |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n\
+             | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {:.1}% | {} | {:.1}% | {:.2} |\n",
             self.requests,
             self.completed,
             self.failed,
@@ -176,6 +187,8 @@ impl Summary {
             self.output_token_throughput,
             self.total_token_throughput,
             self.mean_kv_bytes,
+            self.prefix_hit_rate * 100.0,
+            self.prefill_tokens_computed,
             self.slo_attainment * 100.0,
             self.goodput
         );
@@ -243,5 +256,33 @@ mod tests {
         // No bounds: every success meets it.
         let s = Summary::of(&rs, 2.0, Slo::default());
         assert_eq!(s.slo_attainment, 4.0 / 5.0);
+    }
+
+    #[test]
+    fn prefix_hit_rate_counts_successful_prompts_only() {
+        let rs = [
+            Record {
+                cached_tokens: 8,
+                ..rec(1.0, 1.0, 2)
+            },
+            Record {
+                cached_tokens: 0,
+                ..rec(1.0, 1.0, 2)
+            },
+            // A server that reports more than the prompt is capped at the prompt.
+            Record {
+                cached_tokens: 99,
+                ..rec(1.0, 1.0, 2)
+            },
+            Record {
+                cached_tokens: 10,
+                error: Some("Unavailable: gone".into()),
+                ..rec(1.0, 1.0, 2)
+            },
+        ];
+        let s = Summary::of(&rs, 1.0, Slo::default());
+        assert_eq!(s.prefix_hit_rate, 18.0 / 30.0);
+        assert_eq!(s.prefill_tokens_computed, 12);
+        assert!(s.markdown().contains("| 60.0% | 12 |"), "{}", s.markdown());
     }
 }
