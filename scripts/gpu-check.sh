@@ -23,6 +23,7 @@
 #                                  # against transformers f32 layer by layer, pdserve per precision
 #                                  # beside transformers bf16 (fails below it); enginebench per
 #                                  # precision (and the build before, BEFORE=pdserve.xz at prepare-model)
+#   scripts/gpu-check.sh prefix    # scripts/prefix-bench.sh on the 1B shape (prefix caching on/off)
 #   scripts/gpu-check.sh overload  # pdserve bench overload on the GPU (1B shape, nixl): 1x/2x/4x
 #                                  # of capacity, DURATION s each (env DURATION, BACKEND, SHED_TTFT_MS)
 #   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
@@ -437,6 +438,11 @@ case "${1:-}" in
   stage) stage_remote ;;
   smollm) smollm_remote ;;
   numerics) numerics_remote ;;
+  prefix)
+    # Prefix caching A/B on the 1B shape: shared prefixes of 2048 tokens, 4-turn chats.
+    gpu_env
+    BIN=/tmp/pdserve-gpu MODEL=/tmp/m1b SHARED=${SHARED:-8:2048} REQUESTS=${REQUESTS:-64} BACKEND=${BACKEND:-nixl} \
+      OUT=${OUT:-/tmp/gpu-out}/prefix UP_ARGS="--device cuda:0 --kv-cache-mib 8192" scripts/prefix-bench.sh ;;
   remote) remote ;;
   engine) engine_remote ;;
   warm) warm_remote ;;
@@ -458,5 +464,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
 esac
