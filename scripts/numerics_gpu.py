@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from real_prompts import PROMPTS, ids_of
+from real_prompts import PROMPTS, ids_of, lead
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
@@ -100,15 +100,6 @@ def pdserve_run(name, spec):
             sys.exit(f"{name}: generate failed: {g.stderr[-800:]}")
         out.append({"tokens": json.loads(g.stdout.strip().splitlines()[-1])["tokens"], "logits": None, "layers": None})
     return out
-
-
-def lead(x, y):
-    n = 0
-    for s, t in zip(x, y):
-        if s != t:
-            break
-        n += 1
-    return n
 
 
 def layer_err(xs, refs):

@@ -14,7 +14,7 @@ import argparse, json, os, signal, subprocess, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from real_prompts import PROMPTS, ids_of as _ids_of
+from real_prompts import PROMPTS, ids_of as _ids_of, lead
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--pdserve", required=True)
@@ -95,15 +95,6 @@ for b in a.backends.split(","):
     except subprocess.TimeoutExpired:
         up.kill()
     disagg[b] = rows
-
-
-def lead(x, y):
-    n = 0
-    for s, t in zip(x, y):
-        if s != t:
-            break
-        n += 1
-    return n
 
 
 def toks(r):

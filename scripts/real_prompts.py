@@ -36,3 +36,13 @@ def ids_of(tok, p):
         r = tok.apply_chat_template(p["chat"], add_generation_prompt=True, tokenize=True)
         return list(r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r)
     return tok(p["text"], add_special_tokens=False)["input_ids"]
+
+
+def lead(x, y):
+    """How many leading items of x and y are equal."""
+    n = 0
+    for s, t in zip(x, y):
+        if s != t:
+            break
+        n += 1
+    return n

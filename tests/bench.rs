@@ -293,3 +293,65 @@ fn kvbench_back_to_back_writes_are_all_confirmed_and_verified() {
         }
     }
 }
+
+/// `pdserve numerics` as `scripts/numerics_gpu.py` reads it: per prompt, the greedy
+/// tokens of the colocated run, the logits (vocabulary f32 values, the first token
+/// their argmax), and with `--layers` one f32 residual stream per layer over the prompt.
+#[test]
+fn numerics_dumps_what_the_reference_comparison_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = [vec![5u32, 9, 200, 31, 7], (0..40).map(|i| 3 + i * 11).collect()];
+    let file = dir.path().join("prompts.json");
+    std::fs::write(&file, serde_json::to_string(&prompts).unwrap()).unwrap();
+    let out_dir = dir.path().join("out");
+    let out = pdserve()
+        .args(["numerics", "--tokens", "6", "--layers", "--model"])
+        .arg(model())
+        .arg("--prompts")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = e2e::reference_engine();
+    let (layers, hidden, vocab) = (e.config().num_layers, e.config().hidden_size, e.config().vocab_size);
+    let summary: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.len(), prompts.len());
+    let f32s = |name: &str| -> Vec<f32> {
+        std::fs::read(out_dir.join(name))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    for (p, s) in prompts.iter().zip(&summary) {
+        let params = engine::SamplingParams {
+            max_tokens: 6,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let want = engine::generate_local(e, p, &params).unwrap().tokens;
+        let tokens: Vec<u32> = serde_json::from_value(s["tokens"].clone()).unwrap();
+        assert_eq!(tokens, want);
+        let logits = f32s(s["logits"].as_str().unwrap());
+        assert_eq!(logits.len(), vocab);
+        assert_eq!(engine::model::argmax(&logits), want[0]);
+        let (name, shape): (String, [usize; 3]) = serde_json::from_value(s["layers"].clone()).unwrap();
+        assert_eq!(shape, [layers, p.len(), hidden]);
+        assert_eq!(f32s(&name).len(), layers * p.len() * hidden);
+    }
+    // A prompt file that is not a list of token-id lists is refused with the reason.
+    std::fs::write(&file, "[\"text\"]").unwrap();
+    let out = pdserve()
+        .args(["numerics", "--model"])
+        .arg(model())
+        .arg("--prompts")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a JSON list of token-id lists"));
+}

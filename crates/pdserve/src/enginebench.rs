@@ -11,12 +11,43 @@ use serde::Serialize;
 
 use crate::units::parse_sizes;
 
+/// The engine as the in-process commands (`enginebench`, `numerics`) load it.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub struct EngineArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// `auto` (fused CUDA kernels where they serve) or `reference` (candle's ops).
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
+    /// `f32` (the fused path's residual stream and logits in f32) or `model`.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+}
+
+impl EngineArgs {
+    /// The engine config with these settings, `kernels` as given, and `kv_cache_mib`.
+    pub fn config(&self, kernels: &str, kv_cache_mib: u64) -> EngineConfig {
+        EngineConfig {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            kernels: kernels.into(),
+            precision: self.precision.clone(),
+            kv_cache_mib,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Prompt lengths for prefill, comma-separated.
     #[arg(long, default_value = "512,2048")]
     pub prefill: String,
@@ -31,15 +62,6 @@ pub struct Args {
     pub steps: usize,
     #[arg(long, default_value_t = 8192)]
     pub kv_cache_mib: u64,
-    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// `auto` (fused CUDA kernels where they serve) or `reference` (candle's ops).
-    #[arg(long, default_value = "auto")]
-    pub kernels: String,
-    /// `f32` (the fused path's residual stream and logits in f32) or `model`.
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
     /// Instead of timing: compare `--kernels`' logits with `reference` on the same
     /// device (prefill at block boundaries, a prefix continued, a mixed decode batch);
     /// exit 1 when a greedy token differs or the error exceeds --tolerance.
@@ -65,15 +87,7 @@ fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
 
 fn load(a: &Args, kernels: &str) -> anyhow::Result<Engine> {
     Ok(tokio::task::block_in_place(|| {
-        Engine::load(&EngineConfig {
-            model: a.model.clone(),
-            device: a.device.clone(),
-            dtype: a.dtype.clone(),
-            kv_cache_mib: a.kv_cache_mib,
-            kernels: kernels.into(),
-            precision: a.precision.clone(),
-            ..Default::default()
-        })
+        Engine::load(&a.engine.config(kernels, a.kv_cache_mib))
     })?)
 }
 
@@ -81,7 +95,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     if a.check {
         return check(&a);
     }
-    let e = load(&a, &a.kernels)?;
+    let e = load(&a, &a.engine.kernels)?;
     let vocab = e.config().vocab_size;
     let mut rows = Vec::new();
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
@@ -177,7 +191,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 
 /// `--check`: the engine under test against `reference` kernels, on one device.
 fn check(a: &Args) -> anyhow::Result<i32> {
-    let (test, refe) = (load(a, &a.kernels)?, load(a, "reference")?);
+    let (test, refe) = (load(a, &a.engine.kernels)?, load(a, "reference")?);
     let vocab = test.config().vocab_size;
     let bs = test.layout().block_size;
     let mut rows: Vec<(String, f32, bool)> = Vec::new();
@@ -256,6 +270,6 @@ fn check(a: &Args) -> anyhow::Result<i32> {
         ok &= *same && *err <= a.tolerance;
         println!("| {what} | {err:.2e} | {same} |");
     }
-    println!("\nkernels {} vs reference: {}", a.kernels, if ok { "PASS" } else { "FAIL" });
+    println!("\nkernels {} vs reference: {}", a.engine.kernels, if ok { "PASS" } else { "FAIL" });
     Ok(if ok { 0 } else { 1 })
 }

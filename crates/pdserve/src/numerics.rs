@@ -7,24 +7,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use engine::{Engine, EngineConfig, SamplingParams, generate_local};
+use engine::{Engine, SamplingParams, generate_local};
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// `auto` (fused CUDA kernels where they serve) or `reference` (candle's ops).
-    #[arg(long, default_value = "auto")]
-    pub kernels: String,
-    /// `f32` (residual stream and logits in f32 on the fused path) or `model`.
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
+    #[command(flatten)]
+    pub engine: crate::enginebench::EngineArgs,
     /// JSON file: a list of prompts, each a list of token ids.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -62,15 +51,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let prompts: Vec<Vec<u32>> = serde_json::from_str(&text).context("--prompts: a JSON list of token-id lists")?;
     std::fs::create_dir_all(&a.out)?;
     let entries = tokio::task::block_in_place(|| -> anyhow::Result<Vec<Entry>> {
-        let e = Engine::load(&EngineConfig {
-            model: a.model.clone(),
-            device: a.device.clone(),
-            dtype: a.dtype.clone(),
-            kernels: a.kernels.clone(),
-            precision: a.precision.clone(),
-            kv_cache_mib: a.kv_cache_mib,
-            ..Default::default()
-        })?;
+        let e = Engine::load(&a.engine.config(&a.engine.kernels, a.kv_cache_mib))?;
         let hidden = e.config().hidden_size;
         let params = SamplingParams {
             max_tokens: a.tokens,
