@@ -118,6 +118,7 @@ pub fn request(input: pb::generate_request::Input, p: &SamplingParams) -> pb::Ge
         request_id: String::new(),
         input: Some(input),
         sampling: Some(daemon::convert::sampling_to_wire(p)),
+        ..Default::default()
     }
 }
 

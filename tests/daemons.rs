@@ -191,6 +191,7 @@ async fn bad_input_is_refused_with_the_right_code() {
             request_id: String::new(),
             input: None,
             sampling: None,
+            cache_salt: String::new(),
         },
         Code::InvalidArgument,
         "no input",
@@ -849,10 +850,25 @@ async fn shared_prefixes_are_computed_once() {
         assert_eq!(got.cached_tokens, *cached, "case {i}: cached tokens");
         assert_eq!(got.prefill_server, dep.prefill[0], "case {i} went to the prefill-server");
     }
+    // A cache_salt keeps a prompt apart: nothing found under a new salt, its own blocks
+    // found again under the same one; a salt too long is refused.
+    let (ids, params, _) = &cases[0];
+    let salted = |salt: &str| pb::GenerateRequest {
+        cache_salt: salt.into(),
+        ..request(Input::TokenIds(pb::TokenIds { ids: ids.clone() }), params)
+    };
+    let want = engine::generate_local(reference_engine(), ids, params).unwrap().tokens;
+    for (salt, cached) in [("tenant-a", 0), ("tenant-b", 0), ("tenant-a", 48)] {
+        let (_, got) = stream(&mut c, salted(salt)).await.unwrap();
+        assert_eq!((got.token_ids.clone(), got.cached_tokens), (want.clone(), cached), "salt {salt}");
+    }
+    let err = stream(&mut c, salted(&"s".repeat(257))).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("cache_salt"), "{err:?}");
     let m = scrape(prefill_metrics);
-    let queries: usize = cases.iter().map(|(ids, ..)| ids.len()).sum();
+    let queries: usize = cases.iter().map(|(ids, ..)| ids.len()).sum::<usize>() + 3 * ids.len();
     assert_eq!(sample(&m, "pdserve_prefix_cache_queries_total", &[]), Some(queries as f64));
-    assert_eq!(sample(&m, "pdserve_prefix_cache_hits_total", &[]), Some(128.0));
+    assert_eq!(sample(&m, "pdserve_prefix_cache_hits_total", &[]), Some(128.0 + 48.0));
     assert!(sample(&m, "pdserve_kv_blocks_cached", &[]).unwrap_or(0.0) >= 3.0);
     assert_all_blocks_free(&dep.decode[0]).await;
     stop_cleanly(dep).await;

@@ -258,6 +258,7 @@ fn units_exec_start_with_shipped_configs_serves_a_request() {
                         temperature: Some(0.0),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 };
                 c.generate_once(req)
                     .await

@@ -290,6 +290,7 @@ fn prefill_request(h: &pb::HandshakeResponse, peer_name: &str) -> pb::PrefillReq
         notify_tag: 7,
         sampling: None,
         write_by_ms: 0,
+        cache_salt: String::new(),
     }
 }
 
@@ -453,6 +454,7 @@ async fn bad_requests_are_invalid_argument_at_every_entry_point() {
         request_id: "bad-1".into(),
         input: Some(input),
         sampling,
+        cache_salt: String::new(),
     };
     let cases: Vec<(&str, pb::GenerateRequest)> = vec![
         (

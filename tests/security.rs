@@ -119,6 +119,7 @@ fn request() -> pb::GenerateRequest {
             temperature: Some(0.0),
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

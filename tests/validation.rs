@@ -64,13 +64,19 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
         prop::collection::vec(prop_oneof![0u32..600, any::<u32>()], 0..80)
             .prop_map(|ids| Some(pb::generate_request::Input::TokenIds(pb::TokenIds { ids }))),
     ];
-    (prop_oneof![Just(String::new()), "[a-z0-9-]{1,20}", ".{0,200}"], input, sampling()).prop_map(|(request_id, input, sampling)| {
-        pb::GenerateRequest {
+    let salt = prop_oneof![Just(String::new()), ".{0,300}"];
+    (
+        prop_oneof![Just(String::new()), "[a-z0-9-]{1,20}", ".{0,200}"],
+        input,
+        sampling(),
+        salt,
+    )
+        .prop_map(|(request_id, input, sampling, cache_salt)| pb::GenerateRequest {
             request_id,
             input,
             sampling,
-        }
-    })
+            cache_salt,
+        })
 }
 
 fn allowed(code: Code) -> bool {

@@ -157,6 +157,7 @@ impl Limits {
 /// a blocking thread once its size passed; returns the prompt's tokens and sampling.
 pub async fn generate(engine: &Arc<Engine>, req: &pb::GenerateRequest, limits: Limits) -> Result<(Vec<u32>, SamplingParams), Status> {
     request_id(&req.request_id)?;
+    cache_salt(&req.cache_salt)?;
     let params = sampling(req.sampling.as_ref(), limits.max_tokens_limit)?;
     prompt_size(req.input.as_ref(), limits.max_prompt_bytes(), limits.max_prompt_tokens)?;
     let tokens = match &req.input {
@@ -192,9 +193,24 @@ pub async fn generate(engine: &Arc<Engine>, req: &pb::GenerateRequest, limits: L
 /// A prefill-server's `Prefill`: the id, the tokens and the sampling it carries.
 pub fn prefill(engine: &Engine, req: &pb::PrefillRequest, limits: Limits) -> Result<SamplingParams, Status> {
     request_id(&req.request_id)?;
+    cache_salt(&req.cache_salt)?;
     let params = sampling(req.sampling.as_ref(), limits.max_tokens_limit)?;
     prompt(engine, &req.token_ids, &params, limits)?;
     Ok(params)
+}
+
+/// Longest `cache_salt`, in bytes.
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
+
+/// A prefix-cache salt: any text up to [`MAX_CACHE_SALT_BYTES`].
+pub fn cache_salt(salt: &str) -> Result<(), Status> {
+    if salt.len() > MAX_CACHE_SALT_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "cache_salt is {} bytes; at most {MAX_CACHE_SALT_BYTES}",
+            salt.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Tokens against the limits and the model (vocabulary, sequence length).

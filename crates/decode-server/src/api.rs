@@ -51,7 +51,7 @@ impl pb::generation_server::Generation for DecodeApi {
         daemon::tasks::spawn(
             self.0
                 .clone()
-                .run(r.request_id.clone(), hint, prompt, params, tx, cancel)
+                .run(r.request_id.clone(), hint, (prompt, r.cache_salt.clone()), params, tx, cancel)
                 .instrument(span),
         );
         use tokio_stream::StreamExt;

@@ -88,7 +88,7 @@ impl DecodeService {
         self: Arc<Self>,
         id: String,
         hint: Option<String>,
-        prompt: Vec<u32>,
+        (prompt, cache_salt): (Vec<u32>, String),
         params: engine::SamplingParams,
         tx: mpsc::UnboundedSender<Event>,
         cancel: CancellationToken,
@@ -137,7 +137,15 @@ impl DecodeService {
             early = Some((job, sent));
         };
         let prefilled = self
-            .prefill(&id, hint.as_deref(), &prompt, &mut lease, &params, &mut on_first, &cancel)
+            .prefill(
+                &id,
+                hint.as_deref(),
+                (&prompt, &cache_salt),
+                &mut lease,
+                &params,
+                &mut on_first,
+                &cancel,
+            )
             .await;
         drop(waiting);
         match (prefilled, early) {

@@ -49,11 +49,12 @@ impl DecodeService {
     /// cache is in our pools. A retry after a failure that may still write gets fresh
     /// blocks, and the old ones are quarantined.
     #[allow(clippy::too_many_arguments)]
+    /// `(prompt, cache_salt)`: the tokens, and the request's prefix-cache salt.
     pub(crate) async fn prefill(
         &self,
         id: &str,
         hint: Option<&str>,
-        prompt: &[u32],
+        (prompt, cache_salt): (&[u32], &str),
         lease: &mut Lease,
         params: &engine::SamplingParams,
         on_first: &mut OnFirst<'_>,
@@ -102,7 +103,7 @@ impl DecodeService {
                 };
                 let session = conn.session.clone();
                 let result = self
-                    .remote_prefill(&peer, conn, id, prompt, lease, params, &mut first, cancel)
+                    .remote_prefill(&peer, conn, id, (prompt, cache_salt), lease, params, &mut first, cancel)
                     .await;
                 match result {
                     Ok(r) => return Ok(r),
@@ -165,7 +166,7 @@ impl DecodeService {
         peer: &PrefillPeer,
         conn: Conn,
         id: &str,
-        prompt: &[u32],
+        (prompt, cache_salt): (&[u32], &str),
         lease: &Lease,
         params: &engine::SamplingParams,
         on_first: &mut OnFirst<'_>,
@@ -193,6 +194,7 @@ impl DecodeService {
             notify_tag: tag,
             sampling: Some(convert::sampling_to_wire(params)),
             write_by_ms: deadline.as_millis() as u64,
+            cache_salt: cache_salt.to_string(),
         });
         req.set_timeout(deadline);
         // The deadline travels as grpc-timeout, but tonic's client does not enforce it.

@@ -238,13 +238,14 @@ impl Engine {
         self.blocks.lock().unwrap().commit_cached(seq, hashes);
     }
 
-    /// The prompt's full blocks' chained hashes; none with prefix caching off.
-    pub fn prompt_hashes(&self, prompt: &[u32]) -> Vec<crate::kv_cache::BlockHash> {
+    /// The prompt's full blocks' chained hashes, under `salt` (prompts find each
+    /// other's blocks only with equal salts); none with prefix caching off.
+    pub fn prompt_hashes(&self, prompt: &[u32], salt: &str) -> Vec<crate::kv_cache::BlockHash> {
         if !self.prefix_caching {
             return vec![];
         }
         let layout = self.layout();
-        crate::kv_cache::block_hashes(layout.model_fingerprint, prompt, layout.block_size)
+        crate::kv_cache::block_hashes(layout.model_fingerprint, salt, prompt, layout.block_size)
     }
 
     /// Blocks holding a cached prompt block (in use or idle).

@@ -234,10 +234,18 @@ pub fn block_runs(src: &[u32], dst: &[u32]) -> Vec<BlockRun> {
 /// request's KV; finding one costs ~2^128 evaluations.
 pub type BlockHash = [u8; 32];
 
-/// The chained hashes of the full blocks of `tokens` (a trailing partial block has none).
-pub fn block_hashes(fingerprint: u64, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+/// The chained hashes of the full blocks of `tokens` (a trailing partial block has
+/// none); a non-empty `salt` starts a chain of its own.
+pub fn block_hashes(fingerprint: u64, salt: &str, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
     let mut parent = [0u8; 32];
     parent[..8].copy_from_slice(&fingerprint.to_le_bytes());
+    if !salt.is_empty() {
+        let mut h = Sha256::new();
+        h.update(b"pdserve cache_salt");
+        h.update(parent);
+        h.update(salt.as_bytes());
+        parent = h.finalize().into();
+    }
     tokens
         .chunks_exact(block_size.max(1))
         .map(|block| {

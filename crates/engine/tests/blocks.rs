@@ -81,9 +81,12 @@ fn cached_prefixes_are_shared_reused_and_evicted_oldest_first() {
     let bs = 4;
     let mut m = BlockManager::new(8, bs);
     let a: Vec<u32> = (10..22).collect(); // 3 full blocks
-    let ha = block_hashes(1, &a, bs);
+    let ha = block_hashes(1, "", &a, bs);
     assert_eq!(ha.len(), 3);
-    assert_ne!(block_hashes(2, &a, bs), ha, "the model's fingerprint seeds the chain");
+    assert_ne!(block_hashes(2, "", &a, bs), ha, "the model's fingerprint seeds the chain");
+    let salted = block_hashes(1, "tenant-a", &a, bs);
+    assert!(salted.iter().all(|h| !ha.contains(h)), "a salt starts a chain of its own");
+    assert_ne!(block_hashes(1, "tenant-b", &a, bs), salted);
 
     let first = m.admit_cached(1, a.len(), &ha).unwrap();
     assert_eq!(first.cached_tokens, 0);
@@ -99,14 +102,14 @@ fn cached_prefixes_are_shared_reused_and_evicted_oldest_first() {
     // One token longer: all three found.
     let mut longer = a.clone();
     longer.push(99);
-    let hl = block_hashes(1, &longer, bs);
+    let hl = block_hashes(1, "", &longer, bs);
     let third = m.admit_cached(3, longer.len(), &hl).unwrap();
     assert_eq!(third.cached_tokens, 12);
     assert_eq!(third.blocks[..3], first.blocks[..3]);
     // A prompt that differs in its second block shares only the first.
     let mut fork = a.clone();
     fork[5] = 7;
-    let f = m.admit_cached(4, fork.len(), &block_hashes(1, &fork, bs)).unwrap();
+    let f = m.admit_cached(4, fork.len(), &block_hashes(1, "", &fork, bs)).unwrap();
     assert_eq!(f.cached_tokens, 4);
     for s in [2, 3, 4] {
         m.release(s);
@@ -115,12 +118,12 @@ fn cached_prefixes_are_shared_reused_and_evicted_oldest_first() {
 
     // Too big for what is free: refused, and the blocks it found are idle again.
     assert!(matches!(
-        m.admit_cached(5, 40, &block_hashes(1, &(0..40).collect::<Vec<_>>(), bs)),
+        m.admit_cached(5, 40, &block_hashes(1, "", &(0..40).collect::<Vec<_>>(), bs)),
         Err(EngineError::OutOfBlocks { .. })
     ));
     let b: Vec<u32> = (10..50).collect(); // a's three blocks, then 7 more of the 5 left
     assert!(matches!(
-        m.admit_cached(6, b.len(), &block_hashes(1, &b, bs)),
+        m.admit_cached(6, b.len(), &block_hashes(1, "", &b, bs)),
         Err(EngineError::OutOfBlocks { .. })
     ));
     assert_eq!((m.free_blocks(), m.cached_blocks(), m.sequences()), (8, 3, 0));
@@ -156,7 +159,7 @@ fn random_cached_admissions_leak_nothing() {
             let base = rng.random_range(0..4u32) * 1000;
             let len = rng.random_range(1..40);
             let prompt: Vec<u32> = (0..len).map(|i| base + if i < 20 { i } else { rng.random_range(0..50) }).collect();
-            let h = block_hashes(0, &prompt, bs);
+            let h = block_hashes(0, "", &prompt, bs);
             next += 1;
             match m.admit_cached(next, prompt.len(), &h) {
                 Ok(a) => {

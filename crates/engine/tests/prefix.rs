@@ -21,11 +21,11 @@ fn a_cached_prefix_computes_only_the_rest_with_the_same_logits() {
     let bs = e.layout().block_size;
     let base = common::prompt(3 * bs + 5, 4, 512);
     let s1 = e.next_sequence_id();
-    let first = e.admit_prompt(s1, base.len(), &e.prompt_hashes(&base)).unwrap();
+    let first = e.admit_prompt(s1, base.len(), &e.prompt_hashes(&base, "")).unwrap();
     assert_eq!(first.cached_tokens, 0, "a cold cache finds nothing");
     let greedy = SamplingParams::default();
     e.prefill_pick(&base, 0, &first.blocks, &greedy).unwrap();
-    e.commit_prompt(s1, &e.prompt_hashes(&base));
+    e.commit_prompt(s1, &e.prompt_hashes(&base, ""));
     e.release(s1);
     assert_eq!(e.cached_blocks(), 3);
 
@@ -33,7 +33,7 @@ fn a_cached_prefix_computes_only_the_rest_with_the_same_logits() {
         let mut p = base[..shared].to_vec();
         p.extend(common::prompt(7, 40 + i as u32, 512));
         let seq = e.next_sequence_id();
-        let a = e.admit_prompt(seq, p.len(), &e.prompt_hashes(&p)).unwrap();
+        let a = e.admit_prompt(seq, p.len(), &e.prompt_hashes(&p, "")).unwrap();
         assert_eq!(a.cached_tokens, shared / bs * bs, "whole blocks of the {shared} shared tokens");
         let cached = e.prefill(&p[a.cached_tokens..], a.cached_tokens, &a.blocks).unwrap();
         e.release(seq);
@@ -46,7 +46,12 @@ fn a_cached_prefix_computes_only_the_rest_with_the_same_logits() {
     }
     let other = common::prompt(3 * bs + 5, 99, 512);
     let seq = e.next_sequence_id();
-    assert_eq!(e.admit_prompt(seq, other.len(), &e.prompt_hashes(&other)).unwrap().cached_tokens, 0);
+    assert_eq!(
+        e.admit_prompt(seq, other.len(), &e.prompt_hashes(&other, ""))
+            .unwrap()
+            .cached_tokens,
+        0
+    );
     e.release(seq);
     let err = e.prefill_pick(&base, base.len(), &first.blocks, &greedy).unwrap_err().to_string();
     assert!(err.contains("prefill from position"), "{err}");
@@ -64,11 +69,11 @@ fn with_caching_off_nothing_is_found() {
     let p = common::prompt(40, 1, 512);
     for _ in 0..2 {
         let seq = e.next_sequence_id();
-        assert!(e.prompt_hashes(&p).is_empty());
-        let a = e.admit_prompt(seq, p.len(), &e.prompt_hashes(&p)).unwrap();
+        assert!(e.prompt_hashes(&p, "").is_empty());
+        let a = e.admit_prompt(seq, p.len(), &e.prompt_hashes(&p, "")).unwrap();
         assert_eq!(a.cached_tokens, 0);
         e.prefill(&p, 0, &a.blocks).unwrap();
-        e.commit_prompt(seq, &e.prompt_hashes(&p));
+        e.commit_prompt(seq, &e.prompt_hashes(&p, ""));
         e.release(seq);
     }
     assert_eq!(e.cached_blocks(), 0);

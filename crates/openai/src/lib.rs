@@ -248,6 +248,7 @@ impl<G: Generation> Api<G> {
             request_id: request_id.clone(),
             input: Some(input),
             sampling: Some(sampling),
+            cache_salt: common.cache_salt.clone(),
         };
         let mut stream = Box::pin(self.backend.generate(tonic::Request::new(req)).await?.into_inner());
         let id = format!("{}{request_id}", kind.id_prefix());

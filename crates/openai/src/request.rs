@@ -31,6 +31,9 @@ pub struct Common {
     pub ignore_eos: Option<bool>,
     /// Our own id for the request (else one is made); echoed as `x-request-id`.
     pub request_id: Option<String>,
+    /// vLLM's prefix-cache isolation: prompts share cached blocks only with equal salts.
+    #[serde(default)]
+    pub cache_salt: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -60,6 +60,10 @@ pub struct Args {
     pub stop: Vec<String>,
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Prefix-cache salt (with --router): cached prompt blocks are shared only between
+    /// requests with the same salt.
+    #[arg(long, default_value = "")]
+    pub cache_salt: String,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -155,6 +159,7 @@ async fn remote(a: &Args, url: &str) -> anyhow::Result<i32> {
         request_id: a.request_id.clone().unwrap_or_default(),
         input: Some(input),
         sampling: Some(daemon::convert::sampling_to_wire(&a.sampling())),
+        cache_salt: a.cache_salt.clone(),
     };
     let mut client = a.client.connect(url).await?;
     let mut stream = match client.generate(a.client.request(req)).await {

@@ -170,6 +170,7 @@ impl PrefillService {
     async fn compute(
         &self,
         tokens: &[u32],
+        cache_salt: &str,
         params: &SamplingParams,
         received: Instant,
         speculative: bool,
@@ -208,7 +209,7 @@ impl PrefillService {
                 .map_err(|_| Status::unavailable("shutting down"))?,
         };
         let seq = self.engine.next_sequence_id();
-        let hashes = self.engine.prompt_hashes(tokens);
+        let hashes = self.engine.prompt_hashes(tokens, cache_salt);
         let admitted = loop {
             let freed = self.freed.notified();
             match self.engine.admit_prompt(seq, tokens.len(), &hashes) {
@@ -267,11 +268,13 @@ impl PrefillService {
         };
         let svc = self.clone();
         let span = info_span!("early_prefill", request_id = %req.request_id);
-        let id = req.request_id;
+        let (id, salt) = (req.request_id, req.cache_salt);
         daemon::tasks::spawn(
             async move {
                 let generation = started.generation;
-                started.finish(svc.compute(&tokens, &params, received, true, None).await);
+                // The router's start of the same GenerateRequest: a Prefill that claims
+                // it carries the same salt.
+                started.finish(svc.compute(&tokens, &salt, &params, received, true, None).await);
                 tokio::time::sleep(svc.early.hold()).await;
                 if svc.early.expire(&id, generation) {
                     info!(hold_ms = svc.cfg.early_hold_ms, "early prefill not claimed: released");
@@ -346,7 +349,10 @@ impl PrefillService {
                 early::outcome("used");
                 c
             }
-            None => self.compute(&tokens, &params, received, false, Some(first)).await?,
+            None => {
+                self.compute(&tokens, &req.cache_salt, &params, received, false, Some(first))
+                    .await?
+            }
         };
         let mut msg = pb::PrefillResponse {
             first_token: local.first_token,

@@ -217,6 +217,7 @@ async fn grpc(
             ignore_eos: Some(true),
             ..Default::default()
         }),
+        ..Default::default()
     };
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut s = client.generate(shot.client_args.request(req)).await.map_err(status)?.into_inner();
