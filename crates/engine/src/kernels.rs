@@ -136,7 +136,6 @@ pub(crate) fn rope_kv(a: RopeKv<'_>) -> Result<Tensor> {
         // SAFETY: arguments match the kernel's signature; the model checked the slots
         // against the pools (KvPools::slots) and the positions against the RoPE table.
         unsafe { b.launch(grid(n * (h.q + 2 * h.kv) * h.dim / 2)) }.w()?;
-        drop((x, p, s, c, sn, kp, vp));
         Ok(wrap(out, dev, (n, h.q, h.dim)))
     }
     by_dtype!(a.qkv.dtype(), go(a))
@@ -158,7 +157,6 @@ pub(crate) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
         b.arg(&x).arg(&out).arg(&dims[0]).arg(&dims[1]);
         // SAFETY: arguments match the kernel's signature.
         unsafe { b.launch(grid(n * i)) }.w()?;
-        drop(x);
         Ok(wrap(out, dev, (n, i)))
     }
     by_dtype!(gu.dtype(), go(gu))
@@ -217,7 +215,6 @@ pub(crate) fn add_rms_norm(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32)
             // SAFETY: arguments match the kernel's signature (a null `d` skips the add);
             // one block per row, the shapes checked above.
             unsafe { b.launch(cfg) }.w()?;
-            drop((xv, wv, dv));
             let x_new = if d.is_some() { wrap(x_out, dev.clone(), (n, h)) } else { x.clone() };
             Ok((x_new, wrap(out, dev, (n, h))))
         }
@@ -387,7 +384,6 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
             // SAFETY: arguments match the kernel's signature; one warp per row.
             unsafe { b.launch(cfg) }.w()?;
         }
-        drop((qv, kp, vp, tb, sq, cx));
         Ok(wrap(out, dev, (n, h.q, h.dim)))
     }
     by_dtype!(q.dtype(), go(q, k_pool, v_pool, c, h))
@@ -395,7 +391,7 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
 
 /// Whether the fused path serves a model of these heads on this device.
 pub(crate) fn supported(device: &candle_core::Device, h: Heads) -> bool {
-    device.is_cuda() && h.kv > 0 && h.q % h.kv == 0 && HEAD_DIMS.contains(&h.dim) && h.q / h.kv <= MAX_WARPS
+    device.is_cuda() && h.kv > 0 && h.q.is_multiple_of(h.kv) && HEAD_DIMS.contains(&h.dim) && h.q / h.kv <= MAX_WARPS
 }
 
 /// The index of each row's largest value in `logits` `[rows, cols]` (f32), ties to the
@@ -421,6 +417,5 @@ pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     };
     // SAFETY: arguments match the kernel's signature; one block per row.
     unsafe { b.launch(cfg) }.w()?;
-    drop(x);
     Ok(dev.clone_dtoh(&out)?)
 }
