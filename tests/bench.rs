@@ -304,15 +304,20 @@ fn numerics_dumps_what_the_reference_comparison_reads() {
     let file = dir.path().join("prompts.json");
     std::fs::write(&file, serde_json::to_string(&prompts).unwrap()).unwrap();
     let out_dir = dir.path().join("out");
-    let out = pdserve()
-        .args(["numerics", "--tokens", "6", "--layers", "--model"])
-        .arg(model())
-        .arg("--prompts")
-        .arg(&file)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
+    let numerics = |extra: &[&str]| {
+        pdserve()
+            .arg("numerics")
+            .args(extra)
+            .arg("--model")
+            .arg(model())
+            .arg("--prompts")
+            .arg(&file)
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap()
+    };
+    let out = numerics(&["--tokens", "6", "--layers"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let e = e2e::reference_engine();
     let (layers, hidden, vocab) = (e.config().num_layers, e.config().hidden_size, e.config().vocab_size);
@@ -343,15 +348,7 @@ fn numerics_dumps_what_the_reference_comparison_reads() {
     }
     // A prompt file that is not a list of token-id lists is refused with the reason.
     std::fs::write(&file, "[\"text\"]").unwrap();
-    let out = pdserve()
-        .args(["numerics", "--model"])
-        .arg(model())
-        .arg("--prompts")
-        .arg(&file)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
+    let out = numerics(&[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("a JSON list of token-id lists"));
 }
