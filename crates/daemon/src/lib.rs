@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod convert;
+pub mod kv_events;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
@@ -47,6 +48,7 @@ where
         }
     }
     init_tracing();
+    let _ = CONFIG_PATH.set(path.clone());
     let cfg: C = match load_config(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -72,6 +74,13 @@ where
         }
     };
     kv_transfer::exit_now(code)
+}
+
+static CONFIG_PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// The config file [`main`] loaded (None: defaults and environment only), for a reload.
+pub fn config_path() -> Option<std::path::PathBuf> {
+    CONFIG_PATH.get().cloned().flatten()
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`). Colours only on a terminal:
@@ -177,6 +186,9 @@ pub const KV_MAY_LAND_MS: &str = "pdserve-kv-may-land-ms";
 /// both configs name it) that the router started the prompt on early, and that the
 /// decode-server should therefore ask first.
 pub const PREFILL_HINT: &str = "pdserve-prefill-server";
+/// The [`PREFILL_HINT`] that asks the decode-server to prefill the prompt itself (the
+/// router's conditional disaggregation), and the `prefill_server` such requests report.
+pub const LOCAL_PREFILL: &str = "local";
 
 /// The gRPC limits every daemon applies to incoming messages.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;

@@ -32,6 +32,9 @@ pub const KV_WRITES_ABANDONED: &str = "pdserve_kv_writes_abandoned_total";
 pub const PREFIX_QUERIES: &str = "pdserve_prefix_cache_queries_total";
 pub const PREFIX_HITS: &str = "pdserve_prefix_cache_hits_total";
 pub const BLOCKS_CACHED: &str = "pdserve_kv_blocks_cached";
+pub const ROUTER_INDEX_BLOCKS: &str = "pdserve_router_kv_index_blocks";
+pub const ROUTER_KV_HIT_RATE: &str = "pdserve_router_kv_hit_rate";
+pub const ROUTER_OVERLAP_BLOCKS: &str = "pdserve_router_overlap_blocks_total";
 
 const SECONDS: [f64; 20] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
@@ -90,6 +93,18 @@ fn describe() {
     describe_histogram!(KV_TIME, Unit::Seconds, "Duration of one request's KV write, by backend");
     describe_histogram!(KV_BANDWIDTH, "Bytes per second of one request's KV write, by backend");
     describe_gauge!(OUTSTANDING, "Requests in flight through the router");
+    describe_gauge!(
+        ROUTER_INDEX_BLOCKS,
+        "Cached KV blocks the router's index holds for each worker (its view of their prefix caches), by role and worker"
+    );
+    describe_gauge!(
+        ROUTER_KV_HIT_RATE,
+        "Share of routed prompt tokens cached on the chosen prefill-server, as the router's index saw it (kv_aware)"
+    );
+    describe_counter!(
+        ROUTER_OVERLAP_BLOCKS,
+        "Cached leading blocks of routed prompts on the chosen prefill-server, as the router's index saw them (kv_aware)"
+    );
     describe_counter!(
         REQUESTS_CANCELLED,
         "Requests whose client went away before they finished (their waits ended, their blocks freed)"

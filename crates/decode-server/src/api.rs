@@ -140,6 +140,8 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // KV-event streams never end on their own: they end when the drain begins.
+    let events_stop = tokio_util::sync::CancellationToken::new();
     let drain_started = Arc::new(tokio::sync::Notify::new());
     // The HTTP front stops accepting with the gRPC one.
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -152,8 +154,10 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         let drain_started = drain_started.clone();
         let reporter = reporter.clone();
         let http_stop = http_stop.clone();
+        let events_stop = events_stop.clone();
         daemon::tasks::spawn(async move {
             shutdown.await;
+            events_stop.cancel();
             draining.store(true, Ordering::Relaxed);
             reporter.set_not_serving::<Svc>().await;
             drain_started.notify_one();
@@ -162,15 +166,17 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         });
     }
     let api = pb::generation_server::GenerationServer::new(DecodeApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-    let (reflection, reflection_alpha) = daemon::reflection(&["pdserve.v1.Generation", "pdserve.v1.DecodeAdmin"]);
+    let (reflection, reflection_alpha) = daemon::reflection(&["pdserve.v1.Generation", "pdserve.v1.DecodeAdmin", "pdserve.v1.KvEvents"]);
+    let events = daemon::kv_events::KvEventsApi::new(svc.engine.clone(), events_stop);
     let server = server
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::decode_admin_server::DecodeAdminServer::new(DecodeApi(svc.clone())),
-            internal,
+            internal.clone(),
         ))
+        .add_service(events.service(internal))
         .add_service(tonic::service::interceptor::InterceptedService::new(api, token))
         .serve_with_incoming_shutdown(daemon::incoming(listener), async {
             let _ = stop_rx.await;

@@ -40,7 +40,7 @@ const WRITE_MARGIN: Duration = Duration::from_secs(1);
 const MAX_MAY_LAND: Duration = Duration::from_secs(120);
 
 /// `prefill_server` of requests prefilled by the decode-server itself.
-pub(crate) const LOCAL: &str = "local";
+pub(crate) const LOCAL: &str = daemon::LOCAL_PREFILL;
 
 impl DecodeService {
     /// Prefill on a prefill-server (retrying once on another, unless the first token
@@ -60,7 +60,9 @@ impl DecodeService {
         on_first: &mut OnFirst<'_>,
         cancel: &CancellationToken,
     ) -> Result<pb::PrefillResponse, PrefillFailed> {
-        let local = self.peers.is_empty() || prompt.len() < self.cfg.local_prefill_below;
+        // Here: no prefill-server, a short prompt, or the router's conditional
+        // disaggregation found the prompt's uncached part short.
+        let local = self.peers.is_empty() || prompt.len() < self.cfg.local_prefill_below || hint == Some(LOCAL);
         if !local {
             let mut last = PrefillFailed::from(Status::unavailable("no prefill-server is reachable"));
             let mut tried: Vec<String> = Vec::new();

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{BlockManager, KvLayout, KvPools, dtype_name};
+use crate::kv_cache::{BlockHash, BlockManager, KvEvent, KvLayout, KvPools, dtype_name};
 use crate::loader::ModelDir;
 use crate::model::{DecodeInput, Model};
 use crate::sampling::{SamplingParams, sample};
@@ -88,13 +88,20 @@ pub struct Engine {
     model: Model,
     pools: Arc<KvPools>,
     blocks: Mutex<BlockManager>,
-    tokenizer: tokenizers::Tokenizer,
-    /// The model's chat template, if it ships one.
-    chat: Option<crate::chat::ChatTemplate>,
+    /// The model's tokenizer and chat template.
+    prompter: prompt::Prompter,
     max_len: usize,
     next_seq: AtomicU64,
     prefix_caching: bool,
+    /// KV events of the prefix cache, for the workers' event streams.
+    kv_events: tokio::sync::broadcast::Sender<KvEventBatch>,
 }
+
+/// KV events made under one lock of the block manager, each with its number.
+pub type KvEventBatch = Arc<[(u64, KvEvent)]>;
+
+/// Batches of KV events a slow subscriber may fall behind before it lagged.
+pub const KV_EVENT_BACKLOG: usize = 4096;
 
 impl Engine {
     pub fn load(cfg: &EngineConfig) -> Result<Engine> {
@@ -108,9 +115,7 @@ impl Engine {
             "f16" => DType::F16,
             other => return Err(EngineError::Invalid(format!("dtype {other:?} is not auto, f32, bf16 or f16"))),
         };
-        let tokenizer = tokenizers::Tokenizer::from_file(&dir.tokenizer)
-            .map_err(|e| EngineError::model(&dir.tokenizer, format!("not a tokenizer: {e}")))?;
-        let chat = crate::chat::ChatTemplate::load(&dir.root)?;
+        let prompter = prompt::Prompter::load(&dir.root)?;
         let model = Model::load(&dir, dtype, &device, &cfg.kernels, &cfg.precision)?;
         let c = &model.cfg;
         let block_size = cfg.block_size.max(1);
@@ -141,9 +146,15 @@ impl Engine {
         Ok(Engine {
             model,
             pools,
-            blocks: Mutex::new(BlockManager::new(num_blocks, block_size)),
-            tokenizer,
-            chat,
+            blocks: Mutex::new({
+                let mut b = BlockManager::new(num_blocks, block_size);
+                if cfg.prefix_caching {
+                    b.record_events();
+                }
+                b
+            }),
+            kv_events: tokio::sync::broadcast::channel(KV_EVENT_BACKLOG).0,
+            prompter,
             max_len,
             next_seq: AtomicU64::new(1),
             prefix_caching: cfg.prefix_caching,
@@ -167,29 +178,17 @@ impl Engine {
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.prompter.tokenize(text)?)
     }
 
     /// A conversation's prompt: the model's chat template with the assistant's turn
     /// opened, tokenized without adding special tokens (the template writes them).
-    pub fn chat_prompt(&self, messages: &[crate::chat::ChatMessage]) -> Result<Vec<u32>> {
-        let t = self.chat.as_ref().ok_or_else(|| {
-            EngineError::Invalid("this model has no chat template (tokenizer_config.json): send text or token_ids".into())
-        })?;
-        let text = t.render(messages)?;
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+    pub fn chat_prompt(&self, messages: &[prompt::ChatMessage]) -> Result<Vec<u32>> {
+        Ok(self.prompter.chat_prompt(messages)?)
     }
 
     pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        Ok(self.prompter.detokenize(ids)?)
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
@@ -221,7 +220,7 @@ impl Engine {
 
     /// Reserves blocks for `tokens` positions; returns the block table.
     pub fn admit(&self, seq: u64, tokens: usize) -> Result<Vec<u32>> {
-        Ok(self.blocks.lock().unwrap().admit(seq, tokens)?.to_vec())
+        self.with_blocks(|b| Ok(b.admit(seq, tokens)?.to_vec()))
     }
 
     /// Admits a prompt of `len` tokens with its [`Engine::prompt_hashes`] for prefill:
@@ -229,13 +228,13 @@ impl Engine {
     /// rest must be computed, from `cached_tokens` on (never earlier: the shared blocks
     /// may be in use by other requests).
     pub fn admit_prompt(&self, seq: u64, len: usize, hashes: &[crate::kv_cache::BlockHash]) -> Result<crate::kv_cache::Admitted> {
-        self.blocks.lock().unwrap().admit_cached(seq, len, hashes)
+        self.with_blocks(|b| b.admit_cached(seq, len, hashes))
     }
 
     /// Offers a prefilled prompt's full blocks to the prefix cache (after its K/V is
     /// computed: a block must never be found before it holds its tokens' K/V).
     pub fn commit_prompt(&self, seq: u64, hashes: &[crate::kv_cache::BlockHash]) {
-        self.blocks.lock().unwrap().commit_cached(seq, hashes);
+        self.with_blocks(|b| b.commit_cached(seq, hashes));
     }
 
     /// The prompt's full blocks' chained hashes, under `salt` (prompts find each
@@ -246,6 +245,34 @@ impl Engine {
         }
         let layout = self.layout();
         crate::kv_cache::block_hashes(layout.model_fingerprint, salt, prompt, layout.block_size)
+    }
+
+    /// Runs `f` on the block manager and publishes the KV events it made, in order
+    /// (under the lock: the numbers subscribers see follow the events' order).
+    fn with_blocks<R>(&self, f: impl FnOnce(&mut BlockManager) -> R) -> R {
+        let mut b = self.blocks.lock().unwrap();
+        let r = f(&mut b);
+        let events = b.take_events();
+        if !events.is_empty() {
+            // No subscriber is no error: the events are for whoever listens now.
+            let _ = self.kv_events.send(events.into());
+        }
+        r
+    }
+
+    /// The prefix cache as it is now (the last event's number and every cached block's
+    /// hash) and a receiver of every event after it: what a KV-event stream starts
+    /// from. A receiver that falls more than [`KV_EVENT_BACKLOG`] batches behind is
+    /// told it lagged (it must start again from a new snapshot).
+    pub fn subscribe_kv_events(&self) -> (u64, Vec<BlockHash>, tokio::sync::broadcast::Receiver<KvEventBatch>) {
+        let b = self.blocks.lock().unwrap();
+        let (seq, hashes) = b.cache_snapshot();
+        (seq, hashes, self.kv_events.subscribe())
+    }
+
+    /// Whether this engine keeps a prefix cache (and so publishes KV events).
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
     }
 
     /// Blocks holding a cached prompt block (in use or idle).

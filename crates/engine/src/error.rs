@@ -30,3 +30,13 @@ impl EngineError {
         }
     }
 }
+
+impl From<prompt::PromptError> for EngineError {
+    fn from(e: prompt::PromptError) -> Self {
+        match e {
+            prompt::PromptError::Model { path, problem } => EngineError::Model { path, problem },
+            prompt::PromptError::Invalid(m) => EngineError::Invalid(m),
+            prompt::PromptError::Tokenizer(m) => EngineError::Tokenizer(m),
+        }
+    }
+}

@@ -10,7 +10,7 @@
 //! leading blocks takes them instead of computing them again.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use sha2::{Digest, Sha256};
+pub use prompt::{BlockHash, block_hashes};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -228,36 +228,15 @@ pub fn block_runs(src: &[u32], dst: &[u32]) -> Vec<BlockRun> {
     runs
 }
 
-/// A full block's identity for prefix caching: SHA-256 over the previous block's hash
-/// (for the first block, the model's fingerprint) and this block's token ids, all 256
-/// bits kept. A cryptographic hash because a collision would hand one request another
-/// request's KV; finding one costs ~2^128 evaluations.
-pub type BlockHash = [u8; 32];
-
-/// The chained hashes of the full blocks of `tokens` (a trailing partial block has
-/// none); a non-empty `salt` starts a chain of its own.
-pub fn block_hashes(fingerprint: u64, salt: &str, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
-    let mut parent = [0u8; 32];
-    parent[..8].copy_from_slice(&fingerprint.to_le_bytes());
-    if !salt.is_empty() {
-        let mut h = Sha256::new();
-        h.update(b"pdserve cache_salt");
-        h.update(parent);
-        h.update(salt.as_bytes());
-        parent = h.finalize().into();
-    }
-    tokens
-        .chunks_exact(block_size.max(1))
-        .map(|block| {
-            let mut h = Sha256::new();
-            h.update(parent);
-            for t in block {
-                h.update(t.to_le_bytes());
-            }
-            parent = h.finalize().into();
-            parent
-        })
-        .collect()
+/// A change to what a prefix cache can hand out, as its worker publishes it (KV events):
+/// the router's index follows these to know where each prompt's blocks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Blocks now findable by these hashes; `parent` is the hash before the first of
+    /// them in its prompt's chain (None: the chain's first block).
+    Stored { parent: Option<BlockHash>, hashes: Vec<BlockHash> },
+    /// Blocks evicted: no longer findable.
+    Removed { hashes: Vec<BlockHash> },
 }
 
 /// Free list, reference counts, per-sequence block tables, and the prefix cache.
@@ -275,6 +254,10 @@ pub struct BlockManager {
     idle: BTreeMap<u64, u32>,
     idle_since: Vec<u64>,
     clock: u64,
+    /// KV events not yet taken ([`BlockManager::take_events`]), numbered from 1 in the
+    /// order they happened; recorded only once [`BlockManager::record_events`] is called.
+    journal: Option<Vec<(u64, KvEvent)>>,
+    event_seq: u64,
 }
 
 /// What a prompt found in the prefix cache at admission.
@@ -297,6 +280,31 @@ impl BlockManager {
             idle: BTreeMap::new(),
             idle_since: vec![0; num_blocks],
             clock: 0,
+            journal: None,
+            event_seq: 0,
+        }
+    }
+
+    /// From now on, keep a journal of KV events for [`BlockManager::take_events`].
+    pub fn record_events(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The events since the last call, each with its sequence number.
+    pub fn take_events(&mut self) -> Vec<(u64, KvEvent)> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The sequence number of the last event, and every hash findable now: what a
+    /// subscriber starts from before it follows the events after that number.
+    pub fn cache_snapshot(&self) -> (u64, Vec<BlockHash>) {
+        (self.event_seq, self.by_hash.keys().copied().collect())
+    }
+
+    fn publish(&mut self, event: KvEvent) {
+        if let Some(j) = &mut self.journal {
+            self.event_seq += 1;
+            j.push((self.event_seq, event));
         }
     }
 
@@ -335,12 +343,17 @@ impl BlockManager {
         for id in &ids {
             self.free.remove(id);
         }
+        let mut evicted = Vec::new();
         while ids.len() < n {
             let (_, id) = self.idle.pop_first().expect("counted above");
             if let Some(h) = self.hash_of[id as usize].take() {
                 self.by_hash.remove(&h);
+                evicted.push(h);
             }
             ids.push(id);
+        }
+        if !evicted.is_empty() {
+            self.publish(KvEvent::Removed { hashes: evicted });
         }
         for id in &ids {
             self.refs[*id as usize] = 1;
@@ -411,11 +424,19 @@ impl BlockManager {
     /// keeps its block.
     pub fn commit_cached(&mut self, seq: u64, hashes: &[BlockHash]) {
         let Some(table) = self.tables.get(&seq) else { return };
-        for (&b, &h) in table.iter().zip(hashes) {
+        let (mut parent, mut stored) = (None, Vec::new());
+        for (i, (&b, &h)) in table.iter().zip(hashes).enumerate() {
             if self.hash_of[b as usize].is_none() && !self.by_hash.contains_key(&h) {
                 self.hash_of[b as usize] = Some(h);
                 self.by_hash.insert(h, b);
+                if stored.is_empty() && i > 0 {
+                    parent = Some(hashes[i - 1]);
+                }
+                stored.push(h);
             }
+        }
+        if !stored.is_empty() {
+            self.publish(KvEvent::Stored { parent, hashes: stored });
         }
     }
 

@@ -7,7 +7,6 @@
 //! - [`kv_cache::KvPools::regions`] is what the data plane registers, and
 //!   [`kv_cache::block_runs`] turns block tables into few, large transfer runs;
 //! - [`generate::generate_local`] is the single-process reference.
-pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -21,12 +20,12 @@ pub mod model;
 pub mod sampling;
 pub mod synth;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use prompt::{ChatMessage, ChatTemplate};
 pub use config::{Arch, ModelConfig};
-pub use engine::{Engine, EngineConfig, Pick, parse_device};
+pub use engine::{Engine, EngineConfig, KV_EVENT_BACKLOG, KvEventBatch, Pick, parse_device};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, TextStream, generate_local};
-pub use kv_cache::{Admitted, BlockManager, BlockRun, KvLayout, KvPools, PoolRegion, block_runs};
+pub use kv_cache::{Admitted, BlockHash, BlockManager, BlockRun, KvEvent, KvLayout, KvPools, PoolRegion, block_hashes, block_runs};
 pub use loader::ModelDir;
 pub use model::DecodeInput;
 pub use sampling::{MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, sample};

@@ -83,10 +83,15 @@ pub struct Args {
     /// Deadline of one KV write (and notification wait) in every daemon, ms.
     #[arg(long, default_value_t = 30_000)]
     pub transfer_deadline_ms: u64,
-    /// The router does not start prompts on the prefill-servers early (its
-    /// `prefill_servers` stays empty): each decode-server asks one itself.
+    /// The router does not start prompts on the prefill-servers early: each
+    /// decode-server asks one itself (the router's choice under `--routing kv_aware`,
+    /// its own round-robin otherwise).
     #[arg(long)]
     pub no_early_prefill: bool,
+    /// How the router picks workers: `round_robin`, `least_outstanding`, or `kv_aware`
+    /// (the prefill-server holding most of the prompt's KV blocks, against its load).
+    #[arg(long, default_value = "round_robin", value_parser = ["round_robin", "least_outstanding", "kv_aware"])]
+    pub routing: String,
     /// Where configs, logs and the synthetic model go (default: a temporary folder).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
@@ -292,7 +297,16 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         None => format!("127.0.0.1:{}", free_port()?),
     };
     let ds = decode.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
-    let early = if a.no_early_prefill { "" } else { peers.as_str() };
+    // kv_aware needs the prefill-servers named even without early starts (it names
+    // its choice to the decode-server); the other policies leave that to it.
+    let kv_aware = a.routing == "kv_aware";
+    let early = if a.no_early_prefill && !kv_aware { "" } else { peers.as_str() };
+    let routing = format!(
+        "policy = \"{}\"\nearly_prefill = {}\n{}",
+        a.routing,
+        !a.no_early_prefill,
+        if kv_aware { format!("model = {}\n", toml_str(&model.display().to_string())) } else { String::new() }
+    );
     let http_addr = match &a.http_addr {
         Some(h) => h.clone(),
         None => format!("127.0.0.1:{}", free_port()?),
@@ -305,7 +319,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         "router",
         "router",
         format!(
-            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\nshed_ttft_ms = {}\n",
+            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\nshed_ttft_ms = {}\n{routing}",
             toml_str(&model_name),
             metrics(0),
             a.shed_ttft_ms

@@ -576,13 +576,20 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
     info!("prefill-server ready");
     daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
     let prefill = pb::prefill_server::PrefillServer::new(PrefillApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
-    let (reflection, reflection_alpha) = daemon::reflection(&["pdserve.v1.Prefill"]);
+    let (reflection, reflection_alpha) = daemon::reflection(&["pdserve.v1.Prefill", "pdserve.v1.KvEvents"]);
+    // KV-event streams never end on their own: they end when the shutdown begins.
+    let events_stop = tokio_util::sync::CancellationToken::new();
+    let events = daemon::kv_events::KvEventsApi::new(svc.engine.clone(), events_stop.clone());
     server
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(tonic::service::interceptor::InterceptedService::new(prefill, internal))
-        .serve_with_incoming_shutdown(daemon::incoming(listener), shutdown)
+        .add_service(tonic::service::interceptor::InterceptedService::new(prefill, internal.clone()))
+        .add_service(events.service(internal))
+        .serve_with_incoming_shutdown(daemon::incoming(listener), async move {
+            shutdown.await;
+            events_stop.cancel();
+        })
         .await?;
     daemon::drain_tasks("prefill-server").await;
     svc.agent.shutdown();

@@ -1,16 +1,21 @@
 //! The router: a thin front for clients. It keeps the decode-servers' health (gRPC
-//! health checks), picks one per request (round-robin or least outstanding requests,
-//! by config), and forwards the stream. No model, no tokenizer.
+//! health checks), picks one per request (round-robin, least outstanding requests, or
+//! KV-aware, by config), and forwards the stream. No model weights: with `kv_aware` it
+//! loads the model's tokenizer to find each prompt's cached blocks ([`kv_aware`]).
 //!
 //! With `prefill_servers` set, it also sends each request to one of them
-//! (`EarlyPrefill`, round-robin over the healthy ones) as it forwards it, and tells the
-//! decode-server which one: the prompt is being computed while the decode-server
-//! reserves its blocks, so the first token skips the decode-server's hop.
+//! (`EarlyPrefill`; round-robin over the healthy ones, or the one holding most of the
+//! prompt under `kv_aware`) as it forwards it, and tells the decode-server which one:
+//! the prompt is being computed while the decode-server reserves its blocks, so the
+//! first token skips the decode-server's hop.
+pub mod index;
+pub mod kv_aware;
 pub mod shed;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use daemon::config::Validate;
@@ -30,6 +35,8 @@ use tracing::{debug, error, info, warn};
 pub enum Policy {
     RoundRobin,
     LeastOutstanding,
+    /// By the prompt's cached prefix on each worker, against their load ([`kv_aware`]).
+    KvAware,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,8 +61,29 @@ pub struct RouterConfig {
     /// Prefill-servers to start prompts on early, named exactly as in the
     /// decode-servers' `prefill_servers` (empty: the decode-servers pick alone).
     pub prefill_servers: Vec<String>,
-    /// `round_robin` or `least_outstanding`.
+    /// Start each prompt on its prefill-server as the request is forwarded
+    /// (`EarlyPrefill`); false: only name it to the decode-server, which asks it.
+    pub early_prefill: bool,
+    /// `round_robin`, `least_outstanding` or `kv_aware`; switchable at run time (SIGHUP
+    /// reloads the config file).
     pub policy: Policy,
+    /// The model directory whose tokenizer and chat template `kv_aware` tokenizes text
+    /// and chat prompts with (empty: only token-id prompts are placed by their prefix).
+    pub model: PathBuf,
+    /// `kv_aware`: how much a cached prompt token counts against one the chosen
+    /// prefill-server still has to compute for earlier requests (1: equal; higher
+    /// favours cache hits over spreading load).
+    pub overlap_weight: f64,
+    /// `kv_aware`: prompts whose part not cached on the chosen decode-server is shorter
+    /// than this many tokens are prefilled by that decode-server alone (0: never).
+    pub local_prefill_below: usize,
+    /// How often each worker's KV-event stream sends its load when nothing changed.
+    pub kv_events_heartbeat_ms: u64,
+    /// A worker silent this long counts as cold (holding nothing) until it resubscribes.
+    pub kv_events_timeout_ms: u64,
+    /// Most (block, worker) entries the KV index holds per role; blocks past it are not
+    /// indexed (their prompts route as if uncached). ~80 bytes each.
+    pub kv_index_max_blocks: usize,
     /// How often each decode-server's health is checked.
     pub health_interval_ms: u64,
     /// Deadline for connecting to a decode-server, and for each health check.
@@ -84,7 +112,14 @@ impl Default for RouterConfig {
             internal_token: String::new(),
             decode_servers: vec!["http://127.0.0.1:50051".into()],
             prefill_servers: vec![],
+            early_prefill: true,
             policy: Policy::RoundRobin,
+            model: PathBuf::new(),
+            overlap_weight: 1.0,
+            local_prefill_below: 0,
+            kv_events_heartbeat_ms: 1_000,
+            kv_events_timeout_ms: 5_000,
+            kv_index_max_blocks: 1 << 20,
             health_interval_ms: 500,
             connect_timeout_ms: 2_000,
             max_inflight: 1024,
@@ -108,6 +143,22 @@ impl Validate for RouterConfig {
         if self.health_interval_ms == 0 || self.connect_timeout_ms == 0 || self.max_inflight == 0 {
             return Err("health_interval_ms, connect_timeout_ms and max_inflight must be positive".into());
         }
+        if !(self.overlap_weight.is_finite() && self.overlap_weight >= 0.0) {
+            return Err(format!("overlap_weight {} must be a number >= 0", self.overlap_weight));
+        }
+        let beat = daemon::kv_events::HEARTBEAT_MS;
+        if !(u64::from(*beat.start())..=u64::from(*beat.end())).contains(&self.kv_events_heartbeat_ms) {
+            return Err(format!("kv_events_heartbeat_ms must be within {}..={}", beat.start(), beat.end()));
+        }
+        if self.kv_events_timeout_ms <= self.kv_events_heartbeat_ms {
+            return Err("kv_events_timeout_ms must be longer than kv_events_heartbeat_ms".into());
+        }
+        if self.decode_servers.len() > index::MAX_WORKERS || self.prefill_servers.len() > index::MAX_WORKERS {
+            return Err(format!("at most {} decode_servers and {} prefill_servers", index::MAX_WORKERS, index::MAX_WORKERS));
+        }
+        if !self.model.as_os_str().is_empty() && !self.model.join("tokenizer.json").is_file() {
+            return Err(format!("model: {} has no tokenizer.json", self.model.display()));
+        }
         Ok(())
     }
 }
@@ -121,10 +172,35 @@ struct Backend {
     outstanding: AtomicUsize,
 }
 
+/// What a config reload may change while the router serves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tuning {
+    pub policy: Policy,
+    pub overlap_weight: f64,
+    pub local_prefill_below: usize,
+}
+
+impl Tuning {
+    fn of(cfg: &RouterConfig) -> Tuning {
+        Tuning {
+            policy: cfg.policy,
+            overlap_weight: cfg.overlap_weight,
+            local_prefill_below: cfg.local_prefill_below,
+        }
+    }
+}
+
 pub struct Router {
     backends: Vec<Arc<Backend>>,
     prefill: Vec<Arc<Backend>>,
-    policy: Policy,
+    tuning: RwLock<Tuning>,
+    /// The workers' caches as their KV events tell (followed from the first time
+    /// `kv_aware` is in force), and what this router sent each.
+    kv: Arc<kv_aware::KvState>,
+    kv_following: std::sync::Once,
+    kv_hits: AtomicU64,
+    kv_prompt_tokens: AtomicU64,
+    cfg: RouterConfig,
     rr: AtomicUsize,
     prefill_rr: AtomicUsize,
     timeout: Duration,
@@ -154,8 +230,37 @@ impl Drop for InFlight {
     }
 }
 
+/// Where `kv_aware` found a request's prompt cached.
+struct Plan {
+    lookup: kv_aware::Lookup,
+}
+
+/// Prompt tokens a prefill-server has yet to compute for a routed request: its load
+/// under `kv_aware`, from routing until the first token (or the request's end).
+struct Pending(Option<(Arc<kv_aware::KvState>, usize, usize)>);
+
+impl Pending {
+    fn add(kv: &Arc<kv_aware::KvState>, prefill: usize, tokens: usize) -> Pending {
+        kv.prefill_pending[prefill].fetch_add(tokens, Ordering::Relaxed);
+        Pending(Some((kv.clone(), prefill, tokens)))
+    }
+
+    fn done(&mut self) {
+        if let Some((kv, i, n)) = self.0.take() {
+            kv.prefill_pending[i].fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
 /// What a routed request holds until its answer ends.
 struct Held {
+    pending: Pending,
     outstanding: Outstanding,
     _inflight: InFlight,
     /// Its wait for the first token (for load shedding), ended by the first message.
@@ -174,6 +279,10 @@ impl Drop for Outstanding {
 impl Router {
     pub fn new(cfg: &RouterConfig) -> anyhow::Result<Arc<Router>> {
         let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+        let prompter = match cfg.model.as_os_str().is_empty() {
+            true => None,
+            false => Some(Arc::new(prompt::Prompter::load(&cfg.model)?)),
+        };
         let connect = |urls: &[String], service: &'static str| {
             urls.iter()
                 .map(|u| {
@@ -193,7 +302,17 @@ impl Router {
             prefill: connect(&cfg.prefill_servers, "pdserve.v1.Prefill")?,
             token: daemon::auth::BearerToken::new(&cfg.auth_token),
             internal_token: cfg.internal_token.clone(),
-            policy: cfg.policy,
+            tuning: RwLock::new(Tuning::of(cfg)),
+            kv: Arc::new(kv_aware::KvState::new(
+                cfg.prefill_servers.len(),
+                cfg.decode_servers.len(),
+                cfg.kv_index_max_blocks,
+                prompter,
+            )),
+            kv_following: std::sync::Once::new(),
+            kv_hits: AtomicU64::new(0),
+            kv_prompt_tokens: AtomicU64::new(0),
+            cfg: cfg.clone(),
             rr: AtomicUsize::new(0),
             prefill_rr: AtomicUsize::new(0),
             timeout,
@@ -208,18 +327,113 @@ impl Router {
         self.backends.iter().any(|b| b.healthy.load(Ordering::Relaxed))
     }
 
-    /// Healthy backends in the order to try them.
-    fn candidates(&self) -> Vec<Arc<Backend>> {
-        let n = self.backends.len();
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut v: Vec<Arc<Backend>> = (0..n)
-            .map(|i| self.backends[(start + i) % n].clone())
-            .filter(|b| b.healthy.load(Ordering::Relaxed))
-            .collect();
-        if self.policy == Policy::LeastOutstanding {
-            v.sort_by_key(|b| b.outstanding.load(Ordering::Relaxed));
+    pub fn tuning(&self) -> Tuning {
+        *self.tuning.read().unwrap()
+    }
+
+    /// Applies a reloaded config: the run-time keys ([`Tuning`]) take effect for the
+    /// next request; a change to any other key is logged and ignored (it needs a restart).
+    pub fn reload(self: &Arc<Self>, cfg: &RouterConfig) {
+        let mut rest = cfg.clone();
+        (rest.policy, rest.overlap_weight, rest.local_prefill_below) =
+            (self.cfg.policy, self.cfg.overlap_weight, self.cfg.local_prefill_below);
+        if serde_json::to_value(&rest).ok() != serde_json::to_value(&self.cfg).ok() {
+            warn!("config reload: only policy, overlap_weight and local_prefill_below change at run time; restart for the other keys");
+        }
+        let new = Tuning::of(cfg);
+        let old = std::mem::replace(&mut *self.tuning.write().unwrap(), new);
+        if new.policy == Policy::KvAware {
+            self.follow_kv_events();
+        }
+        info!(?old, ?new, "config reloaded");
+    }
+
+    /// Starts following every worker's KV events, once (from the first time `kv_aware`
+    /// is in force: other policies need no index).
+    fn follow_kv_events(self: &Arc<Self>) {
+        self.kv_following.call_once(|| {
+            let heartbeat = Duration::from_millis(self.cfg.kv_events_heartbeat_ms);
+            let timeout = Duration::from_millis(self.cfg.kv_events_timeout_ms);
+            for (role, list) in [(kv_aware::Role::Prefill, &self.prefill), (kv_aware::Role::Decode, &self.backends)] {
+                for (worker, b) in list.iter().enumerate() {
+                    let client = pb::kv_events_client::KvEventsClient::with_interceptor(
+                        b.channel.clone(),
+                        daemon::auth::Attach(daemon::auth::BearerToken::new(&self.internal_token)),
+                    )
+                    .max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+                    let health = b.clone();
+                    kv_aware::Subscriber {
+                        state: self.kv.clone(),
+                        role,
+                        worker,
+                        url: b.url.clone(),
+                        client,
+                        heartbeat,
+                        timeout,
+                        connect_timeout: self.timeout,
+                        healthy: Arc::new(move || health.healthy.load(Ordering::Relaxed)),
+                    }
+                    .spawn();
+                }
+            }
+        });
+    }
+
+    /// Reloads the config file on SIGHUP ([`Router::reload`]); a file that no longer
+    /// loads is logged and changes nothing.
+    fn spawn_reloads(self: &Arc<Self>) {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP: no config reloads");
+            return;
+        };
+        let router = self.clone();
+        // For the process's life: not tracked (a drain would wait for it in vain).
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match daemon::load_config::<RouterConfig>(daemon::config_path().as_deref()) {
+                    Ok(cfg) => router.reload(&cfg),
+                    Err(e) => error!("config reload refused, nothing changed: {e}"),
+                }
+            }
+        });
+    }
+
+    /// The router's view of each worker's prefix cache: (role, url, blocks indexed).
+    pub fn kv_view(&self) -> Vec<(kv_aware::Role, String, usize)> {
+        let mut v = Vec::new();
+        for (role, list) in [(kv_aware::Role::Prefill, &self.prefill), (kv_aware::Role::Decode, &self.backends)] {
+            for (b, n) in list.iter().zip(self.kv.indexed_blocks(role)) {
+                v.push((role, b.url.clone(), n));
+            }
         }
         v
+    }
+
+    /// Healthy decode-servers in the order to try them: round-robin; by outstanding
+    /// requests; or, with `kv_aware` and the prompt placed, those with room for it
+    /// first (by their last reported free blocks), then fewest outstanding, longest
+    /// cached prefix, most free blocks.
+    fn candidates(&self, policy: Policy, plan: Option<&Plan>, need_blocks: usize) -> Vec<Arc<Backend>> {
+        let n = self.backends.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut v: Vec<(usize, Arc<Backend>)> = (0..n)
+            .map(|i| ((start + i) % n, self.backends[(start + i) % n].clone()))
+            .filter(|(_, b)| b.healthy.load(Ordering::Relaxed))
+            .collect();
+        match (policy, plan) {
+            (Policy::RoundRobin, _) => {}
+            (Policy::KvAware, Some(p)) => v.sort_by_key(|(i, b)| {
+                let free = self.kv.decode_free[*i].load(Ordering::Relaxed) as usize;
+                (
+                    free < need_blocks,
+                    b.outstanding.load(Ordering::Relaxed),
+                    std::cmp::Reverse(p.lookup.decode_cached[*i]),
+                    std::cmp::Reverse(free),
+                )
+            }),
+            _ => v.sort_by_key(|(_, b)| b.outstanding.load(Ordering::Relaxed)),
+        }
+        v.into_iter().map(|(_, b)| b).collect()
     }
 
     /// Every decode-server not in `tried`, in configured order.
@@ -227,14 +441,30 @@ impl Router {
         self.backends.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(b, t))).cloned()
     }
 
-    /// Starts `req` on the next healthy prefill-server (in the background, with the
-    /// connect timeout as its deadline); returns that server's URL.
-    fn start_early(&self, req: &pb::GenerateRequest) -> Option<String> {
+    /// The prefill-server for a request: the next healthy one round-robin, or with a
+    /// placed prompt under `kv_aware` the one with the least work before its first
+    /// token: tokens it still computes for earlier requests, plus this prompt's,
+    /// less `overlap_weight` x the prompt's tokens it holds (ties: round-robin).
+    fn pick_prefill(&self, plan: Option<&Plan>, weight: f64) -> Option<usize> {
         let n = self.prefill.len();
         let start = self.prefill_rr.fetch_add(1, Ordering::Relaxed);
-        let b = (0..n)
-            .map(|i| &self.prefill[(start + i) % n])
-            .find(|b| b.healthy.load(Ordering::Relaxed))?;
+        let healthy = (0..n).map(|i| (start + i) % n).filter(|&i| self.prefill[i].healthy.load(Ordering::Relaxed));
+        match plan {
+            None => healthy.into_iter().next(),
+            Some(p) => healthy.min_by(|&a, &b| {
+                let cost = |i: usize| {
+                    let pending = self.kv.prefill_pending[i].load(Ordering::Relaxed) as f64;
+                    pending + p.lookup.prompt_tokens as f64 - weight * p.lookup.prefill_cached[i] as f64
+                };
+                cost(a).total_cmp(&cost(b))
+            }),
+        }
+    }
+
+    /// Starts `req` on prefill-server `i` (in the background, with the connect timeout
+    /// as its deadline).
+    fn start_early(&self, req: &pb::GenerateRequest, i: usize) {
+        let b = &self.prefill[i];
         let mut client = daemon::auth::prefill_client(b.channel.clone(), &self.internal_token);
         let (req, timeout, url, id) = (req.clone(), self.timeout, b.url.clone(), req.request_id.clone());
         daemon::tasks::spawn(async move {
@@ -248,7 +478,26 @@ impl Router {
                 Err(_) => debug!(request_id = %id, prefill = %url, "early prefill timed out"),
             }
         });
-        Some(b.url.clone())
+    }
+
+    /// Where `kv_aware` places a request: its prompt looked up in both indexes (None
+    /// when the router cannot tokenize it: it routes by load alone).
+    async fn plan(&self, req: &pb::GenerateRequest) -> Option<Plan> {
+        let tokens = self.kv.tokens(req).await?;
+        Some(Plan {
+            lookup: self.kv.lookup(&tokens, &req.cache_salt),
+        })
+    }
+
+    /// Counts a routed prompt's cache hit on its prefill-server in the router's metrics.
+    fn count_hit(&self, plan: &Plan, prefill: usize) {
+        let (cached, blocks) = (plan.lookup.prefill_cached[prefill], plan.lookup.prefill_cached_blocks[prefill]);
+        let hits = self.kv_hits.fetch_add(cached as u64, Ordering::Relaxed) + cached as u64;
+        let total = self.kv_prompt_tokens.fetch_add(plan.lookup.prompt_tokens as u64, Ordering::Relaxed) + plan.lookup.prompt_tokens as u64;
+        metrics::counter!(daemon::metrics::ROUTER_OVERLAP_BLOCKS).increment(blocks as u64);
+        if total > 0 {
+            metrics::gauge!(daemon::metrics::ROUTER_KV_HIT_RATE).set(hits as f64 / total as f64);
+        }
     }
 
     fn spawn_health_checks(self: &Arc<Self>, interval: Duration, timeout: Duration) {
@@ -329,18 +578,63 @@ impl RouterApi {
             daemon::metrics::request_done(Err(s.code()));
             return Err(s);
         };
-        let candidates = self.0.candidates();
+        let tuning = self.0.tuning();
+        let plan = match tuning.policy {
+            Policy::KvAware => self.0.plan(&req).await,
+            _ => None,
+        };
+        let need_blocks = plan.as_ref().map_or(0, |p| {
+            let max_tokens = req.sampling.as_ref().map_or(0, |s| s.max_tokens.unwrap_or(0) as usize);
+            (p.lookup.prompt_tokens + max_tokens).div_ceil(p.lookup.decode_block_size.max(1))
+        });
+        let candidates = self.0.candidates(tuning.policy, plan.as_ref(), need_blocks);
+        // Conditional disaggregation: a prompt whose part not cached on the chosen
+        // decode-server is short is prefilled there, saving the transfer.
+        let local = match (&plan, candidates.first()) {
+            (Some(p), Some(first)) if tuning.local_prefill_below > 0 => {
+                let d = self.0.backends.iter().position(|b| Arc::ptr_eq(b, first)).expect("a candidate is a backend");
+                p.lookup.prompt_tokens.saturating_sub(p.lookup.decode_cached[d]) < tuning.local_prefill_below
+            }
+            _ => false,
+        };
+        let prefill = match candidates.first() {
+            Some(_) if !local => self.0.pick_prefill(plan.as_ref(), tuning.overlap_weight),
+            _ => None,
+        };
+        let mut pending = Pending(None);
+        if let (Some(p), Some(i)) = (&plan, prefill) {
+            self.0.count_hit(p, i);
+            pending = Pending::add(&self.0.kv, i, p.lookup.prompt_tokens.saturating_sub(p.lookup.prefill_cached[i]));
+            info!(
+                request_id = %req.request_id,
+                prefill = %self.0.prefill[i].url,
+                prompt_tokens = p.lookup.prompt_tokens,
+                cached_tokens = p.lookup.prefill_cached[i],
+                "kv_aware: prefill-server chosen"
+            );
+        }
         // No decode-server to take it: nothing to start early either; nor when the
         // first choice is busy (its blocks would come after the early start's hold).
-        let early = match candidates.first() {
-            None => None,
-            Some(b) if !self.0.prefill.is_empty() && b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding => {
+        let early = match (candidates.first(), prefill) {
+            (Some(b), Some(_)) if b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding => {
                 metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => "skipped_busy").increment(1);
-                None
+                false
             }
-            Some(_) => self.0.start_early(&req),
+            (Some(_), Some(i)) if self.0.cfg.early_prefill => {
+                self.0.start_early(&req, i);
+                true
+            }
+            _ => false,
         };
-        if early.is_some() {
+        // The decode-server's prefill-server: the one started early, or under kv_aware
+        // the one chosen (or `local`) even when nothing was started early.
+        let hint = match (early, prefill) {
+            _ if local => Some(daemon::LOCAL_PREFILL.to_string()),
+            (true, Some(i)) => Some(self.0.prefill[i].url.clone()),
+            (false, Some(i)) if plan.is_some() || !self.0.cfg.early_prefill => Some(self.0.prefill[i].url.clone()),
+            _ => None,
+        };
+        if early {
             // The early call's task sits in this worker's next-task slot: let it send
             // its request before ours, since the prefill-server's compute is the
             // first token's critical path.
@@ -360,7 +654,7 @@ impl RouterApi {
             let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
             let mut request = Request::new(req.clone());
             self.0.token.attach(&mut request);
-            if let Some(url) = early.as_deref().and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
+            if let Some(url) = hint.as_deref().and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
                 request.metadata_mut().insert(daemon::PREFILL_HINT, url);
             }
             match call(client, request).await {
@@ -369,6 +663,7 @@ impl RouterApi {
                     return Ok((
                         resp.into_inner(),
                         Held {
+                            pending,
                             outstanding: guard,
                             _inflight: inflight,
                             waiting,
@@ -414,6 +709,7 @@ impl pb::generation_server::Generation for RouterApi {
             let guard = &mut guard;
             if item.is_ok() {
                 guard.waiting.first_token();
+                guard.pending.done();
             }
             // A decode-server that dies mid-answer, or whose link fails, breaks the
             // connection: the transport reports UNKNOWN or INTERNAL ("h2 protocol
@@ -468,6 +764,10 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
         Duration::from_millis(cfg.health_interval_ms),
         Duration::from_millis(cfg.connect_timeout_ms),
     );
+    if cfg.policy == Policy::KvAware {
+        router.follow_kv_events();
+    }
+    router.spawn_reloads();
     let (reporter, health) = tonic_health::server::health_reporter();
     type Svc = pb::generation_server::GenerationServer<RouterApi>;
     reporter.set_not_serving::<Svc>().await;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::error::{EngineError, Result};
+use crate::{PromptError, Result};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -42,7 +42,7 @@ impl ChatTemplate {
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(None);
         };
-        let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::model(&path, format!("not JSON: {e}")))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| PromptError::model(&path, format!("not JSON: {e}")))?;
         let source = match cfg.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             // A list of named templates: the default one.
@@ -51,12 +51,12 @@ impl ChatTemplate {
                 .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
                 .and_then(|t| t.get("template")?.as_str())
                 .map(str::to_string)
-                .ok_or_else(|| EngineError::model(&path, "chat_template list has no \"default\" template"))?,
+                .ok_or_else(|| PromptError::model(&path, "chat_template list has no \"default\" template"))?,
             _ => return Ok(None),
         };
         Self::new(&source, special(cfg.get("bos_token")), special(cfg.get("eos_token")))
             .map(Some)
-            .map_err(|e| EngineError::model(&path, e.to_string()))
+            .map_err(|e| PromptError::model(&path, e.to_string()))
     }
 
     pub fn new(source: &str, bos_token: String, eos_token: String) -> Result<ChatTemplate> {
@@ -69,7 +69,7 @@ impl ChatTemplate {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| EngineError::Invalid(format!("chat template does not parse: {e}")))?;
+            .map_err(|e| PromptError::Invalid(format!("chat template does not parse: {e}")))?;
         Ok(ChatTemplate { env, bos_token, eos_token })
     }
 
@@ -84,10 +84,10 @@ impl ChatTemplate {
             eos_token => &self.eos_token,
         })
         // A template's raise_exception (say, roles out of order) is the caller's error.
-        .map_err(|e| EngineError::Invalid(format!("chat template: {e}")))
+        .map_err(|e| PromptError::Invalid(format!("chat template: {e}")))
         .and_then(|text| {
             if text.len() > MAX_RENDERED_BYTES {
-                return Err(EngineError::Invalid(format!(
+                return Err(PromptError::Invalid(format!(
                     "the chat template rendered {} bytes (at most {MAX_RENDERED_BYTES})",
                     text.len()
                 )));
@@ -134,7 +134,7 @@ mod tests {
         .unwrap();
         assert_eq!(t.render(&[msg("user", "  x  ")]).unwrap(), "<s>x");
         let e = t.render(&[msg("assistant", "x")]).unwrap_err();
-        assert!(matches!(e, EngineError::Invalid(m) if m.contains("first must be user")));
+        assert!(matches!(e, PromptError::Invalid(m) if m.contains("first must be user")));
         assert!(ChatTemplate::new("{% for %}", String::new(), String::new()).is_err());
     }
 }

@@ -1,0 +1,192 @@
+//! A worker's KV events (`KvEvents.SubscribeKvEvents`), served the same way by
+//! prefill-servers and decode-servers: a snapshot of the prefix cache, then its changes
+//! in order, with the worker's load on every message. The router's KV-aware routing
+//! follows them.
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::{Engine, KvEvent};
+use proto::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Hashes in one snapshot message: 4096 x 34 bytes on the wire, far below the message cap.
+pub const SNAPSHOT_CHUNK: usize = 4096;
+/// The range a subscriber may ask for its heartbeat.
+pub const HEARTBEAT_MS: std::ops::RangeInclusive<u32> = 100..=60_000;
+const DEFAULT_HEARTBEAT_MS: u32 = 1_000;
+
+#[derive(Clone)]
+pub struct KvEventsApi {
+    engine: Arc<Engine>,
+    /// Ends every stream: the daemon is stopping (a graceful shutdown would otherwise
+    /// wait for streams that never end).
+    stop: CancellationToken,
+}
+
+impl KvEventsApi {
+    pub fn new(engine: Arc<Engine>, stop: CancellationToken) -> KvEventsApi {
+        KvEventsApi { engine, stop }
+    }
+
+    /// The service, behind the internal credentials' check.
+    pub fn service(
+        self,
+        auth: crate::auth::InternalAuth,
+    ) -> tonic::service::interceptor::InterceptedService<pb::kv_events_server::KvEventsServer<KvEventsApi>, crate::auth::InternalAuth> {
+        tonic::service::interceptor::InterceptedService::new(pb::kv_events_server::KvEventsServer::new(self), auth)
+    }
+}
+
+fn load(e: &Engine) -> pb::KvLoad {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    pb::KvLoad {
+        free_blocks: n(e.free_blocks()),
+        total_blocks: n(e.total_blocks()),
+        cached_blocks: n(e.cached_blocks()),
+        sequences: n(e.sequences()),
+    }
+}
+
+/// The messages of one snapshot taken at `seq`.
+fn snapshot(e: &Engine, seq: u64, hashes: &[engine::BlockHash]) -> Vec<pb::KvEventsMessage> {
+    let layout = e.layout();
+    let parts: Vec<&[engine::BlockHash]> = if hashes.is_empty() {
+        vec![&[]]
+    } else {
+        hashes.chunks(SNAPSHOT_CHUNK).collect()
+    };
+    let last = parts.len() - 1;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| pb::KvEventsMessage {
+            seq,
+            kind: Some(pb::kv_events_message::Kind::Snapshot(pb::KvSnapshot {
+                first: i == 0,
+                last: i == last,
+                hashes: part.iter().map(|h| h.to_vec()).collect(),
+                model_fingerprint: layout.model_fingerprint,
+                block_size: layout.block_size as u32,
+            })),
+            load: (i == last).then(|| load(e)),
+        })
+        .collect()
+}
+
+/// An event's messages: one, or several of the same number when it names more than
+/// [`SNAPSHOT_CHUNK`] hashes (a subscriber caps what one message may carry).
+fn event(seq: u64, ev: &KvEvent, e: &Engine) -> Vec<pb::KvEventsMessage> {
+    use pb::kv_events_message::Kind;
+    let wire = |hs: &[engine::BlockHash]| hs.iter().map(|h| h.to_vec()).collect::<Vec<_>>();
+    let kinds: Vec<Kind> = match ev {
+        KvEvent::Stored { parent, hashes } => {
+            // A later part's parent is the hash before it.
+            let mut parent = parent.map(|p| p.to_vec()).unwrap_or_default();
+            hashes
+                .chunks(SNAPSHOT_CHUNK)
+                .map(|part| {
+                    Kind::Stored(pb::KvStored {
+                        parent: std::mem::replace(&mut parent, part[part.len() - 1].to_vec()),
+                        hashes: wire(part),
+                    })
+                })
+                .collect()
+        }
+        KvEvent::Removed { hashes } => hashes
+            .chunks(SNAPSHOT_CHUNK)
+            .map(|part| Kind::Removed(pb::KvRemoved { hashes: wire(part) }))
+            .collect(),
+    };
+    let load = load(e);
+    kinds
+        .into_iter()
+        .map(|kind| pb::KvEventsMessage {
+            seq,
+            kind: Some(kind),
+            load: Some(load),
+        })
+        .collect()
+}
+
+type Stream = ReceiverStream<Result<pb::KvEventsMessage, Status>>;
+
+#[tonic::async_trait]
+impl pb::kv_events_server::KvEvents for KvEventsApi {
+    type SubscribeKvEventsStream = Stream;
+
+    async fn subscribe_kv_events(&self, req: Request<pb::SubscribeKvEventsRequest>) -> Result<Response<Stream>, Status> {
+        let heartbeat = match req.into_inner().heartbeat_ms {
+            0 => DEFAULT_HEARTBEAT_MS,
+            ms if HEARTBEAT_MS.contains(&ms) => ms,
+            ms => {
+                return Err(Status::invalid_argument(format!(
+                    "heartbeat_ms {ms} is outside {}..={}",
+                    HEARTBEAT_MS.start(),
+                    HEARTBEAT_MS.end()
+                )));
+            }
+        };
+        let heartbeat = Duration::from_millis(heartbeat.into());
+        // A few messages of slack: a subscriber that stops reading holds the task at
+        // `send` (bounded memory); one that goes away ends it.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (engine, stop) = (self.engine.clone(), self.stop.clone());
+        // Not tracked: the stream lives as long as its subscriber, and ends at `stop`.
+        tokio::spawn(async move {
+            let send = |m: pb::KvEventsMessage| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(m)).await.is_ok() }
+            };
+            'fresh: loop {
+                let (mut seq, hashes, mut events) = engine.subscribe_kv_events();
+                for m in snapshot(&engine, seq, &hashes) {
+                    if !send(m).await {
+                        return;
+                    }
+                }
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tx.closed() => return,
+                        r = tokio::time::timeout(heartbeat, events.recv()) => r,
+                    };
+                    match next {
+                        Ok(Ok(batch)) => {
+                            for (n, ev) in batch.iter() {
+                                // Numbers at or below the snapshot's are in it already.
+                                if *n <= seq {
+                                    continue;
+                                }
+                                seq = *n;
+                                for m in event(seq, ev, &engine) {
+                                    if !send(m).await {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Err(RecvError::Lagged(_))) => {
+                            tracing::warn!("a KV-event subscriber fell behind; sending it a new snapshot");
+                            continue 'fresh;
+                        }
+                        Ok(Err(RecvError::Closed)) => return,
+                        Err(_) => {
+                            let beat = pb::KvEventsMessage {
+                                seq,
+                                kind: Some(pb::kv_events_message::Kind::Heartbeat(pb::KvHeartbeat {})),
+                                load: Some(load(&engine)),
+                            };
+                            if !send(beat).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
