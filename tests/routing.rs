@@ -1,0 +1,242 @@
+//! KV-aware routing with real daemons: the router follows every worker's KV events,
+//! sends each conversation's next turn to the prefill-server holding its history, and
+//! its view of the workers' caches follows their evictions and restarts.
+use std::time::Duration;
+
+use e2e::workload::until;
+use e2e::*;
+use engine::SamplingParams;
+use kv_transfer::BackendKind;
+use proto::v1 as pb;
+use proto::v1::generate_request::Input;
+
+/// The deployment's metrics ports: the router's, each decode-server's, each prefill-server's.
+struct Ports {
+    router: u16,
+    prefill: Vec<u16>,
+}
+
+async fn deploy_kv_aware(prefill: usize, decode: usize, kv_cache_mib: u64) -> (pdserve::up::Deployment, tempfile::TempDir, Ports) {
+    deploy_routed("kv_aware", prefill, decode, kv_cache_mib).await
+}
+
+async fn deploy_routed(routing: &str, prefill: usize, decode: usize, kv_cache_mib: u64) -> (pdserve::up::Deployment, tempfile::TempDir, Ports) {
+    let port = free_port_run(1 + (prefill + decode) as u16);
+    let (dep, work) = deploy_args(pdserve::up::Args {
+        metrics_port: Some(port),
+        routing: routing.into(),
+        ..args(BackendKind::Tcp, prefill, decode, kv_cache_mib)
+    })
+    .await;
+    let ports = Ports {
+        router: port,
+        prefill: (0..prefill).map(|i| port + 1 + (decode + i) as u16).collect(),
+    };
+    (dep, work, ports)
+}
+
+/// The router's view of prefill-server `url`'s cache, and the server's own count.
+fn views(ports: &Ports, dep: &pdserve::up::Deployment, i: usize) -> (Option<f64>, Option<f64>) {
+    let url = format!("worker=\"{}\"", dep.prefill[i]);
+    let router = sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]);
+    let worker = sample(&scrape(ports.prefill[i]), "pdserve_kv_blocks_cached", &[]);
+    (router, worker)
+}
+
+/// Waits until the router's index holds exactly what each prefill-server caches.
+async fn views_agree(ports: &Ports, dep: &pdserve::up::Deployment, what: &str) {
+    until(what, Duration::from_secs(10), || async {
+        (0..dep.prefill.len()).all(|i| {
+            let (r, w) = views(ports, dep, i);
+            r.is_some() && r == w.or(Some(0.0))
+        })
+    })
+    .await;
+}
+
+fn ids(tokens: &[u32]) -> Input {
+    Input::TokenIds(pb::TokenIds { ids: tokens.to_vec() })
+}
+
+/// Four conversations of four turns, interleaved (turn 1 of each, then turn 2 of each,
+/// ...), each turn its history, the answer it got and a new question. Every turn after
+/// the first goes to the prefill-server of the conversation's first turn and finds its
+/// whole history's full blocks cached; tokens equal the colocated run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_turn_goes_where_its_conversation_lives() {
+    let (dep, _work, ports) = deploy_kv_aware(2, 2, 64).await;
+    let mut c = client(&dep.router).await;
+    let params = SamplingParams {
+        max_tokens: 6,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut history: Vec<Vec<u32>> = (0..4u32).map(|c| (0..40).map(|j| 3 + (j * 13 + c * 101) % 480).collect()).collect();
+    let mut home: Vec<Option<String>> = vec![None; 4];
+    let bs = 16;
+    views_agree(&ports, &dep, "the router follows every prefill-server").await;
+    for turn in 0..4u32 {
+        for conv in 0..4 {
+            let prompt = history[conv].clone();
+            let want = engine::generate_local(reference_engine(), &prompt, &params).unwrap().tokens;
+            let (_, r) = stream(&mut c, request(ids(&prompt), &params)).await.unwrap();
+            assert_eq!(r.token_ids, want, "conversation {conv} turn {turn}: tokens differ from the colocated run");
+            match &home[conv] {
+                None => home[conv] = Some(r.prefill_server.clone()),
+                Some(h) => {
+                    assert_eq!(&r.prefill_server, h, "conversation {conv} turn {turn} left its prefill-server");
+                    // The last turn's prompt, in whole blocks, was cached there.
+                    let last_len = prompt.len() - 6 - 9;
+                    assert_eq!(r.cached_tokens as usize, last_len / bs * bs, "conversation {conv} turn {turn}: cached tokens");
+                }
+            }
+            history[conv].extend(&r.token_ids);
+            history[conv].extend((0..9).map(|j| 3 + (j * 7 + turn * 31 + conv as u32) % 480));
+            views_agree(&ports, &dep, "the router's index equals the prefill-servers' caches").await;
+        }
+    }
+    // The first turns spread over both prefill-servers (no overlap anywhere: by load).
+    home.sort();
+    home.dedup();
+    assert_eq!(home.len(), 2, "{home:?}");
+    let m = scrape(ports.router);
+    let hit = sample(&m, "pdserve_router_kv_hit_rate", &[]).unwrap();
+    assert!(hit > 0.5 && hit < 1.0, "router hit rate {hit}");
+    assert!(sample(&m, "pdserve_router_overlap_blocks_total", &[]).unwrap() >= 12.0 * 3.0);
+    for d in &dep.decode {
+        assert_all_blocks_free(d).await;
+    }
+    stop_cleanly(dep).await;
+}
+
+/// Prefill-servers with 128 blocks each: distinct prompts evict each other, and the
+/// router's index follows (equal to each server's cached blocks). One prefill-server
+/// killed: it counts as cold at once, the other serves everything; restarted, it is
+/// followed again from its (empty) snapshot, and what it caches then is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_view_follows_evictions_and_restarts() {
+    let (mut dep, work, ports) = deploy_kv_aware(2, 1, 1).await;
+    let mut c = client(&dep.router).await;
+    let params = SamplingParams {
+        max_tokens: 2,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let prompt = |i: u32| -> Vec<u32> { (0..160).map(|j| 3 + (j * 29 + i * 53) % 480).collect() };
+    views_agree(&ports, &dep, "the router follows every prefill-server").await;
+    // 40 prompts of 10 blocks: 400 blocks over two pools of 128, so both evict.
+    for i in 0..40 {
+        let want = engine::generate_local(reference_engine(), &prompt(i), &params).unwrap().tokens;
+        let (_, r) = stream(&mut c, request(ids(&prompt(i)), &params)).await.unwrap();
+        assert_eq!(r.token_ids, want, "prompt {i}");
+    }
+    views_agree(&ports, &dep, "the router's index equals the caches after evictions").await;
+    let evicted = (0..2).map(|i| views(&ports, &dep, i).1.unwrap_or(0.0)).sum::<f64>();
+    assert!(evicted < 400.0, "nothing was evicted ({evicted} blocks cached)");
+
+    // The last prompt again: it goes where it is cached.
+    let (_, again) = stream(&mut c, request(ids(&prompt(39)), &params)).await.unwrap();
+    assert_eq!(again.cached_tokens, 144);
+    let victim = dep.prefill.iter().position(|p| *p == again.prefill_server).unwrap();
+    let survivor = 1 - victim;
+    let name = format!("prefill-{victim}");
+    let child = dep.child_mut(&name).unwrap();
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: killing our own child process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = child.wait().await;
+    until("the killed prefill-server counts as cold", Duration::from_secs(10), || async {
+        let url = format!("worker=\"{}\"", dep.prefill[victim]);
+        sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]) == Some(0.0)
+    })
+    .await;
+    // Its prompt still answers exactly, computed on the other one.
+    let want = engine::generate_local(reference_engine(), &prompt(39), &params).unwrap().tokens;
+    let (_, r) = stream(&mut c, request(ids(&prompt(39)), &params)).await.unwrap();
+    assert_eq!((r.token_ids.clone(), r.prefill_server.clone()), (want.clone(), dep.prefill[survivor].clone()));
+
+    let _restarted = tokio::process::Command::new(pdserve::up::binary("prefill-server").unwrap())
+        .arg("--config")
+        .arg(work.path().join(format!("{name}.toml")))
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    until("the restarted prefill-server is followed again", Duration::from_secs(30), || async {
+        let url = format!("worker=\"{}\"", dep.prefill[victim]);
+        std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok()
+            && sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]) == Some(0.0)
+    })
+    .await;
+    until("the decode-server uses the restarted prefill-server again", Duration::from_secs(30), || async {
+        stats(&dep.decode[0]).await.healthy_prefill_servers == 2
+    })
+    .await;
+    // New prompts land on both again (the restarted one is the less loaded for
+    // uncached prompts half the time), and the views agree.
+    let mut served = std::collections::HashSet::new();
+    for i in 100..108 {
+        let (_, r) = stream(&mut c, request(ids(&prompt(i)), &params)).await.unwrap();
+        served.insert(r.prefill_server);
+    }
+    assert!(served.contains(&dep.prefill[victim]), "the restarted prefill-server took no request: {served:?}");
+    views_agree(&ports, &dep, "the router's index equals the caches after the restart").await;
+    stop_cleanly_except(dep, &name).await;
+}
+
+/// The policy switched at run time: a router started round-robin keeps no index; its
+/// config file edited to `kv_aware` and SIGHUP sent, it follows the workers and keeps
+/// a conversation on one prefill-server. A reload with a bad value changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_switches_the_policy() {
+    let (mut dep, work, ports) = deploy_routed("round_robin", 2, 1, 64).await;
+    let mut c = client(&dep.router).await;
+    let params = SamplingParams {
+        max_tokens: 3,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let conversation = |turn: usize| -> Vec<u32> { (0..40 + 20 * turn as u32).map(|j| 3 + (j * 17) % 480).collect() };
+    let mut servers = Vec::new();
+    for turn in 0..4 {
+        servers.push(stream(&mut c, request(ids(&conversation(turn)), &params)).await.unwrap().1.prefill_server);
+    }
+    assert_ne!(servers[0], servers[1], "round-robin alternates");
+    assert_eq!(sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &[]), None);
+    let path = work.path().join("router.toml");
+    let hup = |dep: &mut pdserve::up::Deployment| {
+        let pid = dep.child_mut("router").unwrap().id().unwrap() as i32;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+    };
+    let cfg = std::fs::read_to_string(&path).unwrap();
+    assert!(cfg.contains("policy = \"round_robin\""), "{cfg}");
+    std::fs::write(&path, cfg.replace("policy = \"round_robin\"", "policy = \"kv_aware\"")).unwrap();
+    hup(&mut dep);
+    views_agree(&ports, &dep, "after the reload the router follows every prefill-server").await;
+    // A bad value: refused, kv_aware stays.
+    let kv = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{kv}overlap_weight = -1\n")).unwrap();
+    hup(&mut dep);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut home = None;
+    for turn in 4..8 {
+        let r = stream(&mut c, request(ids(&conversation(turn)), &params)).await.unwrap().1;
+        if let Some(h) = &home {
+            assert_eq!(&r.prefill_server, h, "turn {turn} left its prefill-server");
+            assert!(r.cached_tokens >= 40 + 20 * (turn as u32 - 1) - 16, "turn {turn}: {} cached", r.cached_tokens);
+        }
+        home = Some(r.prefill_server);
+        views_agree(&ports, &dep, "the router's index equals the prefill-servers' caches").await;
+    }
+    stop_cleanly(dep).await;
+}
+
+/// Stops a deployment one of whose daemons was killed (and replaced outside it).
+async fn stop_cleanly_except(dep: pdserve::up::Deployment, killed: &str) {
+    for (name, code) in dep.stop().await {
+        if name != killed {
+            assert_eq!(code, Some(0), "{name} did not exit 0 after SIGTERM");
+        }
+    }
+}
