@@ -24,6 +24,8 @@
 #                                  # beside transformers bf16 (fails below it); enginebench per
 #                                  # precision (and the build before, BEFORE=pdserve.xz at prepare-model)
 #   scripts/gpu-check.sh prefix    # scripts/prefix-bench.sh on the 1B shape (prefix caching on/off)
+#   scripts/gpu-check.sh routing   # scripts/routing-bench.sh on the 1B shape: 4 prefill-servers on
+#                                  # one GPU, kv_aware vs round_robin vs least_outstanding
 #   scripts/gpu-check.sh overload  # pdserve bench overload on the GPU (1B shape, nixl): 1x/2x/4x
 #                                  # of capacity, DURATION s each (env DURATION, BACKEND, SHED_TTFT_MS)
 #   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
@@ -443,6 +445,13 @@ case "${1:-}" in
     gpu_env
     BIN=/tmp/pdserve-gpu MODEL=/tmp/m1b SHARED=${SHARED:-8:2048} REQUESTS=${REQUESTS:-64} BACKEND=${BACKEND:-nixl} \
       OUT=${OUT:-/tmp/gpu-out}/prefix UP_ARGS="--device cuda:0 --kv-cache-mib 8192" scripts/prefix-bench.sh ;;
+  routing)
+    # KV-aware routing A/B/C on the 1B shape: PREFILL prefill-servers and a decode-server
+    # sharing one GPU; 8-turn chats and shared prefixes of 1024 tokens.
+    gpu_env
+    BIN=/tmp/pdserve-gpu MODEL=/tmp/m1b PREFILL=${PREFILL:-4} TURNS=${TURNS:-8} CONCURRENCY=${CONCURRENCY:-5} \
+      REQUESTS=${REQUESTS:-120} SHARED=${SHARED:-8:1024} BACKEND=${BACKEND:-nixl} OUT=${OUT:-/tmp/gpu-out}/routing \
+      UP_ARGS="--device cuda:0 --kv-cache-mib 3072" scripts/routing-bench.sh ;;
   remote) remote ;;
   engine) engine_remote ;;
   warm) warm_remote ;;
@@ -464,5 +473,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
 esac

@@ -225,6 +225,32 @@ async fn every_method_needs_its_credential() {
         );
         let mut admin = DecodeAdminClient::new(channel(d).await);
         assert_eq!(code(admin.stats(with(pb::StatsRequest {}, creds)).await), Code::Unauthenticated);
+        // Both workers' KV events (what the router's KV-aware routing follows) too.
+        for port in [p, d] {
+            let mut ev = pb::kv_events_client::KvEventsClient::new(channel(port).await);
+            let sub = ev.subscribe_kv_events(with(pb::SubscribeKvEventsRequest::default(), creds)).await;
+            assert_eq!(code(sub.map(|_| ())), Code::Unauthenticated, "KvEvents on {port}");
+        }
+    }
+    // With the internal token: a snapshot first, with the model's hash parameters.
+    for port in [p, d] {
+        let mut ev = pb::kv_events_client::KvEventsClient::new(channel(port).await);
+        let bad = ev
+            .subscribe_kv_events(with(pb::SubscribeKvEventsRequest { heartbeat_ms: 50 }, Some(INTERNAL)))
+            .await;
+        assert_eq!(code(bad.map(|_| ())), Code::InvalidArgument, "a heartbeat below 100 ms");
+        let mut s = ev
+            .subscribe_kv_events(with(pb::SubscribeKvEventsRequest::default(), Some(INTERNAL)))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        match first.kind {
+            Some(pb::kv_events_message::Kind::Snapshot(snap)) => {
+                assert!(snap.first && snap.block_size == 16 && snap.model_fingerprint != 0, "{snap:?}")
+            }
+            other => panic!("the first message is not a snapshot: {other:?}"),
+        }
     }
     for creds in [None, Some("guess"), Some(INTERNAL)] {
         // The client API takes the client token only.

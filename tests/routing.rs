@@ -20,7 +20,12 @@ async fn deploy_kv_aware(prefill: usize, decode: usize, kv_cache_mib: u64) -> (p
     deploy_routed("kv_aware", prefill, decode, kv_cache_mib).await
 }
 
-async fn deploy_routed(routing: &str, prefill: usize, decode: usize, kv_cache_mib: u64) -> (pdserve::up::Deployment, tempfile::TempDir, Ports) {
+async fn deploy_routed(
+    routing: &str,
+    prefill: usize,
+    decode: usize,
+    kv_cache_mib: u64,
+) -> (pdserve::up::Deployment, tempfile::TempDir, Ports) {
     let port = free_port_run(1 + (prefill + decode) as u16);
     let (dep, work) = deploy_args(pdserve::up::Args {
         metrics_port: Some(port),
@@ -80,14 +85,21 @@ async fn each_turn_goes_where_its_conversation_lives() {
             let prompt = history[conv].clone();
             let want = engine::generate_local(reference_engine(), &prompt, &params).unwrap().tokens;
             let (_, r) = stream(&mut c, request(ids(&prompt), &params)).await.unwrap();
-            assert_eq!(r.token_ids, want, "conversation {conv} turn {turn}: tokens differ from the colocated run");
+            assert_eq!(
+                r.token_ids, want,
+                "conversation {conv} turn {turn}: tokens differ from the colocated run"
+            );
             match &home[conv] {
                 None => home[conv] = Some(r.prefill_server.clone()),
                 Some(h) => {
                     assert_eq!(&r.prefill_server, h, "conversation {conv} turn {turn} left its prefill-server");
                     // The last turn's prompt, in whole blocks, was cached there.
                     let last_len = prompt.len() - 6 - 9;
-                    assert_eq!(r.cached_tokens as usize, last_len / bs * bs, "conversation {conv} turn {turn}: cached tokens");
+                    assert_eq!(
+                        r.cached_tokens as usize,
+                        last_len / bs * bs,
+                        "conversation {conv} turn {turn}: cached tokens"
+                    );
                 }
             }
             history[conv].extend(&r.token_ids);
@@ -153,7 +165,10 @@ async fn the_routers_view_follows_evictions_and_restarts() {
     // Its prompt still answers exactly, computed on the other one.
     let want = engine::generate_local(reference_engine(), &prompt(39), &params).unwrap().tokens;
     let (_, r) = stream(&mut c, request(ids(&prompt(39)), &params)).await.unwrap();
-    assert_eq!((r.token_ids.clone(), r.prefill_server.clone()), (want.clone(), dep.prefill[survivor].clone()));
+    assert_eq!(
+        (r.token_ids.clone(), r.prefill_server.clone()),
+        (want.clone(), dep.prefill[survivor].clone())
+    );
 
     let _restarted = tokio::process::Command::new(pdserve::up::binary("prefill-server").unwrap())
         .arg("--config")
@@ -162,15 +177,21 @@ async fn the_routers_view_follows_evictions_and_restarts() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    until("the restarted prefill-server is followed again", Duration::from_secs(30), || async {
-        let url = format!("worker=\"{}\"", dep.prefill[victim]);
-        std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok()
-            && sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]) == Some(0.0)
-    })
+    until(
+        "the restarted prefill-server is followed again",
+        Duration::from_secs(30),
+        || async {
+            let url = format!("worker=\"{}\"", dep.prefill[victim]);
+            std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok()
+                && sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]) == Some(0.0)
+        },
+    )
     .await;
-    until("the decode-server uses the restarted prefill-server again", Duration::from_secs(30), || async {
-        stats(&dep.decode[0]).await.healthy_prefill_servers == 2
-    })
+    until(
+        "the decode-server uses the restarted prefill-server again",
+        Duration::from_secs(30),
+        || async { stats(&dep.decode[0]).await.healthy_prefill_servers == 2 },
+    )
     .await;
     // New prompts land on both again (the restarted one is the less loaded for
     // uncached prompts half the time), and the views agree.
@@ -179,7 +200,10 @@ async fn the_routers_view_follows_evictions_and_restarts() {
         let (_, r) = stream(&mut c, request(ids(&prompt(i)), &params)).await.unwrap();
         served.insert(r.prefill_server);
     }
-    assert!(served.contains(&dep.prefill[victim]), "the restarted prefill-server took no request: {served:?}");
+    assert!(
+        served.contains(&dep.prefill[victim]),
+        "the restarted prefill-server took no request: {served:?}"
+    );
     views_agree(&ports, &dep, "the router's index equals the caches after the restart").await;
     stop_cleanly_except(dep, &name).await;
 }
@@ -199,7 +223,13 @@ async fn a_reload_switches_the_policy() {
     let conversation = |turn: usize| -> Vec<u32> { (0..40 + 20 * turn as u32).map(|j| 3 + (j * 17) % 480).collect() };
     let mut servers = Vec::new();
     for turn in 0..4 {
-        servers.push(stream(&mut c, request(ids(&conversation(turn)), &params)).await.unwrap().1.prefill_server);
+        servers.push(
+            stream(&mut c, request(ids(&conversation(turn)), &params))
+                .await
+                .unwrap()
+                .1
+                .prefill_server,
+        );
     }
     assert_ne!(servers[0], servers[1], "round-robin alternates");
     assert_eq!(sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &[]), None);
@@ -224,7 +254,11 @@ async fn a_reload_switches_the_policy() {
         let r = stream(&mut c, request(ids(&conversation(turn)), &params)).await.unwrap().1;
         if let Some(h) = &home {
             assert_eq!(&r.prefill_server, h, "turn {turn} left its prefill-server");
-            assert!(r.cached_tokens >= 40 + 20 * (turn as u32 - 1) - 16, "turn {turn}: {} cached", r.cached_tokens);
+            assert!(
+                r.cached_tokens >= 40 + 20 * (turn as u32 - 1) - 16,
+                "turn {turn}: {} cached",
+                r.cached_tokens
+            );
         }
         home = Some(r.prefill_server);
         views_agree(&ports, &dep, "the router's index equals the prefill-servers' caches").await;

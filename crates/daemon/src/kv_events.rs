@@ -17,6 +17,10 @@ pub const SNAPSHOT_CHUNK: usize = 4096;
 /// The range a subscriber may ask for its heartbeat.
 pub const HEARTBEAT_MS: std::ops::RangeInclusive<u32> = 100..=60_000;
 const DEFAULT_HEARTBEAT_MS: u32 = 1_000;
+/// Streams one worker serves at once: a router or two per worker is the use; past
+/// this a subscription is refused (RESOURCE_EXHAUSTED), so that holders of the internal
+/// token cannot pile up tasks and snapshots.
+pub const MAX_SUBSCRIBERS: usize = 32;
 
 #[derive(Clone)]
 pub struct KvEventsApi {
@@ -24,11 +28,25 @@ pub struct KvEventsApi {
     /// Ends every stream: the daemon is stopping (a graceful shutdown would otherwise
     /// wait for streams that never end).
     stop: CancellationToken,
+    subscribers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One stream's place among [`MAX_SUBSCRIBERS`], given back when its task ends.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl KvEventsApi {
     pub fn new(engine: Arc<Engine>, stop: CancellationToken) -> KvEventsApi {
-        KvEventsApi { engine, stop }
+        KvEventsApi {
+            engine,
+            stop,
+            subscribers: Default::default(),
+        }
     }
 
     /// The service, behind the internal credentials' check.
@@ -130,12 +148,19 @@ impl pb::kv_events_server::KvEvents for KvEventsApi {
             }
         };
         let heartbeat = Duration::from_millis(heartbeat.into());
+        let slot = Slot(self.subscribers.clone());
+        if self.subscribers.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_SUBSCRIBERS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_SUBSCRIBERS} KV-event streams are open on this worker already"
+            )));
+        }
         // A few messages of slack: a subscriber that stops reading holds the task at
         // `send` (bounded memory); one that goes away ends it.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (engine, stop) = (self.engine.clone(), self.stop.clone());
         // Not tracked: the stream lives as long as its subscriber, and ends at `stop`.
         tokio::spawn(async move {
+            let _slot = slot;
             let send = |m: pb::KvEventsMessage| {
                 let tx = tx.clone();
                 async move { tx.send(Ok(m)).await.is_ok() }

@@ -195,3 +195,77 @@ fn random_cached_admissions_leak_nothing() {
     }
     assert_eq!(m.free_blocks(), m.total());
 }
+
+/// KV events replayed from the start, or from a snapshot taken midway, rebuild exactly
+/// the set of hashes the cache can hand out; their numbers run 1, 2, 3... with no gap.
+#[test]
+fn kv_events_replay_to_the_cache() {
+    use engine::KvEvent;
+    use engine::kv_cache::block_hashes;
+    use std::collections::HashSet;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let bs = 4;
+    let mut m = BlockManager::new(48, bs);
+    m.record_events();
+    let mut replica: HashSet<engine::BlockHash> = HashSet::new();
+    let mut late: Option<HashSet<engine::BlockHash>> = None;
+    let (mut live, mut next, mut seq, mut removed) = (Vec::new(), 0u64, 0u64, 0usize);
+    for step in 0..1500 {
+        if rng.random_range(0..3) > 0 || live.is_empty() {
+            let base = rng.random_range(0..6u32) * 1000;
+            let prompt: Vec<u32> = (0..rng.random_range(1..40))
+                .map(|i| base + if i < 16 { i } else { rng.random_range(0..50) })
+                .collect();
+            let h = block_hashes(0, "", &prompt, bs);
+            next += 1;
+            if m.admit_cached(next, prompt.len(), &h).is_ok() {
+                m.commit_cached(next, &h);
+                live.push(next);
+            }
+        } else {
+            m.release(live.swap_remove(rng.random_range(0..live.len())));
+        }
+        if step == 700 {
+            // A subscriber joining now starts from the snapshot.
+            let (at, hashes) = m.cache_snapshot();
+            assert_eq!(at, seq);
+            late = Some(hashes.into_iter().collect());
+        }
+        for (n, ev) in m.take_events() {
+            seq += 1;
+            assert_eq!(n, seq, "event numbers run without gaps");
+            for set in std::iter::once(&mut replica).chain(late.as_mut()) {
+                match &ev {
+                    KvEvent::Stored { hashes, .. } => {
+                        for h in hashes {
+                            assert!(set.insert(*h), "stored twice without a removal");
+                        }
+                    }
+                    KvEvent::Removed { hashes } => {
+                        for h in hashes {
+                            assert!(set.remove(h), "removed what was not stored");
+                        }
+                    }
+                }
+            }
+            if matches!(ev, KvEvent::Removed { .. }) {
+                removed += 1;
+            }
+        }
+        let now: HashSet<_> = m.cache_snapshot().1.into_iter().collect();
+        assert_eq!(replica, now, "step {step}: the events' replay differs from the cache");
+        if let Some(l) = &late {
+            assert_eq!(l, &now, "step {step}: snapshot + later events differ from the cache");
+        }
+    }
+    assert!(
+        removed > 0 && seq > 100,
+        "the pool is small enough to evict ({removed} removals, {seq} events)"
+    );
+    // Without record_events nothing is kept.
+    let mut quiet = BlockManager::new(8, bs);
+    let h = block_hashes(0, "", &[1, 2, 3, 4, 5], bs);
+    quiet.admit_cached(1, 5, &h).unwrap();
+    quiet.commit_cached(1, &h);
+    assert!(quiet.take_events().is_empty());
+}

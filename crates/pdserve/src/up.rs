@@ -305,7 +305,11 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         "policy = \"{}\"\nearly_prefill = {}\n{}",
         a.routing,
         !a.no_early_prefill,
-        if kv_aware { format!("model = {}\n", toml_str(&model.display().to_string())) } else { String::new() }
+        if kv_aware {
+            format!("model = {}\n", toml_str(&model.display().to_string()))
+        } else {
+            String::new()
+        }
     );
     let http_addr = match &a.http_addr {
         Some(h) => h.clone(),

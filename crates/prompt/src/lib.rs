@@ -54,7 +54,10 @@ impl Prompter {
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -65,7 +68,10 @@ impl Prompter {
             PromptError::Invalid("this model has no chat template (tokenizer_config.json): send text or token_ids".into())
         })?;
         let text = t.render(messages)?;
-        let enc = self.tokenizer.encode(text, false).map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 

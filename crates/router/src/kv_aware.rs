@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::v1 as pb;
 use prompt::{BlockHash, Prompter};
+use proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tracing::{debug, warn};
 
@@ -116,29 +116,32 @@ impl KvState {
     /// Each worker's cached leading blocks for this prompt, in tokens.
     pub fn lookup(&self, tokens: &[u32], salt: &str) -> Lookup {
         let look = |ix: &Mutex<KvIndex>| {
-            let ix = ix.lock().unwrap();
-            let mut blocks = vec![0usize; ix.len()];
-            let mut sizes = vec![0usize; ix.len()];
-            // Workers of one model share their parameters: hash once per distinct set.
-            let mut seen: Vec<HashParams> = Vec::new();
-            for w in 0..ix.len() {
-                if let Some(p) = ix.params(w)
-                    && !seen.contains(&p)
-                {
-                    seen.push(p);
-                    let hashes: Vec<BlockHash> = prompt::block_hashes(p.fingerprint, salt, tokens, p.block_size);
-                    let mut out = vec![0usize; ix.len()];
-                    ix.overlaps(p, &hashes, &mut out);
-                    for (i, n) in out.into_iter().enumerate() {
-                        if n > 0 {
-                            blocks[i] = n;
-                            sizes[i] = p.block_size;
-                        }
+            // Workers of one model share their parameters: hash once per distinct set,
+            // outside the lock (a long prompt's hashes take a while).
+            let params: Vec<HashParams> = {
+                let ix = ix.lock().unwrap();
+                let mut seen: Vec<HashParams> = Vec::new();
+                for p in (0..ix.len()).filter_map(|w| ix.params(w)) {
+                    if !seen.contains(&p) {
+                        seen.push(p);
                     }
                 }
+                seen
+            };
+            let chains: Vec<(HashParams, Vec<BlockHash>)> = params
+                .iter()
+                .map(|p| (*p, prompt::block_hashes(p.fingerprint, salt, tokens, p.block_size)))
+                .collect();
+            let ix = ix.lock().unwrap();
+            let (mut cached, mut blocks) = (vec![0usize; ix.len()], vec![0usize; ix.len()]);
+            for (p, hashes) in &chains {
+                let mut out = vec![0usize; ix.len()];
+                ix.overlaps(*p, hashes, &mut out);
+                for (i, n) in out.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+                    (blocks[i], cached[i]) = (n, n * p.block_size);
+                }
             }
-            let tokens = blocks.iter().zip(&sizes).map(|(b, s)| b * s).collect::<Vec<_>>();
-            (tokens, blocks, seen.first().map_or(0, |p| p.block_size))
+            (cached, blocks, params.first().map_or(0, |p| p.block_size))
         };
         let (prefill_cached, prefill_cached_blocks, _) = look(&self.prefill);
         let (decode_cached, _, decode_block_size) = look(&self.decode);
@@ -177,7 +180,10 @@ enum StreamEnd {
 
 fn hashes(raw: Vec<Vec<u8>>) -> Result<Vec<BlockHash>, StreamEnd> {
     if raw.len() > MAX_HASHES_PER_MESSAGE {
-        return Err(StreamEnd::Bad(format!("{} hashes in one message (at most {MAX_HASHES_PER_MESSAGE})", raw.len())));
+        return Err(StreamEnd::Bad(format!(
+            "{} hashes in one message (at most {MAX_HASHES_PER_MESSAGE})",
+            raw.len()
+        )));
     }
     raw.into_iter()
         .map(|h| BlockHash::try_from(h.as_slice()).map_err(|_| StreamEnd::Bad(format!("a block hash of {} bytes", h.len()))))

@@ -154,7 +154,11 @@ impl Validate for RouterConfig {
             return Err("kv_events_timeout_ms must be longer than kv_events_heartbeat_ms".into());
         }
         if self.decode_servers.len() > index::MAX_WORKERS || self.prefill_servers.len() > index::MAX_WORKERS {
-            return Err(format!("at most {} decode_servers and {} prefill_servers", index::MAX_WORKERS, index::MAX_WORKERS));
+            return Err(format!(
+                "at most {} decode_servers and {} prefill_servers",
+                index::MAX_WORKERS,
+                index::MAX_WORKERS
+            ));
         }
         if !self.model.as_os_str().is_empty() && !self.model.join("tokenizer.json").is_file() {
             return Err(format!("model: {} has no tokenizer.json", self.model.display()));
@@ -448,7 +452,9 @@ impl Router {
     fn pick_prefill(&self, plan: Option<&Plan>, weight: f64) -> Option<usize> {
         let n = self.prefill.len();
         let start = self.prefill_rr.fetch_add(1, Ordering::Relaxed);
-        let healthy = (0..n).map(|i| (start + i) % n).filter(|&i| self.prefill[i].healthy.load(Ordering::Relaxed));
+        let healthy = (0..n)
+            .map(|i| (start + i) % n)
+            .filter(|&i| self.prefill[i].healthy.load(Ordering::Relaxed));
         match plan {
             None => healthy.into_iter().next(),
             Some(p) => healthy.min_by(|&a, &b| {
@@ -592,7 +598,12 @@ impl RouterApi {
         // decode-server is short is prefilled there, saving the transfer.
         let local = match (&plan, candidates.first()) {
             (Some(p), Some(first)) if tuning.local_prefill_below > 0 => {
-                let d = self.0.backends.iter().position(|b| Arc::ptr_eq(b, first)).expect("a candidate is a backend");
+                let d = self
+                    .0
+                    .backends
+                    .iter()
+                    .position(|b| Arc::ptr_eq(b, first))
+                    .expect("a candidate is a backend");
                 p.lookup.prompt_tokens.saturating_sub(p.lookup.decode_cached[d]) < tuning.local_prefill_below
             }
             _ => false,
