@@ -451,7 +451,7 @@ case "${1:-}" in
     gpu_env
     BIN=/tmp/pdserve-gpu MODEL=/tmp/m1b PREFILL=${PREFILL:-4} TURNS=${TURNS:-8} CONCURRENCY=${CONCURRENCY:-5} \
       REQUESTS=${REQUESTS:-120} SHARED=${SHARED:-8:1024} BACKEND=${BACKEND:-nixl} OUT=${OUT:-/tmp/gpu-out}/routing \
-      UP_ARGS="--device cuda:0 --kv-cache-mib 3072" scripts/routing-bench.sh ;;
+      PLACEMENT="--device cuda:0 --kv-cache-mib 3072" scripts/routing-bench.sh ;;
   remote) remote ;;
   engine) engine_remote ;;
   warm) warm_remote ;;

@@ -73,6 +73,53 @@ fn bench_compare_fills_every_row() {
     assert!(std::fs::read_to_string(&plot).unwrap().contains("nixl, input 40"));
 }
 
+/// `bench compare --routing`: one deployment of two prefill-servers per router policy,
+/// the multi-turn workload on each; `kv_aware` keeps each conversation where its
+/// history is, so its prefix hit rate is (nearly) the workload's whole history and it
+/// computes fewer prompt tokens than round-robin; the routing table says so.
+#[test]
+fn bench_compare_routing_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("routing.json");
+    let out = pdserve()
+        .args(["bench", "compare", "--local", "tcp", "--prefill", "2", "--routing", "kv_aware,round_robin"])
+        .args(["--multi-turn", "4", "--input-len", "40", "--output-len", "4", "--requests", "24", "--concurrency", "3"])
+        .args(["--vocab", "500", "--no-kvbench", "--quiet", "--model"])
+        .arg(model())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| Disaggregated + TCP, kv_aware | 40 |"), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let summary = |target: &str| {
+        doc["levels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["target"] == target)
+            .unwrap_or_else(|| panic!("{target} missing"))["summary"]
+            .clone()
+    };
+    let (kv, rr) = (summary("tcp@kv_aware"), summary("tcp@round_robin"));
+    for s in [&kv, &rr] {
+        assert_eq!(s["failed"], 0, "{s}");
+    }
+    // Turn k (k >= 2) of a conversation finds turn k-1's whole blocks: 40 + 44 (k - 2)
+    // tokens rounded down to 16, over prompts of 40 + 44 (k - 1) tokens.
+    let turns = |k: u64| 40 + 44 * (k - 1);
+    let ideal = (2..=4).map(|k| turns(k - 1) / 16 * 16).sum::<u64>() as f64 / (1..=4).map(turns).sum::<u64>() as f64;
+    let hit = |s: &serde_json::Value| s["prefix_hit_rate"].as_f64().unwrap();
+    // Not always all of it: a turn whose home is busy with another prompt may go to the
+    // idle server (the load term), as it should.
+    assert!(hit(&kv) <= ideal + 1e-9 && hit(&kv) >= 0.8 * ideal, "kv_aware hit rate {} (ideal {ideal})", hit(&kv));
+    assert!(hit(&kv) > hit(&rr), "kv_aware {kv}\nround_robin {rr}");
+    let computed = |s: &serde_json::Value| s["prefill_tokens_computed"].as_u64().unwrap();
+    assert!(computed(&kv) < computed(&rr), "kv_aware {kv}\nround_robin {rr}");
+}
+
 /// The load generator alone: an open loop against a running router; a bad argument is
 /// a clear error, not a run.
 #[test]

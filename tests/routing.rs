@@ -177,15 +177,9 @@ async fn the_routers_view_follows_evictions_and_restarts() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    until(
-        "the restarted prefill-server is followed again",
-        Duration::from_secs(30),
-        || async {
-            let url = format!("worker=\"{}\"", dep.prefill[victim]);
-            std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok()
-                && sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]) == Some(0.0)
-        },
-    )
+    until("the restarted prefill-server serves its metrics", Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok()
+    })
     .await;
     until(
         "the decode-server uses the restarted prefill-server again",
@@ -248,7 +242,11 @@ async fn a_reload_switches_the_policy() {
     let kv = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, format!("{kv}overlap_weight = -1\n")).unwrap();
     hup(&mut dep);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = work.path().join("router.log");
+    until("the bad reload is refused", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("config reload refused")
+    })
+    .await;
     let mut home = None;
     for turn in 4..8 {
         let r = stream(&mut c, request(ids(&conversation(turn)), &params)).await.unwrap().1;
@@ -273,4 +271,53 @@ async fn stop_cleanly_except(dep: pdserve::up::Deployment, killed: &str) {
             assert_eq!(code, Some(0), "{name} did not exit 0 after SIGTERM");
         }
     }
+}
+
+/// Conditional disaggregation: with the router's `local_prefill_below` (set by a
+/// reload), a short prompt is prefilled by the decode-server alone, a longer one by a
+/// prefill-server; tokens equal the colocated run either way. A client that asks a
+/// decode-server directly for a local prefill gets it only up to
+/// `max_local_prefill_tokens`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_prompts_stay_on_the_decode_server() {
+    let (mut dep, work, _ports) = deploy_kv_aware(1, 1, 64).await;
+    let path = work.path().join("router.toml");
+    let cfg = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{cfg}local_prefill_below = 30\n")).unwrap();
+    let pid = dep.child_mut("router").unwrap().id().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let log = work.path().join("router.log");
+    until("the reload is applied", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("config reloaded")
+    })
+    .await;
+    let params = SamplingParams {
+        max_tokens: 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut c = client(&dep.router).await;
+    for (len, want_server) in [(20u32, "local".to_string()), (60, dep.prefill[0].clone())] {
+        let prompt: Vec<u32> = (0..len).map(|j| 3 + (j * 19) % 480).collect();
+        let want = engine::generate_local(reference_engine(), &prompt, &params).unwrap().tokens;
+        let (_, r) = stream(&mut c, request(ids(&prompt), &params)).await.unwrap();
+        assert_eq!((r.token_ids, r.prefill_server), (want, want_server), "a prompt of {len} tokens");
+    }
+    // Straight to the decode-server with the hint: 1024 tokens local, 1025 not.
+    let mut d = client(&dep.decode[0]).await;
+    for (len, local) in [(1024u32, true), (1025, false)] {
+        let prompt: Vec<u32> = (0..len).map(|j| 3 + (j * 23) % 480).collect();
+        let mut req = tonic::Request::new(request(ids(&prompt), &params));
+        req.metadata_mut().insert(daemon::PREFILL_HINT, "local".parse().unwrap());
+        let mut s = d.generate(req).await.unwrap().into_inner();
+        let mut result = None;
+        while let Some(m) = s.message().await.unwrap() {
+            if let Some(pb::generate_response::Kind::Result(r)) = m.kind {
+                result = Some(r);
+            }
+        }
+        assert_eq!(result.unwrap().prefill_server == "local", local, "a hinted prompt of {len} tokens");
+    }
+    stop_cleanly(dep).await;
 }

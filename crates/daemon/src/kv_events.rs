@@ -161,9 +161,16 @@ impl pb::kv_events_server::KvEvents for KvEventsApi {
         // Not tracked: the stream lives as long as its subscriber, and ends at `stop`.
         tokio::spawn(async move {
             let _slot = slot;
+            // Every send also ends at `stop`: a subscriber that stops reading must not
+            // hold the task (and with it the daemon's graceful shutdown).
             let send = |m: pb::KvEventsMessage| {
-                let tx = tx.clone();
-                async move { tx.send(Ok(m)).await.is_ok() }
+                let (tx, stop) = (tx.clone(), stop.clone());
+                async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => false,
+                        r = tx.send(Ok(m)) => r.is_ok(),
+                    }
+                }
             };
             'fresh: loop {
                 let (mut seq, hashes, mut events) = engine.subscribe_kv_events();

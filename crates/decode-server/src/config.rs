@@ -30,6 +30,10 @@ pub struct DecodeConfig {
     pub prefill_servers: Vec<String>,
     /// Prompts shorter than this many tokens are prefilled here (no transfer); 0: never.
     pub local_prefill_below: usize,
+    /// The longest prompt prefilled here when the caller asks (the router's `local`
+    /// hint, its conditional disaggregation): a client holding the client token cannot
+    /// push longer prompts onto the decode GPU.
+    pub max_local_prefill_tokens: usize,
     /// Most sequences decoded in one step.
     pub max_batch: usize,
     /// Largest `max_tokens` a request may ask for.
@@ -63,6 +67,7 @@ impl Default for DecodeConfig {
             transfer: TransferConfig::default(),
             prefill_servers: vec!["http://127.0.0.1:50061".into()],
             local_prefill_below: 0,
+            max_local_prefill_tokens: 1024,
             max_batch: 32,
             max_tokens_limit: 4096,
             max_prompt_tokens: 0,

@@ -232,8 +232,10 @@ pub fn block_runs(src: &[u32], dst: &[u32]) -> Vec<BlockRun> {
 /// the router's index follows these to know where each prompt's blocks live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvEvent {
-    /// Blocks now findable by these hashes; `parent` is the hash before the first of
-    /// them in its prompt's chain (None: the chain's first block).
+    /// Blocks now findable by these hashes, in their prompt's chain order (a block
+    /// another request cached first is skipped); `parent` is the hash before the first
+    /// of them in that chain (None: the chain's first block). Informational: the
+    /// router's index is keyed by hash alone.
     Stored { parent: Option<BlockHash>, hashes: Vec<BlockHash> },
     /// Blocks evicted: no longer findable.
     Removed { hashes: Vec<BlockHash> },

@@ -32,23 +32,21 @@ struct Worker {
 pub struct KvIndex {
     blocks: HashMap<BlockHash, u64>,
     workers: Vec<Worker>,
-    /// The most (block, worker) entries the index keeps; stored blocks past it are
-    /// not indexed (their prompts route as if uncached).
-    max_entries: usize,
+    /// The most blocks the index keeps for one worker (each worker its own share, so
+    /// that one cannot crowd out the others); stored blocks past it are not indexed
+    /// (their prompts route as if uncached).
+    max_per_worker: usize,
     entries: usize,
-    /// Stored blocks not indexed because of `max_entries`.
-    pub dropped: u64,
 }
 
 impl KvIndex {
-    pub fn new(workers: usize, max_entries: usize) -> KvIndex {
+    pub fn new(workers: usize, max_per_worker: usize) -> KvIndex {
         assert!(workers <= MAX_WORKERS, "at most {MAX_WORKERS} workers per index");
         KvIndex {
             blocks: HashMap::new(),
             workers: vec![Worker::default(); workers],
-            max_entries,
+            max_per_worker,
             entries: 0,
-            dropped: 0,
         }
     }
 
@@ -77,24 +75,33 @@ impl KvIndex {
         self.workers[w].params = Some(params);
     }
 
-    pub fn store(&mut self, w: usize, hashes: impl IntoIterator<Item = BlockHash>) {
+    /// Indexes `hashes` for `w`; returns how many were not (past its share).
+    pub fn store(&mut self, w: usize, hashes: impl IntoIterator<Item = BlockHash>) -> usize {
         let bit = 1u64 << w;
+        let mut dropped = 0;
         for h in hashes {
+            if self.workers[w].blocks >= self.max_per_worker {
+                dropped += 1;
+                continue;
+            }
             let set = self.blocks.entry(h).or_insert(0);
-            if *set & bit != 0 {
-                continue;
+            if *set & bit == 0 {
+                *set |= bit;
+                self.entries += 1;
+                self.workers[w].blocks += 1;
             }
-            if self.entries >= self.max_entries {
-                if *set == 0 {
-                    self.blocks.remove(&h);
-                }
-                self.dropped += 1;
-                continue;
-            }
-            *set |= bit;
-            self.entries += 1;
-            self.workers[w].blocks += 1;
         }
+        dropped
+    }
+
+    /// The hash parameters of the live workers other than `w` (they all share one).
+    pub fn params_of_others(&self, w: usize) -> Option<HashParams> {
+        (0..self.workers.len()).filter(|&i| i != w).find_map(|i| self.params(i))
+    }
+
+    /// (block, worker) entries held, over all workers.
+    pub fn entries(&self) -> usize {
+        self.entries
     }
 
     pub fn remove(&mut self, w: usize, hashes: impl IntoIterator<Item = BlockHash>) {
@@ -203,24 +210,26 @@ mod tests {
         ix.overlaps(P, &ha, &mut out);
         assert_eq!(out, [0, 2, 0], "a cold worker holds nothing");
         assert_eq!(ix.worker_blocks(0), 0);
-        assert_eq!(ix.entries, 2 + 5);
+        assert_eq!(ix.entries(), 2 + 5);
     }
 
     #[test]
-    fn the_index_is_bounded() {
+    fn each_worker_has_its_own_bound() {
         let mut ix = KvIndex::new(2, 10);
         ix.snapshot_begin(0);
         ix.snapshot_begin(1);
         let h = chain(&(0..64).collect::<Vec<_>>());
-        ix.store(0, h.iter().copied());
+        assert_eq!(ix.store(0, h.iter().copied()), 6);
         assert_eq!(ix.worker_blocks(0), 10);
-        assert_eq!(ix.dropped, 6);
-        ix.store(1, h.iter().copied());
-        assert_eq!(ix.worker_blocks(1), 0);
-        assert_eq!(ix.blocks.len(), 10, "nothing stored past the bound");
+        assert_eq!(ix.store(0, h[..3].iter().copied()), 3, "a full worker takes nothing more");
+        // The other worker still gets its share, in part the same blocks.
+        let g = chain(&(100..160).collect::<Vec<_>>());
+        assert_eq!(ix.store(1, h[5..8].iter().chain(&g).copied()), 3 + g.len() - 10);
+        assert_eq!((ix.worker_blocks(1), ix.entries()), (10, 20));
+        assert_eq!(ix.blocks.len(), 10 + 10 - 3, "three blocks are held by both");
         ix.clear(0);
-        ix.store(1, h.iter().copied());
-        assert_eq!(ix.worker_blocks(1), 10);
+        assert_eq!((ix.entries(), ix.blocks.len()), (10, 10));
+        assert_eq!(ix.store(0, h.iter().copied()), 6);
     }
 
     #[test]
@@ -236,7 +245,7 @@ mod tests {
             }
             ix.snapshot_done(w, P);
         }
-        assert_eq!(ix.entries, 100_000);
+        assert_eq!(ix.entries(), 100_000);
         let probe = chain(&(0..4000).map(|i| i ^ (3 << 16) ^ (2 << 24)).collect::<Vec<u32>>());
         let t = std::time::Instant::now();
         let mut out = [0; 4];

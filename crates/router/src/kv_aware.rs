@@ -21,6 +21,11 @@ use crate::index::{HashParams, KvIndex};
 
 /// Hashes one KV-event message may carry (workers send at most 4096).
 const MAX_HASHES_PER_MESSAGE: usize = 16_384;
+/// Largest KV-event message the router decodes (16,384 hashes are ~560 KB).
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 1 << 20;
+/// Prompts longer than this are routed by load alone: hashing them would hold a
+/// runtime thread for longer than the placement is worth.
+pub const MAX_PLACED_TOKENS: usize = 1 << 18;
 /// Wait between a failed subscription and the next try.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
 
@@ -90,7 +95,7 @@ impl KvState {
         use pb::generate_request::Input;
         let input = req.input.clone()?;
         if let Input::TokenIds(ids) = input {
-            return Some(ids.ids);
+            return (ids.ids.len() <= MAX_PLACED_TOKENS).then_some(ids.ids);
         }
         let p = self.prompter.clone()?;
         tokio::task::spawn_blocking(move || match input {
@@ -111,27 +116,26 @@ impl KvState {
         .await
         .ok()
         .flatten()
+        .filter(|t| t.len() <= MAX_PLACED_TOKENS)
     }
 
     /// Each worker's cached leading blocks for this prompt, in tokens.
     pub fn lookup(&self, tokens: &[u32], salt: &str) -> Lookup {
+        // The hash parameters in use (workers of one model share one set; a role with
+        // nothing indexed needs none), hashed once each, outside the locks.
+        let live = |ix: &Mutex<KvIndex>| {
+            let ix = ix.lock().unwrap();
+            let p = (0..ix.len()).find_map(|w| ix.params(w));
+            (p, ix.entries() > 0)
+        };
+        let ((pp, p_any), (dp, d_any)) = (live(&self.prefill), live(&self.decode));
+        let mut chains: Vec<(HashParams, Vec<BlockHash>)> = Vec::new();
+        for p in [pp.filter(|_| p_any), dp.filter(|_| d_any)].into_iter().flatten() {
+            if !chains.iter().any(|(q, _)| *q == p) {
+                chains.push((p, prompt::block_hashes(p.fingerprint, salt, tokens, p.block_size)));
+            }
+        }
         let look = |ix: &Mutex<KvIndex>| {
-            // Workers of one model share their parameters: hash once per distinct set,
-            // outside the lock (a long prompt's hashes take a while).
-            let params: Vec<HashParams> = {
-                let ix = ix.lock().unwrap();
-                let mut seen: Vec<HashParams> = Vec::new();
-                for p in (0..ix.len()).filter_map(|w| ix.params(w)) {
-                    if !seen.contains(&p) {
-                        seen.push(p);
-                    }
-                }
-                seen
-            };
-            let chains: Vec<(HashParams, Vec<BlockHash>)> = params
-                .iter()
-                .map(|p| (*p, prompt::block_hashes(p.fingerprint, salt, tokens, p.block_size)))
-                .collect();
             let ix = ix.lock().unwrap();
             let (mut cached, mut blocks) = (vec![0usize; ix.len()], vec![0usize; ix.len()]);
             for (p, hashes) in &chains {
@@ -141,16 +145,16 @@ impl KvState {
                     (blocks[i], cached[i]) = (n, n * p.block_size);
                 }
             }
-            (cached, blocks, params.first().map_or(0, |p| p.block_size))
+            (cached, blocks)
         };
-        let (prefill_cached, prefill_cached_blocks, _) = look(&self.prefill);
-        let (decode_cached, _, decode_block_size) = look(&self.decode);
+        let (prefill_cached, prefill_cached_blocks) = look(&self.prefill);
+        let (decode_cached, _) = look(&self.decode);
         Lookup {
             prompt_tokens: tokens.len(),
             prefill_cached,
             decode_cached,
             prefill_cached_blocks,
-            decode_block_size,
+            decode_block_size: dp.map_or(0, |p| p.block_size),
         }
     }
 
@@ -204,6 +208,8 @@ pub struct Subscriber {
     pub connect_timeout: Duration,
     /// False while the worker's health check fails: it is cold meanwhile.
     pub healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The index is full for this worker (logged once).
+    pub full: std::sync::atomic::AtomicBool,
 }
 
 impl Subscriber {
@@ -218,10 +224,21 @@ impl Subscriber {
                     warn!(worker = %self.url, role = self.role.name(), error = %e, "KV events lost; the worker counts as cold until it resubscribes");
                 }
                 self.state.index(self.role).lock().unwrap().clear(self.worker);
+                if self.role == Role::Decode {
+                    // Unknown again: a cold worker's last report must not steer choices.
+                    self.state.decode_free[self.worker].store(u32::MAX, Ordering::Relaxed);
+                }
                 self.report();
                 tokio::time::sleep(RESUBSCRIBE_AFTER).await;
             }
         });
+    }
+
+    /// Says that the index is full for this worker (once per stream: it stays full).
+    fn dropped(&self, n: usize) {
+        if n > 0 && !self.full.swap(true, Ordering::Relaxed) {
+            warn!(worker = %self.url, role = self.role.name(), "the KV index holds kv_index_max_blocks for this worker: its newer blocks are not indexed");
+        }
     }
 
     fn report(&self) {
@@ -230,6 +247,7 @@ impl Subscriber {
     }
 
     async fn follow(&mut self) -> StreamEnd {
+        self.full.store(false, Ordering::Relaxed);
         let req = pb::SubscribeKvEventsRequest {
             heartbeat_ms: self.heartbeat.as_millis() as u32,
         };
@@ -263,16 +281,27 @@ impl Subscriber {
                     if s.block_size == 0 {
                         return Err(StreamEnd::Bad("block_size 0".into()));
                     }
-                    ix.snapshot_begin(self.worker);
-                    *loading = Some(HashParams {
+                    let params = HashParams {
                         fingerprint: s.model_fingerprint,
                         block_size: s.block_size as usize,
-                    });
+                    };
+                    // One model per role: a worker whose blocks are named otherwise
+                    // (another model or block size) can share nothing with the others.
+                    if let Some(other) = ix.params_of_others(self.worker)
+                        && other != params
+                    {
+                        return Err(StreamEnd::Bad(format!(
+                            "its blocks are named by {params:?}, the other workers' by {other:?} (another model?)"
+                        )));
+                    }
+                    ix.snapshot_begin(self.worker);
+                    *loading = Some(params);
                     *last = Some(m.seq);
                 } else if loading.is_none() || *last != Some(m.seq) {
                     return Err(StreamEnd::Bad("a snapshot part out of order".into()));
                 }
-                ix.store(self.worker, hashes(s.hashes)?);
+                let dropped = ix.store(self.worker, hashes(s.hashes)?);
+                self.dropped(dropped);
                 if s.last {
                     let params = loading.take().expect("checked above");
                     ix.snapshot_done(self.worker, params);
@@ -287,12 +316,15 @@ impl Subscriber {
                     return Err(StreamEnd::Bad("an event inside a snapshot".into()));
                 }
                 // Several messages of one event share its number; a heartbeat repeats it.
-                if m.seq != prev && m.seq != prev + 1 {
+                if m.seq != prev && Some(m.seq) != prev.checked_add(1) {
                     return Err(StreamEnd::Gap { last: prev, got: m.seq });
                 }
                 *last = Some(m.seq);
                 match kind {
-                    Some(Kind::Stored(s)) => ix.store(self.worker, hashes(s.hashes)?),
+                    Some(Kind::Stored(s)) => {
+                        let dropped = ix.store(self.worker, hashes(s.hashes)?);
+                        self.dropped(dropped);
+                    }
                     Some(Kind::Removed(r)) => ix.remove(self.worker, hashes(r.hashes)?),
                     Some(Kind::Heartbeat(_)) => {}
                     Some(Kind::Snapshot(_)) => unreachable!("matched above"),

@@ -81,7 +81,7 @@ pub struct RouterConfig {
     pub kv_events_heartbeat_ms: u64,
     /// A worker silent this long counts as cold (holding nothing) until it resubscribes.
     pub kv_events_timeout_ms: u64,
-    /// Most (block, worker) entries the KV index holds per role; blocks past it are not
+    /// Most blocks the KV index holds for one worker; its blocks past it are not
     /// indexed (their prompts route as if uncached). ~80 bytes each.
     pub kv_index_max_blocks: usize,
     /// How often each decode-server's health is checked.
@@ -119,13 +119,20 @@ impl Default for RouterConfig {
             local_prefill_below: 0,
             kv_events_heartbeat_ms: 1_000,
             kv_events_timeout_ms: 5_000,
-            kv_index_max_blocks: 1 << 20,
+            kv_index_max_blocks: 1 << 18,
             health_interval_ms: 500,
             connect_timeout_ms: 2_000,
             max_inflight: 1024,
             early_prefill_max_outstanding: 64,
             shed_ttft_ms: 0,
         }
+    }
+}
+
+impl RouterConfig {
+    /// Whether the KV index can hold every worker (a bit each).
+    fn kv_indexable(&self) -> bool {
+        self.decode_servers.len() <= index::MAX_WORKERS && self.prefill_servers.len() <= index::MAX_WORKERS
     }
 }
 
@@ -199,8 +206,9 @@ pub struct Router {
     prefill: Vec<Arc<Backend>>,
     tuning: RwLock<Tuning>,
     /// The workers' caches as their KV events tell (followed from the first time
-    /// `kv_aware` is in force), and what this router sent each.
-    kv: Arc<kv_aware::KvState>,
+    /// `kv_aware` is in force), and what this router sent each; None with more
+    /// workers than the index holds (then `kv_aware` is refused).
+    kv: Option<Arc<kv_aware::KvState>>,
     kv_following: std::sync::Once,
     kv_hits: AtomicU64,
     kv_prompt_tokens: AtomicU64,
@@ -237,6 +245,7 @@ impl Drop for InFlight {
 /// Where `kv_aware` found a request's prompt cached.
 struct Plan {
     lookup: kv_aware::Lookup,
+    kv: Arc<kv_aware::KvState>,
 }
 
 /// Prompt tokens a prefill-server has yet to compute for a routed request: its load
@@ -307,12 +316,14 @@ impl Router {
             token: daemon::auth::BearerToken::new(&cfg.auth_token),
             internal_token: cfg.internal_token.clone(),
             tuning: RwLock::new(Tuning::of(cfg)),
-            kv: Arc::new(kv_aware::KvState::new(
-                cfg.prefill_servers.len(),
-                cfg.decode_servers.len(),
-                cfg.kv_index_max_blocks,
-                prompter,
-            )),
+            kv: cfg.kv_indexable().then(|| {
+                Arc::new(kv_aware::KvState::new(
+                    cfg.prefill_servers.len(),
+                    cfg.decode_servers.len(),
+                    cfg.kv_index_max_blocks,
+                    prompter,
+                ))
+            }),
             kv_following: std::sync::Once::new(),
             kv_hits: AtomicU64::new(0),
             kv_prompt_tokens: AtomicU64::new(0),
@@ -345,6 +356,10 @@ impl Router {
             warn!("config reload: only policy, overlap_weight and local_prefill_below change at run time; restart for the other keys");
         }
         let new = Tuning::of(cfg);
+        if new.policy == Policy::KvAware && self.kv.is_none() {
+            error!("config reload refused, nothing changed: kv_aware indexes at most {} workers per role", index::MAX_WORKERS);
+            return;
+        }
         let old = std::mem::replace(&mut *self.tuning.write().unwrap(), new);
         if new.policy == Policy::KvAware {
             self.follow_kv_events();
@@ -355,6 +370,7 @@ impl Router {
     /// Starts following every worker's KV events, once (from the first time `kv_aware`
     /// is in force: other policies need no index).
     fn follow_kv_events(self: &Arc<Self>) {
+        let Some(kv) = self.kv.clone() else { return };
         self.kv_following.call_once(|| {
             let heartbeat = Duration::from_millis(self.cfg.kv_events_heartbeat_ms);
             let timeout = Duration::from_millis(self.cfg.kv_events_timeout_ms);
@@ -364,10 +380,10 @@ impl Router {
                         b.channel.clone(),
                         daemon::auth::Attach(daemon::auth::BearerToken::new(&self.internal_token)),
                     )
-                    .max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
+                    .max_decoding_message_size(kv_aware::MAX_EVENT_MESSAGE_BYTES);
                     let health = b.clone();
                     kv_aware::Subscriber {
-                        state: self.kv.clone(),
+                        state: kv.clone(),
                         role,
                         worker,
                         url: b.url.clone(),
@@ -376,6 +392,7 @@ impl Router {
                         timeout,
                         connect_timeout: self.timeout,
                         healthy: Arc::new(move || health.healthy.load(Ordering::Relaxed)),
+                        full: Default::default(),
                     }
                     .spawn();
                 }
@@ -394,7 +411,16 @@ impl Router {
         // For the process's life: not tracked (a drain would wait for it in vain).
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                match daemon::load_config::<RouterConfig>(daemon::config_path().as_deref()) {
+                let Some(path) = daemon::config_path() else {
+                    error!("config reload refused: the router was started without --config (nothing to reload)");
+                    continue;
+                };
+                for key in ["PDSERVE_POLICY", "PDSERVE_OVERLAP_WEIGHT", "PDSERVE_LOCAL_PREFILL_BELOW"] {
+                    if std::env::var_os(key).is_some() {
+                        warn!("config reload: {key} is set in the environment and overrides the file's value");
+                    }
+                }
+                match daemon::load_config::<RouterConfig>(Some(&path)) {
                     Ok(cfg) => router.reload(&cfg),
                     Err(e) => error!("config reload refused, nothing changed: {e}"),
                 }
@@ -405,8 +431,9 @@ impl Router {
     /// The router's view of each worker's prefix cache: (role, url, blocks indexed).
     pub fn kv_view(&self) -> Vec<(kv_aware::Role, String, usize)> {
         let mut v = Vec::new();
+        let Some(kv) = &self.kv else { return v };
         for (role, list) in [(kv_aware::Role::Prefill, &self.prefill), (kv_aware::Role::Decode, &self.backends)] {
-            for (b, n) in list.iter().zip(self.kv.indexed_blocks(role)) {
+            for (b, n) in list.iter().zip(kv.indexed_blocks(role)) {
                 v.push((role, b.url.clone(), n));
             }
         }
@@ -427,7 +454,7 @@ impl Router {
         match (policy, plan) {
             (Policy::RoundRobin, _) => {}
             (Policy::KvAware, Some(p)) => v.sort_by_key(|(i, b)| {
-                let free = self.kv.decode_free[*i].load(Ordering::Relaxed) as usize;
+                let free = p.kv.decode_free[*i].load(Ordering::Relaxed) as usize;
                 (
                     free < need_blocks,
                     b.outstanding.load(Ordering::Relaxed),
@@ -459,7 +486,7 @@ impl Router {
             None => healthy.into_iter().next(),
             Some(p) => healthy.min_by(|&a, &b| {
                 let cost = |i: usize| {
-                    let pending = self.kv.prefill_pending[i].load(Ordering::Relaxed) as f64;
+                    let pending = p.kv.prefill_pending[i].load(Ordering::Relaxed) as f64;
                     pending + p.lookup.prompt_tokens as f64 - weight * p.lookup.prefill_cached[i] as f64
                 };
                 cost(a).total_cmp(&cost(b))
@@ -489,9 +516,11 @@ impl Router {
     /// Where `kv_aware` places a request: its prompt looked up in both indexes (None
     /// when the router cannot tokenize it: it routes by load alone).
     async fn plan(&self, req: &pb::GenerateRequest) -> Option<Plan> {
-        let tokens = self.kv.tokens(req).await?;
+        let kv = self.kv.clone()?;
+        let tokens = kv.tokens(req).await?;
         Some(Plan {
-            lookup: self.kv.lookup(&tokens, &req.cache_salt),
+            lookup: kv.lookup(&tokens, &req.cache_salt),
+            kv,
         })
     }
 
@@ -590,24 +619,21 @@ impl RouterApi {
             _ => None,
         };
         let need_blocks = plan.as_ref().map_or(0, |p| {
-            let max_tokens = req.sampling.as_ref().map_or(0, |s| s.max_tokens.unwrap_or(0) as usize);
+            // Unset: the decode-server's default of 16.
+            let max_tokens = req.sampling.as_ref().and_then(|s| s.max_tokens).unwrap_or(16) as usize;
             (p.lookup.prompt_tokens + max_tokens).div_ceil(p.lookup.decode_block_size.max(1))
         });
         let candidates = self.0.candidates(tuning.policy, plan.as_ref(), need_blocks);
-        // Conditional disaggregation: a prompt whose part not cached on the chosen
-        // decode-server is short is prefilled there, saving the transfer.
-        let local = match (&plan, candidates.first()) {
-            (Some(p), Some(first)) if tuning.local_prefill_below > 0 => {
-                let d = self
-                    .0
-                    .backends
-                    .iter()
-                    .position(|b| Arc::ptr_eq(b, first))
-                    .expect("a candidate is a backend");
+        // Conditional disaggregation: a prompt whose part not cached on a decode-server
+        // is short is prefilled there, saving the transfer (judged per decode-server).
+        let local_on = |b: &Arc<Backend>| match &plan {
+            Some(p) if tuning.local_prefill_below > 0 => {
+                let d = self.0.backends.iter().position(|x| Arc::ptr_eq(x, b)).expect("a candidate is a backend");
                 p.lookup.prompt_tokens.saturating_sub(p.lookup.decode_cached[d]) < tuning.local_prefill_below
             }
             _ => false,
         };
+        let local = candidates.first().is_some_and(local_on);
         let prefill = match candidates.first() {
             Some(_) if !local => self.0.pick_prefill(plan.as_ref(), tuning.overlap_weight),
             _ => None,
@@ -615,7 +641,7 @@ impl RouterApi {
         let mut pending = Pending(None);
         if let (Some(p), Some(i)) = (&plan, prefill) {
             self.0.count_hit(p, i);
-            pending = Pending::add(&self.0.kv, i, p.lookup.prompt_tokens.saturating_sub(p.lookup.prefill_cached[i]));
+            pending = Pending::add(&p.kv, i, p.lookup.prompt_tokens.saturating_sub(p.lookup.prefill_cached[i]));
             info!(
                 request_id = %req.request_id,
                 prefill = %self.0.prefill[i].url,
@@ -627,7 +653,7 @@ impl RouterApi {
         // No decode-server to take it: nothing to start early either; nor when the
         // first choice is busy (its blocks would come after the early start's hold).
         let early = match (candidates.first(), prefill) {
-            (Some(b), Some(_)) if b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding => {
+            (Some(b), Some(_)) if self.0.cfg.early_prefill && b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding => {
                 metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => "skipped_busy").increment(1);
                 false
             }
@@ -638,9 +664,8 @@ impl RouterApi {
             _ => false,
         };
         // The decode-server's prefill-server: the one started early, or under kv_aware
-        // the one chosen (or `local`) even when nothing was started early.
-        let hint = match (early, prefill) {
-            _ if local => Some(daemon::LOCAL_PREFILL.to_string()),
+        // the one chosen even when nothing was started early (or `local`, per server).
+        let chosen = match (early, prefill) {
             (true, Some(i)) => Some(self.0.prefill[i].url.clone()),
             (false, Some(i)) if plan.is_some() || !self.0.cfg.early_prefill => Some(self.0.prefill[i].url.clone()),
             _ => None,
@@ -665,7 +690,8 @@ impl RouterApi {
             let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
             let mut request = Request::new(req.clone());
             self.0.token.attach(&mut request);
-            if let Some(url) = hint.as_deref().and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
+            let hint = if local_on(&b) { Some(daemon::LOCAL_PREFILL) } else { chosen.as_deref() };
+            if let Some(url) = hint.and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
                 request.metadata_mut().insert(daemon::PREFILL_HINT, url);
             }
             match call(client, request).await {

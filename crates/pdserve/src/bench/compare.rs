@@ -21,6 +21,13 @@ pub struct Args {
     /// prefill off, so that the decode-server alone asks the prefill-server.
     #[arg(long, value_delimiter = ',')]
     pub local: Vec<String>,
+    /// Prefill-servers in each disaggregated `--local` deployment.
+    #[arg(long, default_value_t = 1)]
+    pub prefill: usize,
+    /// Run each disaggregated `--local` deployment once per router policy (named
+    /// `tcp@kv_aware`, ...), and add a table of prefix hit rate and prompt tokens computed.
+    #[arg(long, value_delimiter = ',', value_parser = ["round_robin", "least_outstanding", "kv_aware"])]
+    pub routing: Vec<String>,
     /// Model, devices and KV memory of the `--local` deployments.
     #[command(flatten)]
     pub placement: up::Placement,
@@ -74,6 +81,9 @@ pub struct Row {
 }
 
 fn method_name(name: &str) -> String {
+    if let Some((base, policy)) = name.split_once('@') {
+        return format!("{}, {policy}", method_name(base));
+    }
     let (base, late) = split_late(name);
     let method = match base {
         "colocated" => "Colocated (one daemon)".into(),
@@ -182,7 +192,7 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
-fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result<up::Args> {
+fn local_args(a: &Args, name: &str, routing: Option<&str>, workdir: &std::path::Path) -> anyhow::Result<up::Args> {
     let (name, late) = split_late(name);
     let (backend, prefill) = match name {
         "colocated" => (BackendKind::Tcp, 0),
@@ -190,7 +200,7 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
             other
                 .parse::<BackendKind>()
                 .map_err(|e| anyhow::anyhow!("--local {other}: {e} (want colocated, tcp, nixl or ucx)"))?,
-            1,
+            a.prefill.max(1),
         ),
     };
     Ok(up::Args {
@@ -198,6 +208,7 @@ fn local_args(a: &Args, name: &str, workdir: &std::path::Path) -> anyhow::Result
         backend,
         prefill,
         no_early_prefill: late,
+        routing: routing.unwrap_or("round_robin").to_string(),
         workdir: Some(workdir.to_path_buf()),
         ready_timeout: 300,
         ..Default::default()
@@ -216,9 +227,19 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                 .with_context(|| format!("measuring {name}"))?,
         );
     }
-    for name in &a.local {
-        let work = tempfile::Builder::new().prefix(&format!("pdserve-compare-{name}-")).tempdir()?;
-        let args = local_args(&a, name, work.path())?;
+    // Each disaggregated deployment once per policy (colocated has no router choice).
+    let runs: Vec<(String, Option<&str>)> = a
+        .local
+        .iter()
+        .flat_map(|name| match (name.as_str(), a.routing.is_empty()) {
+            ("colocated", _) | (_, true) => vec![(name.clone(), None)],
+            _ => a.routing.iter().map(|p| (format!("{name}@{p}"), Some(p.as_str()))).collect(),
+        })
+        .collect();
+    for (name, routing) in &runs {
+        let base = name.split_once('@').map_or(name.as_str(), |(b, _)| b);
+        let work = tempfile::Builder::new().prefix(&format!("pdserve-compare-{base}-")).tempdir()?;
+        let args = local_args(&a, base, *routing, work.path())?;
         eprintln!("bench compare: starting {name} (logs in {})", work.path().display());
         let dep = up::start(&args, work.path())
             .await
@@ -234,6 +255,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     let rows = rows(&levels);
     println!("## {}, {}\n", a.workload.describe(a.workload.input_lens()[0]), levels[0].load);
     println!("{}", table(&rows));
+    if !a.routing.is_empty() {
+        println!("{}", routing_table(&levels));
+    }
     let by_load = a.load.levels()?.len() > 1;
     if by_load {
         println!("{}", sweep_table(&levels));
@@ -269,6 +293,42 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     a.output.write(&doc, &levels)?;
     let failed = rows.iter().any(|r| r.failed > 0) || kv_rows.iter().any(|r| !r.verified);
     Ok(if failed { 1 } else { 0 })
+}
+
+/// Where prompts were computed under each router policy, at the first load level: the
+/// prefix cache's hit rate, prompt tokens computed (and their share of round-robin's
+/// on the same deployment), time to first token and throughput.
+pub fn routing_table(levels: &[Level]) -> String {
+    let first_load = levels.first().map(|l| l.load.clone()).unwrap_or_default();
+    let at_first: Vec<&Level> = levels.iter().filter(|l| l.load == first_load).collect();
+    let mut s = String::from(
+        "| Deployment | Input | Prefix hit rate | Prompt tokens computed | vs round_robin | TTFT p50 / p90 ms | req/s | Failed |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for l in &at_first {
+        let x = &l.summary;
+        let base = l.target.split_once('@').map_or(l.target.as_str(), |(b, _)| b);
+        let rr = at_first
+            .iter()
+            .find(|o| o.target == format!("{base}@round_robin") && o.input_len == l.input_len)
+            .map(|o| o.summary.prefill_tokens_computed);
+        let vs = match rr {
+            Some(r) if r > 0 => format!("{:.2}x", x.prefill_tokens_computed as f64 / r as f64),
+            _ => "-".into(),
+        };
+        s += &format!(
+            "| {} | {} | {:.1}% | {} | {vs} | {:.1} / {:.1} | {:.2} | {} |\n",
+            method_name(&l.target),
+            l.input_len,
+            x.prefix_hit_rate * 100.0,
+            x.prefill_tokens_computed,
+            x.ttft_ms.p50,
+            x.ttft_ms.p90,
+            x.request_throughput,
+            x.failed
+        );
+    }
+    s
 }
 
 /// The distinct KV sizes the disaggregated runs moved (bytes a request, whole).
