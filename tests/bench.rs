@@ -82,8 +82,28 @@ fn bench_compare_routing_policies() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("routing.json");
     let out = pdserve()
-        .args(["bench", "compare", "--local", "tcp", "--prefill", "2", "--routing", "kv_aware,round_robin"])
-        .args(["--multi-turn", "4", "--input-len", "40", "--output-len", "4", "--requests", "24", "--concurrency", "3"])
+        .args([
+            "bench",
+            "compare",
+            "--local",
+            "tcp",
+            "--prefill",
+            "2",
+            "--routing",
+            "kv_aware,round_robin",
+        ])
+        .args([
+            "--multi-turn",
+            "4",
+            "--input-len",
+            "40",
+            "--output-len",
+            "4",
+            "--requests",
+            "24",
+            "--concurrency",
+            "3",
+        ])
         .args(["--vocab", "500", "--no-kvbench", "--quiet", "--model"])
         .arg(model())
         .arg("--json")
@@ -114,7 +134,11 @@ fn bench_compare_routing_policies() {
     let hit = |s: &serde_json::Value| s["prefix_hit_rate"].as_f64().unwrap();
     // Not always all of it: a turn whose home is busy with another prompt may go to the
     // idle server (the load term), as it should.
-    assert!(hit(&kv) <= ideal + 1e-9 && hit(&kv) >= 0.8 * ideal, "kv_aware hit rate {} (ideal {ideal})", hit(&kv));
+    assert!(
+        hit(&kv) <= ideal + 1e-9 && hit(&kv) >= 0.8 * ideal,
+        "kv_aware hit rate {} (ideal {ideal})",
+        hit(&kv)
+    );
     assert!(hit(&kv) > hit(&rr), "kv_aware {kv}\nround_robin {rr}");
     let computed = |s: &serde_json::Value| s["prefill_tokens_computed"].as_u64().unwrap();
     assert!(computed(&kv) < computed(&rr), "kv_aware {kv}\nround_robin {rr}");

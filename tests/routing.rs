@@ -177,9 +177,11 @@ async fn the_routers_view_follows_evictions_and_restarts() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    until("the restarted prefill-server serves its metrics", Duration::from_secs(30), || async {
-        std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok()
-    })
+    until(
+        "the restarted prefill-server serves its metrics",
+        Duration::from_secs(30),
+        || async { std::net::TcpStream::connect(("127.0.0.1", ports.prefill[victim])).is_ok() },
+    )
     .await;
     until(
         "the decode-server uses the restarted prefill-server again",

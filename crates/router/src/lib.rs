@@ -357,7 +357,10 @@ impl Router {
         }
         let new = Tuning::of(cfg);
         if new.policy == Policy::KvAware && self.kv.is_none() {
-            error!("config reload refused, nothing changed: kv_aware indexes at most {} workers per role", index::MAX_WORKERS);
+            error!(
+                "config reload refused, nothing changed: kv_aware indexes at most {} workers per role",
+                index::MAX_WORKERS
+            );
             return;
         }
         let old = std::mem::replace(&mut *self.tuning.write().unwrap(), new);
@@ -628,7 +631,12 @@ impl RouterApi {
         // is short is prefilled there, saving the transfer (judged per decode-server).
         let local_on = |b: &Arc<Backend>| match &plan {
             Some(p) if tuning.local_prefill_below > 0 => {
-                let d = self.0.backends.iter().position(|x| Arc::ptr_eq(x, b)).expect("a candidate is a backend");
+                let d = self
+                    .0
+                    .backends
+                    .iter()
+                    .position(|x| Arc::ptr_eq(x, b))
+                    .expect("a candidate is a backend");
                 p.lookup.prompt_tokens.saturating_sub(p.lookup.decode_cached[d]) < tuning.local_prefill_below
             }
             _ => false,
@@ -653,7 +661,9 @@ impl RouterApi {
         // No decode-server to take it: nothing to start early either; nor when the
         // first choice is busy (its blocks would come after the early start's hold).
         let early = match (candidates.first(), prefill) {
-            (Some(b), Some(_)) if self.0.cfg.early_prefill && b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding => {
+            (Some(b), Some(_))
+                if self.0.cfg.early_prefill && b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding =>
+            {
                 metrics::counter!(daemon::metrics::EARLY_PREFILLS, "outcome" => "skipped_busy").increment(1);
                 false
             }
@@ -690,7 +700,11 @@ impl RouterApi {
             let client = GenerationClient::new(b.channel.clone()).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
             let mut request = Request::new(req.clone());
             self.0.token.attach(&mut request);
-            let hint = if local_on(&b) { Some(daemon::LOCAL_PREFILL) } else { chosen.as_deref() };
+            let hint = if local_on(&b) {
+                Some(daemon::LOCAL_PREFILL)
+            } else {
+                chosen.as_deref()
+            };
             if let Some(url) = hint.and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
                 request.metadata_mut().insert(daemon::PREFILL_HINT, url);
             }
