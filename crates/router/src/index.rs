@@ -19,7 +19,8 @@ pub struct HashParams {
 
 #[derive(Debug, Default, Clone)]
 struct Worker {
-    /// Set once a snapshot is complete; cleared when the worker goes cold.
+    /// How its blocks are named: set when its snapshot begins (live once the snapshot
+    /// is complete); cleared when the worker goes cold.
     params: Option<HashParams>,
     /// Blocks the index holds for this worker.
     blocks: usize,
@@ -63,16 +64,17 @@ impl KvIndex {
         self.workers[w] = Worker::default();
     }
 
-    /// A snapshot of `w` begins: what it held before is forgotten, and it is not used
-    /// for routing until [`KvIndex::snapshot_done`].
-    pub fn snapshot_begin(&mut self, w: usize) {
+    /// A snapshot of `w`, whose blocks are named by `params`, begins: what it held
+    /// before is forgotten, and it is not used for routing until
+    /// [`KvIndex::snapshot_done`].
+    pub fn snapshot_begin(&mut self, w: usize, params: HashParams) {
         self.clear(w);
         self.workers[w].loading = true;
+        self.workers[w].params = Some(params);
     }
 
-    pub fn snapshot_done(&mut self, w: usize, params: HashParams) {
+    pub fn snapshot_done(&mut self, w: usize) {
         self.workers[w].loading = false;
-        self.workers[w].params = Some(params);
     }
 
     /// Indexes `hashes` for `w`; returns how many were not (past its share).
@@ -80,23 +82,24 @@ impl KvIndex {
         let bit = 1u64 << w;
         let mut dropped = 0;
         for h in hashes {
+            if self.blocks.get(&h).is_some_and(|set| set & bit != 0) {
+                continue;
+            }
             if self.workers[w].blocks >= self.max_per_worker {
                 dropped += 1;
                 continue;
             }
-            let set = self.blocks.entry(h).or_insert(0);
-            if *set & bit == 0 {
-                *set |= bit;
-                self.entries += 1;
-                self.workers[w].blocks += 1;
-            }
+            *self.blocks.entry(h).or_insert(0) |= bit;
+            self.entries += 1;
+            self.workers[w].blocks += 1;
         }
         dropped
     }
 
-    /// The hash parameters of the live workers other than `w` (they all share one).
+    /// The hash parameters of the workers other than `w` that are live or loading
+    /// their snapshot (they all share one).
     pub fn params_of_others(&self, w: usize) -> Option<HashParams> {
-        (0..self.workers.len()).filter(|&i| i != w).find_map(|i| self.params(i))
+        (0..self.workers.len()).filter(|&i| i != w).find_map(|i| self.workers[i].params)
     }
 
     /// (block, worker) entries held, over all workers.
@@ -182,7 +185,7 @@ mod tests {
         let a: Vec<u32> = (0..32).collect();
         let ha = chain(&a);
         for w in 0..3 {
-            ix.snapshot_begin(w);
+            ix.snapshot_begin(w, P);
         }
         ix.store(0, ha[..6].iter().copied());
         ix.store(1, ha[..2].iter().copied());
@@ -192,7 +195,7 @@ mod tests {
         ix.overlaps(P, &ha, &mut out);
         assert_eq!(out, [0; 3], "no worker is live before its snapshot completes");
         for w in 0..3 {
-            ix.snapshot_done(w, P);
+            ix.snapshot_done(w);
         }
         ix.overlaps(P, &ha, &mut out);
         assert_eq!(out, [6, 2, 0]);
@@ -216,12 +219,13 @@ mod tests {
     #[test]
     fn each_worker_has_its_own_bound() {
         let mut ix = KvIndex::new(2, 10);
-        ix.snapshot_begin(0);
-        ix.snapshot_begin(1);
+        ix.snapshot_begin(0, P);
+        ix.snapshot_begin(1, P);
         let h = chain(&(0..64).collect::<Vec<_>>());
         assert_eq!(ix.store(0, h.iter().copied()), 6);
         assert_eq!(ix.worker_blocks(0), 10);
-        assert_eq!(ix.store(0, h[..3].iter().copied()), 3, "a full worker takes nothing more");
+        assert_eq!(ix.store(0, h[..3].iter().copied()), 0, "blocks already held are not dropped");
+        assert_eq!(ix.store(0, h[12..].iter().copied()), 4, "a full worker takes nothing more");
         // The other worker still gets its share, in part the same blocks.
         let g = chain(&(100..160).collect::<Vec<_>>());
         assert_eq!(ix.store(1, h[5..8].iter().chain(&g).copied()), 3 + g.len() - 10);
@@ -238,12 +242,12 @@ mod tests {
         // is for benchmarks): the walk is one hash lookup per prompt block.
         let mut ix = KvIndex::new(4, 1 << 20);
         for w in 0..4 {
-            ix.snapshot_begin(w);
+            ix.snapshot_begin(w, P);
             for p in 0..25u32 {
                 let t: Vec<u32> = (0..4000).map(|i| i ^ (p << 16) ^ ((w as u32) << 24)).collect();
                 ix.store(w, chain(&t));
             }
-            ix.snapshot_done(w, P);
+            ix.snapshot_done(w);
         }
         assert_eq!(ix.entries(), 100_000);
         let probe = chain(&(0..4000).map(|i| i ^ (3 << 16) ^ (2 << 24)).collect::<Vec<u32>>());

@@ -124,7 +124,7 @@ impl KvState {
         // The hash parameters in use (workers of one model share one set; a role with
         // nothing indexed needs none), hashed once each, outside the locks.
         let live = |ix: &Mutex<KvIndex>| {
-            let ix = ix.lock().unwrap();
+            let ix = ix.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let p = (0..ix.len()).find_map(|w| ix.params(w));
             (p, ix.entries() > 0)
         };
@@ -136,7 +136,7 @@ impl KvState {
             }
         }
         let look = |ix: &Mutex<KvIndex>| {
-            let ix = ix.lock().unwrap();
+            let ix = ix.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let (mut cached, mut blocks) = (vec![0usize; ix.len()], vec![0usize; ix.len()]);
             for (p, hashes) in &chains {
                 let mut out = vec![0usize; ix.len()];
@@ -160,7 +160,7 @@ impl KvState {
 
     /// Blocks the router's index holds for each worker of `role` (its view of their caches).
     pub fn indexed_blocks(&self, role: Role) -> Vec<usize> {
-        let ix = self.index(role).lock().unwrap();
+        let ix = self.index(role).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         (0..ix.len()).map(|w| ix.worker_blocks(w)).collect()
     }
 }
@@ -180,7 +180,13 @@ enum StreamEnd {
     Gap { last: u64, got: u64 },
     #[error("bad message: {0}")]
     Bad(String),
+    #[error("its blocks are named by {0}")]
+    Mismatch(String),
 }
+
+/// Wait before subscribing again to a worker whose hash parameters differ from its
+/// role's (a misconfiguration: no use asking twice a second).
+const MISMATCH_BACKOFF: Duration = Duration::from_secs(30);
 
 fn hashes(raw: Vec<Vec<u8>>) -> Result<Vec<BlockHash>, StreamEnd> {
     if raw.len() > MAX_HASHES_PER_MESSAGE {
@@ -219,17 +225,25 @@ impl Subscriber {
         // For the process's life: not tracked (a drain would wait for it in vain).
         tokio::spawn(async move {
             loop {
+                let mut pause = RESUBSCRIBE_AFTER;
                 if (self.healthy)() {
                     let e = self.follow().await;
                     warn!(worker = %self.url, role = self.role.name(), error = %e, "KV events lost; the worker counts as cold until it resubscribes");
+                    if matches!(e, StreamEnd::Mismatch(_)) {
+                        pause = MISMATCH_BACKOFF;
+                    }
                 }
-                self.state.index(self.role).lock().unwrap().clear(self.worker);
+                self.state
+                    .index(self.role)
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear(self.worker);
                 if self.role == Role::Decode {
                     // Unknown again: a cold worker's last report must not steer choices.
                     self.state.decode_free[self.worker].store(u32::MAX, Ordering::Relaxed);
                 }
                 self.report();
-                tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                tokio::time::sleep(pause).await;
             }
         });
     }
@@ -242,7 +256,12 @@ impl Subscriber {
     }
 
     fn report(&self) {
-        let n = self.state.index(self.role).lock().unwrap().worker_blocks(self.worker);
+        let n = self
+            .state
+            .index(self.role)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .worker_blocks(self.worker);
         metrics::gauge!(daemon::metrics::ROUTER_INDEX_BLOCKS, "role" => self.role.name(), "worker" => self.url.clone()).set(n as f64);
     }
 
@@ -274,7 +293,11 @@ impl Subscriber {
     /// One message into the index; an error ends the stream (the worker goes cold).
     fn apply(&self, m: pb::KvEventsMessage, last: &mut Option<u64>, loading: &mut Option<HashParams>) -> Result<(), StreamEnd> {
         use pb::kv_events_message::Kind;
-        let mut ix = self.state.index(self.role).lock().unwrap();
+        let mut ix = self
+            .state
+            .index(self.role)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match m.kind {
             Some(Kind::Snapshot(s)) => {
                 if s.first {
@@ -290,11 +313,11 @@ impl Subscriber {
                     if let Some(other) = ix.params_of_others(self.worker)
                         && other != params
                     {
-                        return Err(StreamEnd::Bad(format!(
-                            "its blocks are named by {params:?}, the other workers' by {other:?} (another model?)"
+                        return Err(StreamEnd::Mismatch(format!(
+                            "{params:?}, the other workers' {other:?} (another model?)"
                         )));
                     }
-                    ix.snapshot_begin(self.worker);
+                    ix.snapshot_begin(self.worker, params);
                     *loading = Some(params);
                     *last = Some(m.seq);
                 } else if loading.is_none() || *last != Some(m.seq) {
@@ -303,8 +326,8 @@ impl Subscriber {
                 let dropped = ix.store(self.worker, hashes(s.hashes)?);
                 self.dropped(dropped);
                 if s.last {
-                    let params = loading.take().expect("checked above");
-                    ix.snapshot_done(self.worker, params);
+                    loading.take();
+                    ix.snapshot_done(self.worker);
                     debug!(worker = %self.url, role = self.role.name(), blocks = ix.worker_blocks(self.worker), "KV snapshot loaded");
                 }
             }

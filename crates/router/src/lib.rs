@@ -160,9 +160,9 @@ impl Validate for RouterConfig {
         if self.kv_events_timeout_ms <= self.kv_events_heartbeat_ms {
             return Err("kv_events_timeout_ms must be longer than kv_events_heartbeat_ms".into());
         }
-        if self.decode_servers.len() > index::MAX_WORKERS || self.prefill_servers.len() > index::MAX_WORKERS {
+        if self.policy == Policy::KvAware && !self.kv_indexable() {
             return Err(format!(
-                "at most {} decode_servers and {} prefill_servers",
+                "kv_aware indexes at most {} decode_servers and {} prefill_servers",
                 index::MAX_WORKERS,
                 index::MAX_WORKERS
             ));
@@ -521,10 +521,10 @@ impl Router {
     async fn plan(&self, req: &pb::GenerateRequest) -> Option<Plan> {
         let kv = self.kv.clone()?;
         let tokens = kv.tokens(req).await?;
-        Some(Plan {
-            lookup: kv.lookup(&tokens, &req.cache_salt),
-            kv,
-        })
+        // Hashing a long prompt takes a while: off the runtime's threads.
+        let (k, salt) = (kv.clone(), req.cache_salt.clone());
+        let lookup = tokio::task::spawn_blocking(move || k.lookup(&tokens, &salt)).await.ok()?;
+        Some(Plan { lookup, kv })
     }
 
     /// Counts a routed prompt's cache hit on its prefill-server in the router's metrics.
@@ -869,4 +869,34 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
     }
     info!("router stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_kv_aware_bounds_the_worker_count() {
+        let many = RouterConfig {
+            decode_servers: (0..65).map(|i| format!("http://127.0.0.1:{}", 20_000 + i)).collect(),
+            ..Default::default()
+        };
+        assert!(many.validate().is_ok(), "round_robin takes any number of decode-servers");
+        let kv = RouterConfig {
+            policy: Policy::KvAware,
+            ..many.clone()
+        };
+        assert!(kv.validate().unwrap_err().contains("at most 64"));
+        let bad = RouterConfig {
+            overlap_weight: -1.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = RouterConfig {
+            kv_events_timeout_ms: 500,
+            kv_events_heartbeat_ms: 1000,
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
 }
