@@ -115,6 +115,25 @@ async fn each_turn_goes_where_its_conversation_lives() {
     let hit = sample(&m, "pdserve_router_kv_hit_rate", &[]).unwrap();
     assert!(hit > 0.5 && hit < 1.0, "router hit rate {hit}");
     assert!(sample(&m, "pdserve_router_overlap_blocks_total", &[]).unwrap() >= 12.0 * 3.0);
+    // Text and chat prompts: the router tokenizes them with the model's tokenizer and
+    // template (as the decode-server will), so a repeated one finds its home too.
+    let text = Input::Text("the router reads this prompt with the model's own tokenizer, ".repeat(4));
+    let chat = Input::Chat(pb::Chat {
+        messages: vec![pb::ChatMessage {
+            role: "user".into(),
+            content: "a conversation the router renders with the chat template, ".repeat(4),
+        }],
+    });
+    for input in [text, chat] {
+        let (_, first) = stream(&mut c, request(input.clone(), &params)).await.unwrap();
+        views_agree(&ports, &dep, "the router's index has the prompt").await;
+        let (_, again) = stream(&mut c, request(input, &params)).await.unwrap();
+        assert_eq!(
+            again.prefill_server, first.prefill_server,
+            "a repeated prompt left its prefill-server"
+        );
+        assert!(again.cached_tokens >= 16 && again.token_ids == first.token_ids, "{again:?}");
+    }
     for d in &dep.decode {
         assert_all_blocks_free(d).await;
     }
