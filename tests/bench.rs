@@ -8,6 +8,15 @@ fn pdserve() -> Command {
     Command::new(pdserve::up::binary("pdserve").unwrap())
 }
 
+/// Runs `cmd` with `--json FILE`: it must succeed; its stdout and the JSON it wrote.
+fn run_json(mut cmd: Command, dir: &tempfile::TempDir) -> (String, serde_json::Value) {
+    let json = dir.path().join("out.json");
+    let out = cmd.arg("--json").arg(&json).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (stdout, serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap())
+}
+
 /// Every row of the compare table is filled from measurements, the JSON parses, and
 /// the disaggregated rows moved the KV bytes the model's shape says they must.
 #[test]
@@ -80,40 +89,33 @@ fn bench_compare_fills_every_row() {
 #[test]
 fn bench_compare_routing_policies() {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("routing.json");
-    let out = pdserve()
-        .args([
-            "bench",
-            "compare",
-            "--local",
-            "tcp",
-            "--prefill",
-            "2",
-            "--routing",
-            "kv_aware,round_robin",
-        ])
-        .args([
-            "--multi-turn",
-            "4",
-            "--input-len",
-            "40",
-            "--output-len",
-            "4",
-            "--requests",
-            "24",
-            "--concurrency",
-            "3",
-        ])
-        .args(["--vocab", "500", "--no-kvbench", "--quiet", "--model"])
-        .arg(model())
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let mut cmd = pdserve();
+    cmd.args([
+        "bench",
+        "compare",
+        "--local",
+        "tcp",
+        "--prefill",
+        "2",
+        "--routing",
+        "kv_aware,round_robin",
+    ])
+    .args([
+        "--multi-turn",
+        "4",
+        "--input-len",
+        "40",
+        "--output-len",
+        "4",
+        "--requests",
+        "24",
+        "--concurrency",
+        "3",
+    ])
+    .args(["--vocab", "500", "--no-kvbench", "--quiet", "--model"])
+    .arg(model());
+    let (stdout, doc) = run_json(cmd, &dir);
     assert!(stdout.contains("| Disaggregated + TCP, kv_aware | 40 |"), "{stdout}");
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let summary = |target: &str| {
         doc["levels"]
             .as_array()
@@ -151,9 +153,8 @@ fn bench_open_loop_counts_every_request() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (dep, _work) = rt.block_on(e2e::deploy(kv_transfer::BackendKind::Ucx, 1, 1, 64));
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = pdserve()
-        .args(["bench", "--router", &dep.router, "--rate", "50", "--requests", "12", "--quiet"])
+    let mut cmd = pdserve();
+    cmd.args(["bench", "--router", &dep.router, "--rate", "50", "--requests", "12", "--quiet"])
         .args([
             "--input-len",
             "8:30",
@@ -163,15 +164,9 @@ fn bench_open_loop_counts_every_request() {
             "60000",
             "--slo-tpot-ms",
             "60000",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        ]);
+    let (stdout, doc) = run_json(cmd, &dir);
     assert!(stdout.contains("| TTFT ms |"), "{stdout}");
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let level = &doc["levels"][0];
     let reqs = level["requests"].as_array().unwrap();
     assert_eq!(reqs.len(), 12);
@@ -206,15 +201,17 @@ fn bench_open_loop_counts_every_request() {
             .collect::<String>(),
     )
     .unwrap();
-    let out = pdserve()
-        .args(["bench", "--router", &dep.router, "--trace"])
-        .arg(&trace)
-        .args(["--trace-block", "8", "--vocab", "400", "--warmup", "0", "--quiet", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let mut cmd = pdserve();
+    cmd.args(["bench", "--router", &dep.router, "--trace"]).arg(&trace).args([
+        "--trace-block",
+        "8",
+        "--vocab",
+        "400",
+        "--warmup",
+        "0",
+        "--quiet",
+    ]);
+    let (_, doc) = run_json(cmd, &dir);
     assert_eq!(doc["levels"][0]["load"], "trace arrivals");
     let reqs = doc["levels"][0]["requests"].as_array().unwrap();
     assert_eq!(reqs.len(), 4);
@@ -228,24 +225,20 @@ fn bench_open_loop_counts_every_request() {
 
     // Multi-turn chats (3 turns) in a closed loop of 2: each turn's prompt is longer than
     // the last, and a turn is sent only after the one before it ended.
-    let out = pdserve()
-        .args([
-            "bench",
-            "--router",
-            &dep.router,
-            "--multi-turn",
-            "3",
-            "--requests",
-            "6",
-            "--concurrency",
-            "2",
-        ])
-        .args(["--input-len", "4:8", "--output-len", "2", "--warmup", "1", "--quiet", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let mut cmd = pdserve();
+    cmd.args([
+        "bench",
+        "--router",
+        &dep.router,
+        "--multi-turn",
+        "3",
+        "--requests",
+        "6",
+        "--concurrency",
+        "2",
+    ])
+    .args(["--input-len", "4:8", "--output-len", "2", "--warmup", "1", "--quiet"]);
+    let (_, doc) = run_json(cmd, &dir);
     let reqs = doc["levels"][0]["requests"].as_array().unwrap();
     assert_eq!(reqs.len(), 6);
     let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
