@@ -124,6 +124,19 @@ fn free_port() -> anyhow::Result<u16> {
     free_port_run(1)
 }
 
+const LOW: u16 = 20_000;
+const SPAN: u16 = 10_000;
+
+/// The first port of the run of `n` at counter `step` of a process starting at
+/// `spread`, or None for a run that would cross the span's end. One modulus for every
+/// run length: the runs one process hands out never overlap until its counter has gone
+/// round the whole span (a modulus of SPAN - n made runs of different lengths collide
+/// right after the wrap: a daemon then failed with "Address already in use").
+fn run_base(spread: u32, step: u32, n: u16) -> Option<u16> {
+    let base = LOW + (spread.wrapping_add(step) % u32::from(SPAN)) as u16;
+    (base + n <= LOW + SPAN).then_some(base)
+}
+
 /// The first of `n` consecutive free loopback ports. Looked for below the kernel's
 /// ephemeral range (32768 up): a port found free there by binding port 0 can be taken,
 /// between the check and the daemon's own bind, by any outgoing connection or
@@ -132,13 +145,11 @@ fn free_port() -> anyhow::Result<u16> {
 /// at different offsets.
 pub fn free_port_run(n: u16) -> anyhow::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u16 = 20_000;
-    const SPAN: u16 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let spread = (std::process::id() % 400) * 25;
     for _ in 0..SPAN / n.max(1) {
         let step = NEXT.fetch_add(u32::from(n), Ordering::Relaxed);
-        let base = LOW + (spread.wrapping_add(step) % u32::from(SPAN - n)) as u16;
+        let Some(base) = run_base(spread, step, n) else { continue };
         let held: Vec<_> = (base..base + n)
             .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
             .collect();
@@ -441,5 +452,31 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         eprintln!("pdserve up: daemons exited badly: {}", bad.join(", "));
         Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn port_runs_of_mixed_lengths_never_overlap_across_the_wrap() {
+        // A process starting near the span's end: its counter wraps early.
+        let spread = 399 * 25;
+        let (mut step, mut taken) = (0u32, std::collections::HashSet::new());
+        for i in 0..2000 {
+            let n = [1u16, 3, 1, 5, 2][i % 5];
+            let base = loop {
+                let s = step;
+                step += u32::from(n);
+                if let Some(b) = run_base(spread, s, n) {
+                    break b;
+                }
+            };
+            for p in base..base + n {
+                assert!((LOW..LOW + SPAN).contains(&p));
+                assert!(taken.insert(p), "port {p} handed out twice (run {i} of {n})");
+            }
+        }
     }
 }
