@@ -2,6 +2,17 @@
 use engine::{FinishReason, KvLayout, SamplingParams};
 use proto::v1 as pb;
 
+/// A conversation as the chat template takes it.
+pub fn chat_from_wire(c: &pb::Chat) -> Vec<engine::ChatMessage> {
+    c.messages
+        .iter()
+        .map(|m| engine::ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect()
+}
+
 /// Sampling parameters with the API's defaults for unset fields.
 pub fn sampling(p: Option<&pb::SamplingParameters>) -> SamplingParams {
     let d = SamplingParams::default();

@@ -68,6 +68,11 @@ fn load(e: &Engine) -> pb::KvLoad {
     }
 }
 
+/// Block hashes as the wire carries them.
+fn wire(hashes: &[engine::BlockHash]) -> Vec<Vec<u8>> {
+    hashes.iter().map(|h| h.to_vec()).collect()
+}
+
 /// The messages of one snapshot taken at `seq`.
 fn snapshot(e: &Engine, seq: u64, hashes: &[engine::BlockHash]) -> Vec<pb::KvEventsMessage> {
     let layout = e.layout();
@@ -85,7 +90,7 @@ fn snapshot(e: &Engine, seq: u64, hashes: &[engine::BlockHash]) -> Vec<pb::KvEve
             kind: Some(pb::kv_events_message::Kind::Snapshot(pb::KvSnapshot {
                 first: i == 0,
                 last: i == last,
-                hashes: part.iter().map(|h| h.to_vec()).collect(),
+                hashes: wire(part),
                 model_fingerprint: layout.model_fingerprint,
                 block_size: layout.block_size as u32,
             })),
@@ -98,7 +103,6 @@ fn snapshot(e: &Engine, seq: u64, hashes: &[engine::BlockHash]) -> Vec<pb::KvEve
 /// [`SNAPSHOT_CHUNK`] hashes (a subscriber caps what one message may carry).
 fn event(seq: u64, ev: &KvEvent, e: &Engine) -> Vec<pb::KvEventsMessage> {
     use pb::kv_events_message::Kind;
-    let wire = |hs: &[engine::BlockHash]| hs.iter().map(|h| h.to_vec()).collect::<Vec<_>>();
     let kinds: Vec<Kind> = match ev {
         KvEvent::Stored { parent, hashes } => {
             // A later part's parent is the hash before it.

@@ -170,14 +170,7 @@ pub async fn generate(engine: &Arc<Engine>, req: &pb::GenerateRequest, limits: L
         }
         Some(pb::generate_request::Input::TokenIds(ids)) => ids.ids.clone(),
         Some(pb::generate_request::Input::Chat(c)) => {
-            let messages: Vec<engine::ChatMessage> = c
-                .messages
-                .iter()
-                .map(|m| engine::ChatMessage {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
-                })
-                .collect();
+            let messages = crate::convert::chat_from_wire(c);
             let e = engine.clone();
             tokio::task::spawn_blocking(move || e.chat_prompt(&messages))
                 .await

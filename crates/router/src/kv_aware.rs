@@ -9,7 +9,7 @@
 //! number, or claims more blocks than its pool has: a wrong index costs a recomputed
 //! prefix, never a wrong token (the worker looks blocks up itself).
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prompt::{BlockHash, Prompter};
@@ -47,8 +47,8 @@ impl Role {
 
 /// The router's view of each worker's cache, and what it routed to it.
 pub struct KvState {
-    pub prefill: Mutex<KvIndex>,
-    pub decode: Mutex<KvIndex>,
+    prefill: Mutex<KvIndex>,
+    decode: Mutex<KvIndex>,
     /// Prompt tokens each prefill-server still has to compute for requests we sent it
     /// (counted from routing until their first token): its load.
     pub prefill_pending: Vec<AtomicUsize>,
@@ -81,11 +81,14 @@ impl KvState {
         }
     }
 
-    fn index(&self, role: Role) -> &Mutex<KvIndex> {
-        match role {
+    /// A role's index, locked. A panic elsewhere while it was held leaves it poisoned
+    /// but whole (every update keeps its counts consistent step by step): routing goes on.
+    fn index(&self, role: Role) -> MutexGuard<'_, KvIndex> {
+        let ix = match role {
             Role::Prefill => &self.prefill,
             Role::Decode => &self.decode,
-        }
+        };
+        ix.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The prompt's tokens as the workers will see them: token ids as given; text and
@@ -100,17 +103,7 @@ impl KvState {
         let p = self.prompter.clone()?;
         tokio::task::spawn_blocking(move || match input {
             Input::Text(t) => p.tokenize(&t).ok(),
-            Input::Chat(c) => {
-                let messages: Vec<prompt::ChatMessage> = c
-                    .messages
-                    .into_iter()
-                    .map(|m| prompt::ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect();
-                p.chat_prompt(&messages).ok()
-            }
+            Input::Chat(c) => p.chat_prompt(&daemon::convert::chat_from_wire(&c)).ok(),
             Input::TokenIds(_) => None,
         })
         .await
@@ -123,20 +116,20 @@ impl KvState {
     pub fn lookup(&self, tokens: &[u32], salt: &str) -> Lookup {
         // The hash parameters in use (workers of one model share one set; a role with
         // nothing indexed needs none), hashed once each, outside the locks.
-        let live = |ix: &Mutex<KvIndex>| {
-            let ix = ix.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let live = |role| {
+            let ix = self.index(role);
             let p = (0..ix.len()).find_map(|w| ix.params(w));
             (p, ix.entries() > 0)
         };
-        let ((pp, p_any), (dp, d_any)) = (live(&self.prefill), live(&self.decode));
+        let ((pp, p_any), (dp, d_any)) = (live(Role::Prefill), live(Role::Decode));
         let mut chains: Vec<(HashParams, Vec<BlockHash>)> = Vec::new();
         for p in [pp.filter(|_| p_any), dp.filter(|_| d_any)].into_iter().flatten() {
             if !chains.iter().any(|(q, _)| *q == p) {
                 chains.push((p, prompt::block_hashes(p.fingerprint, salt, tokens, p.block_size)));
             }
         }
-        let look = |ix: &Mutex<KvIndex>| {
-            let ix = ix.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let look = |role| {
+            let ix = self.index(role);
             let (mut cached, mut blocks) = (vec![0usize; ix.len()], vec![0usize; ix.len()]);
             for (p, hashes) in &chains {
                 let mut out = vec![0usize; ix.len()];
@@ -147,8 +140,8 @@ impl KvState {
             }
             (cached, blocks)
         };
-        let (prefill_cached, prefill_cached_blocks) = look(&self.prefill);
-        let (decode_cached, _) = look(&self.decode);
+        let (prefill_cached, prefill_cached_blocks) = look(Role::Prefill);
+        let (decode_cached, _) = look(Role::Decode);
         Lookup {
             prompt_tokens: tokens.len(),
             prefill_cached,
@@ -156,12 +149,6 @@ impl KvState {
             prefill_cached_blocks,
             decode_block_size: dp.map_or(0, |p| p.block_size),
         }
-    }
-
-    /// Blocks the router's index holds for each worker of `role` (its view of their caches).
-    pub fn indexed_blocks(&self, role: Role) -> Vec<usize> {
-        let ix = self.index(role).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (0..ix.len()).map(|w| ix.worker_blocks(w)).collect()
     }
 }
 
@@ -233,11 +220,7 @@ impl Subscriber {
                         pause = MISMATCH_BACKOFF;
                     }
                 }
-                self.state
-                    .index(self.role)
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clear(self.worker);
+                self.state.index(self.role).clear(self.worker);
                 if self.role == Role::Decode {
                     // Unknown again: a cold worker's last report must not steer choices.
                     self.state.decode_free[self.worker].store(u32::MAX, Ordering::Relaxed);
@@ -256,12 +239,7 @@ impl Subscriber {
     }
 
     fn report(&self) {
-        let n = self
-            .state
-            .index(self.role)
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .worker_blocks(self.worker);
+        let n = self.state.index(self.role).worker_blocks(self.worker);
         metrics::gauge!(daemon::metrics::ROUTER_INDEX_BLOCKS, "role" => self.role.name(), "worker" => self.url.clone()).set(n as f64);
     }
 
@@ -293,11 +271,7 @@ impl Subscriber {
     /// One message into the index; an error ends the stream (the worker goes cold).
     fn apply(&self, m: pb::KvEventsMessage, last: &mut Option<u64>, loading: &mut Option<HashParams>) -> Result<(), StreamEnd> {
         use pb::kv_events_message::Kind;
-        let mut ix = self
-            .state
-            .index(self.role)
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ix = self.state.index(self.role);
         match m.kind {
             Some(Kind::Snapshot(s)) => {
                 if s.first {

@@ -431,18 +431,6 @@ impl Router {
         });
     }
 
-    /// The router's view of each worker's prefix cache: (role, url, blocks indexed).
-    pub fn kv_view(&self) -> Vec<(kv_aware::Role, String, usize)> {
-        let mut v = Vec::new();
-        let Some(kv) = &self.kv else { return v };
-        for (role, list) in [(kv_aware::Role::Prefill, &self.prefill), (kv_aware::Role::Decode, &self.backends)] {
-            for (b, n) in list.iter().zip(kv.indexed_blocks(role)) {
-                v.push((role, b.url.clone(), n));
-            }
-        }
-        v
-    }
-
     /// Healthy decode-servers in the order to try them: round-robin; by outstanding
     /// requests; or, with `kv_aware` and the prompt placed, those with room for it
     /// first (by their last reported free blocks), then fewest outstanding, longest
