@@ -40,12 +40,37 @@ async fn deploy_routed(
     (dep, work, ports)
 }
 
-/// The router's view of prefill-server `url`'s cache, and the server's own count.
-fn views(ports: &Ports, dep: &pdserve::up::Deployment, i: usize) -> (Option<f64>, Option<f64>) {
+/// The router's view of prefill-server `i`'s cache (blocks indexed).
+fn router_view(ports: &Ports, dep: &pdserve::up::Deployment, i: usize) -> Option<f64> {
     let url = format!("worker=\"{}\"", dep.prefill[i]);
-    let router = sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]);
+    sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url])
+}
+
+/// The router's view of prefill-server `i`'s cache, and the server's own count.
+fn views(ports: &Ports, dep: &pdserve::up::Deployment, i: usize) -> (Option<f64>, Option<f64>) {
     let worker = sample(&scrape(ports.prefill[i]), "pdserve_kv_blocks_cached", &[]);
-    (router, worker)
+    (router_view(ports, dep, i), worker)
+}
+
+/// Sends `sig` to the deployment's daemon `name`.
+fn signal(dep: &mut pdserve::up::Deployment, name: &str, sig: i32) {
+    let pid = dep.child_mut(name).unwrap().id().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Rewrites the router's config file with `edit`, sends SIGHUP, and waits until its log
+/// says `logged` once more than before.
+async fn reload_router(dep: &mut pdserve::up::Deployment, work: &std::path::Path, edit: impl FnOnce(String) -> String, logged: &str) {
+    let (path, log) = (work.join("router.toml"), work.join("router.log"));
+    let said = || std::fs::read_to_string(&log).unwrap_or_default().matches(logged).count();
+    let before = said();
+    std::fs::write(&path, edit(std::fs::read_to_string(&path).unwrap())).unwrap();
+    signal(dep, "router", libc::SIGHUP);
+    until(&format!("the router logs {logged:?}"), Duration::from_secs(10), || async {
+        said() > before
+    })
+    .await;
 }
 
 /// Waits until the router's index holds exactly what each prefill-server caches.
@@ -171,14 +196,10 @@ async fn the_routers_view_follows_evictions_and_restarts() {
     let victim = dep.prefill.iter().position(|p| *p == again.prefill_server).unwrap();
     let survivor = 1 - victim;
     let name = format!("prefill-{victim}");
-    let child = dep.child_mut(&name).unwrap();
-    let pid = child.id().unwrap() as i32;
-    // SAFETY: killing our own child process.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let _ = child.wait().await;
+    signal(&mut dep, &name, libc::SIGKILL);
+    let _ = dep.child_mut(&name).unwrap().wait().await;
     until("the killed prefill-server counts as cold", Duration::from_secs(10), || async {
-        let url = format!("worker=\"{}\"", dep.prefill[victim]);
-        sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &["role=\"prefill\"", &url]) == Some(0.0)
+        router_view(&ports, &dep, victim) == Some(0.0)
     })
     .await;
     // Its prompt still answers exactly, computed on the other one.
@@ -248,25 +269,19 @@ async fn a_reload_switches_the_policy() {
     }
     assert_ne!(servers[0], servers[1], "round-robin alternates");
     assert_eq!(sample(&scrape(ports.router), "pdserve_router_kv_index_blocks", &[]), None);
-    let path = work.path().join("router.toml");
-    let hup = |dep: &mut pdserve::up::Deployment| {
-        let pid = dep.child_mut("router").unwrap().id().unwrap() as i32;
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(pid, libc::SIGHUP) };
+    let switch = |cfg: String| {
+        assert!(cfg.contains("policy = \"round_robin\""), "{cfg}");
+        cfg.replace("policy = \"round_robin\"", "policy = \"kv_aware\"")
     };
-    let cfg = std::fs::read_to_string(&path).unwrap();
-    assert!(cfg.contains("policy = \"round_robin\""), "{cfg}");
-    std::fs::write(&path, cfg.replace("policy = \"round_robin\"", "policy = \"kv_aware\"")).unwrap();
-    hup(&mut dep);
+    reload_router(&mut dep, work.path(), switch, "config reloaded").await;
     views_agree(&ports, &dep, "after the reload the router follows every prefill-server").await;
     // A bad value: refused, kv_aware stays.
-    let kv = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("{kv}overlap_weight = -1\n")).unwrap();
-    hup(&mut dep);
-    let log = work.path().join("router.log");
-    until("the bad reload is refused", Duration::from_secs(10), || async {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("config reload refused")
-    })
+    reload_router(
+        &mut dep,
+        work.path(),
+        |kv| format!("{kv}overlap_weight = -1\n"),
+        "config reload refused",
+    )
     .await;
     let mut home = None;
     for turn in 4..8 {
@@ -302,16 +317,12 @@ async fn stop_cleanly_except(dep: pdserve::up::Deployment, killed: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_prompts_stay_on_the_decode_server() {
     let (mut dep, work, _ports) = deploy_kv_aware(1, 1, 64).await;
-    let path = work.path().join("router.toml");
-    let cfg = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("{cfg}local_prefill_below = 30\n")).unwrap();
-    let pid = dep.child_mut("router").unwrap().id().unwrap() as i32;
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
-    let log = work.path().join("router.log");
-    until("the reload is applied", Duration::from_secs(10), || async {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("config reloaded")
-    })
+    reload_router(
+        &mut dep,
+        work.path(),
+        |cfg| format!("{cfg}local_prefill_below = 30\n"),
+        "config reloaded",
+    )
     .await;
     let params = SamplingParams {
         max_tokens: 4,
