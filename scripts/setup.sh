@@ -2,7 +2,8 @@
 # One-time set-up of a fresh Debian machine for building, testing and running pdserve.
 # Idempotent: re-running only installs what is missing.
 #   - apt: clang/libclang (bindgen for nixl-sys and ucx-sys), pkg-config, python3-pip,
-#     systemd (systemd-analyze verify of the units), fonts-dejavu-core (bench plots)
+#     systemd (systemd-analyze verify of the units), fonts-dejavu-core (bench plots),
+#     protobuf-compiler (etcd-client's build), etcd-server (discovery tests, embedded etcd)
 #   - PyPI wheels (C libraries only, --no-deps): nixl-cu13 (NIXL + its own UCX with
 #     IB/EFA/CUDA transports) and libucx-cu13 (UCX 1.22 with CUDA, headers included),
 #     unpacked under .deps/ where the build and the binaries find them by default.
@@ -25,6 +26,10 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # The font `pdserve bench --plot` draws its text with.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
+# protoc for etcd-client's generated code (our own proto crate brings its own), and etcd
+# itself: the discovery tests and `pdserve up --discovery etcd` start Debian's binary.
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v etcd >/dev/null || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

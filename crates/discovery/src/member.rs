@@ -1,0 +1,115 @@
+//! What a daemon says about itself in etcd (a JSON value under its key).
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Prefill,
+    Decode,
+    Router,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Router => "router",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Role> {
+        [Role::Prefill, Role::Decode, Role::Router].into_iter().find(|r| r.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    pub role: Role,
+    /// gRPC URL (the one both the router and the decode-servers name it by).
+    pub url: String,
+    /// OpenAI HTTP API and Prometheus addresses, host:port (empty: none).
+    #[serde(default)]
+    pub http: String,
+    #[serde(default)]
+    pub metrics: String,
+    /// The KV cache's layout, model fingerprint included (None: a router).
+    #[serde(default)]
+    pub layout: Option<engine::KvLayout>,
+    /// Data-plane backend (nixl, ucx, tcp) and device (cpu, cuda:N).
+    #[serde(default)]
+    pub backend: String,
+    #[serde(default)]
+    pub device: String,
+    /// Capacity: KV blocks in the pool, most sequences decoded at once.
+    #[serde(default)]
+    pub kv_blocks: u64,
+    #[serde(default)]
+    pub max_batch: u64,
+    #[serde(default)]
+    pub version: String,
+    /// When the daemon started, seconds since the Unix epoch.
+    #[serde(default)]
+    pub started_unix: u64,
+}
+
+impl Member {
+    /// The key it lives under.
+    pub fn key(&self, prefix: &str) -> String {
+        format!("{prefix}{}/{}", self.role.name(), self.id)
+    }
+
+    /// Reads a record found under `key`: None for anything malformed, or whose key does
+    /// not name its role and id (a record cannot pose as another role).
+    pub fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Option<Member> {
+        if value.len() > crate::MAX_RECORD_BYTES {
+            return None;
+        }
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+        let (role, id) = rest.split_once('/')?;
+        let m: Member = serde_json::from_slice(value).ok()?;
+        (Role::from_name(role) == Some(m.role) && m.id == id && (m.url.starts_with("http://") || m.url.starts_with("https://")))
+            .then_some(m)
+    }
+
+    /// The model fingerprint (0: none, a router).
+    pub fn model(&self) -> u64 {
+        self.layout.as_ref().map_or(0, |l| l.model_fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_must_sit_under_its_own_role_and_id() {
+        let m = Member {
+            id: "a".into(),
+            role: Role::Prefill,
+            url: "http://127.0.0.1:1".into(),
+            http: String::new(),
+            metrics: String::new(),
+            layout: None,
+            backend: "tcp".into(),
+            device: "cpu".into(),
+            kv_blocks: 1,
+            max_batch: 1,
+            version: "0".into(),
+            started_unix: 0,
+        };
+        let v = serde_json::to_vec(&m).unwrap();
+        let p = "/pdserve/c/";
+        assert_eq!(Member::parse(p, m.key(p).as_bytes(), &v), Some(m.clone()));
+        assert_eq!(Member::parse(p, b"/pdserve/c/decode/a", &v), None, "posing as a decode-server");
+        assert_eq!(Member::parse(p, b"/pdserve/c/prefill/b", &v), None, "another id");
+        assert_eq!(Member::parse(p, b"/pdserve/other/prefill/a", &v), None, "another cluster");
+        assert_eq!(Member::parse(p, m.key(p).as_bytes(), b"{"), None);
+        let bad = Member {
+            url: "file:///etc/passwd".into(),
+            ..m
+        };
+        assert_eq!(Member::parse(p, bad.key(p).as_bytes(), &serde_json::to_vec(&bad).unwrap()), None);
+    }
+}
