@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod kv_events;
+pub mod membership;
 pub mod metrics;
 pub mod status;
 pub mod systemd;

@@ -125,6 +125,13 @@ fn describe() {
         EARLY_PREFILLS,
         "Prompts the router started early, by outcome (used, unclaimed, mismatch, failed, evicted, dropped)"
     );
+    describe_gauge!(
+        discovery::METRIC_STALE,
+        "1 while etcd is unreachable and this daemon serves with the last membership it saw"
+    );
+    describe_gauge!(discovery::METRIC_MEMBERS, "Cluster members in this daemon's view, by role");
+    describe_counter!(discovery::METRIC_RESYNCS, "Times the membership was read anew after etcd came back");
+    describe_gauge!(discovery::METRIC_REGISTERED, "1 while this daemon's own key is in etcd");
 }
 
 /// gRPC metadata on a RESOURCE_EXHAUSTED refused at once: when to try again, in ms

@@ -97,7 +97,7 @@ impl pb::decode_admin_server::DecodeAdmin for DecodeApi {
             free_blocks: s.engine.free_blocks() as u32,
             total_blocks: s.engine.total_blocks() as u32,
             sequences: s.engine.sequences() as u32,
-            healthy_prefill_servers: s.peers.iter().filter(|p| p.healthy.load(Ordering::Relaxed)).count() as u32,
+            healthy_prefill_servers: s.peer_list().iter().filter(|p| p.healthy.load(Ordering::Relaxed)).count() as u32,
         }))
     }
 }
@@ -127,8 +127,23 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         n => n.to_string(),
     };
     let client_token = cfg.auth_token.clone();
-    let svc = DecodeService::new(cfg).await?;
+    let svc = DecodeService::new(cfg.clone()).await?;
+    daemon::membership::check_model(&cfg.discovery, svc.engine.layout())?;
     svc.spawn_handshakes();
+    svc.follow_discovery();
+    let registration = daemon::membership::register(
+        &cfg.discovery,
+        daemon::membership::Describe {
+            role: daemon::membership::Role::Decode,
+            listen: &cfg.listen,
+            tls: &cfg.tls,
+            http: &cfg.http_listen,
+            metrics: &cfg.metrics_listen,
+            engine: Some((&svc.engine, &svc.agent, &cfg.engine.device)),
+            max_batch: cfg.max_batch,
+        },
+    )?;
+    let discovery = cfg.discovery.clone();
     daemon::systemd::ready("decode-server: model loaded, KV pools registered; health SERVING once a prefill-server is handshaken");
     // Serving once some prefill-server is handshaken; back to not serving if all are
     // lost, and for good once draining.
@@ -157,6 +172,9 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
         let events_stop = events_stop.clone();
         daemon::tasks::spawn(async move {
             shutdown.await;
+            // Out of the membership first: routers stop sending new requests before
+            // the health check says not serving and the listener closes.
+            daemon::membership::deregister(registration, &discovery).await;
             events_stop.cancel();
             draining.store(true, Ordering::Relaxed);
             reporter.set_not_serving::<Svc>().await;

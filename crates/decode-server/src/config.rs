@@ -50,6 +50,9 @@ pub struct DecodeConfig {
     pub handshake_interval_ms: u64,
     /// On SIGTERM, how long in-flight requests may take before they are cancelled.
     pub drain_deadline_ms: u64,
+    /// Service discovery on etcd (off unless `etcd` is set): registers this
+    /// decode-server and follows the prefill-servers registered (see configs/README.md).
+    pub discovery: discovery::DiscoveryConfig,
 }
 
 impl Default for DecodeConfig {
@@ -76,6 +79,7 @@ impl Default for DecodeConfig {
             prefill_deadline_ms: 60_000,
             handshake_interval_ms: 1_000,
             drain_deadline_ms: 30_000,
+            discovery: Default::default(),
         }
     }
 }
@@ -83,6 +87,7 @@ impl Default for DecodeConfig {
 impl Validate for DecodeConfig {
     fn validate(&self) -> Result<(), String> {
         daemon::config::check_listen(&self.tls, &self.listen, &self.http_listen)?;
+        self.discovery.validate()?;
         for p in &self.prefill_servers {
             if !(p.starts_with("http://") || p.starts_with("https://")) {
                 return Err(format!("prefill_servers: {p:?} must be a URL like http://host:port"));

@@ -36,7 +36,10 @@ pub struct DecodeService {
     agent: Agent,
     _regions: Vec<Registration>,
     region_ids: Vec<u32>,
-    peers: Vec<Arc<PrefillPeer>>,
+    /// The static ones, then those found through discovery.
+    peers: std::sync::RwLock<Vec<Arc<PrefillPeer>>>,
+    /// Discovery has read the membership at least once.
+    discovery_synced: AtomicBool,
     rr: AtomicUsize,
     scheduler: Scheduler,
     /// The line for KV blocks (see `lease`), and how many stand in it.
@@ -53,24 +56,15 @@ impl DecodeService {
         let regions = daemon::register_pools(&engine, &agent)?;
         let region_ids = regions.iter().map(|r| r.id().0).collect();
         info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
-        let peers = cfg
-            .prefill_servers
-            .iter()
-            .map(|u| {
-                Arc::new(PrefillPeer {
-                    url: u.clone(),
-                    conn: Default::default(),
-                    healthy: AtomicBool::new(false),
-                })
-            })
-            .collect();
+        let peers = cfg.prefill_servers.iter().map(|u| PrefillPeer::new(u, false)).collect();
         let scheduler = Scheduler::start(engine.clone(), cfg.max_batch);
         Ok(Arc::new(DecodeService {
             engine,
             agent,
             _regions: regions,
             region_ids,
-            peers,
+            peers: std::sync::RwLock::new(peers),
+            discovery_synced: AtomicBool::new(false),
             rr: AtomicUsize::new(0),
             scheduler,
             line: tokio::sync::Mutex::new(()),
@@ -79,9 +73,15 @@ impl DecodeService {
         }))
     }
 
-    /// Whether requests can be served: some prefill-server is handshaken, or we prefill locally.
+    /// Whether requests can be served: some prefill-server is handshaken, or we prefill
+    /// locally (none configured, and with discovery none registered once it has read
+    /// the membership).
     pub fn ready(&self) -> bool {
-        self.peers.is_empty() || self.peers.iter().any(|p| p.healthy.load(Ordering::Relaxed))
+        let peers = self.peer_list();
+        if peers.iter().any(|p| p.healthy.load(Ordering::Relaxed)) {
+            return true;
+        }
+        peers.is_empty() && (!self.cfg.discovery.enabled() || self.discovery_synced.load(Ordering::Relaxed))
     }
 
     async fn run(

@@ -8,6 +8,7 @@ use std::time::Duration;
 use daemon::auth::PrefillClient;
 use daemon::{convert, validate};
 use proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
 use tonic::Request;
 use tracing::{info, warn};
 
@@ -19,6 +20,22 @@ pub(crate) struct PrefillPeer {
     /// Held through a handshake: one at a time per prefill-server.
     pub(crate) conn: tokio::sync::Mutex<Option<Conn>>,
     pub(crate) healthy: AtomicBool,
+    /// Found through discovery (a static one stays for the process's life).
+    pub(crate) discovered: bool,
+    /// Cancelled when it leaves the membership: its handshake loop ends.
+    pub(crate) gone: CancellationToken,
+}
+
+impl PrefillPeer {
+    pub(crate) fn new(url: &str, discovered: bool) -> Arc<PrefillPeer> {
+        Arc::new(PrefillPeer {
+            url: url.to_string(),
+            conn: Default::default(),
+            healthy: AtomicBool::new(false),
+            discovered,
+            gone: CancellationToken::new(),
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -151,25 +168,46 @@ impl DecodeService {
 
     /// Keeps every prefill-server handshaken: retries the unreachable ones.
     pub(crate) fn spawn_handshakes(self: &Arc<Self>) {
-        for peer in self.peers.clone() {
-            let svc = self.clone();
-            // For the process's life: not tracked (a drain would wait for it in vain).
-            tokio::spawn(async move {
-                loop {
-                    if !peer.healthy.load(Ordering::Relaxed)
-                        && let Err(e) = svc.handshake(&peer).await
-                    {
-                        warn!(url = %peer.url, error = %e, "prefill-server handshake failed; retrying");
-                    }
-                    tokio::time::sleep(Duration::from_millis(svc.cfg.handshake_interval_ms)).await;
-                }
-            });
+        for peer in self.peer_list() {
+            self.spawn_handshake(peer);
         }
     }
 
-    /// The prefill-server our config names `url`.
-    pub(crate) fn peer(&self, url: &str) -> Option<&Arc<PrefillPeer>> {
-        self.peers.iter().find(|p| p.url == url)
+    /// Keeps `peer` handshaken until it leaves the membership.
+    fn spawn_handshake(self: &Arc<Self>, peer: Arc<PrefillPeer>) {
+        let svc = self.clone();
+        // For the peer's life: not tracked (a drain would wait for it in vain).
+        tokio::spawn(async move {
+            loop {
+                if !peer.healthy.load(Ordering::Relaxed) {
+                    tokio::select! {
+                        _ = peer.gone.cancelled() => return,
+                        r = svc.handshake(&peer) => if let Err(e) = r {
+                            warn!(url = %peer.url, error = %e, "prefill-server handshake failed; retrying");
+                        },
+                    }
+                }
+                tokio::select! {
+                    _ = peer.gone.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(svc.cfg.handshake_interval_ms)) => {}
+                }
+            }
+        });
+    }
+
+    /// The prefill-servers known now (static and discovered).
+    pub(crate) fn peer_list(&self) -> Vec<Arc<PrefillPeer>> {
+        self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The prefill-server named `url` (as the configs and the membership name it).
+    pub(crate) fn peer(&self, url: &str) -> Option<Arc<PrefillPeer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|p| p.url == url)
+            .cloned()
     }
 
     /// The next healthy prefill-server, or `preferred` (the router's hint) if healthy.
@@ -177,20 +215,97 @@ impl DecodeService {
         if let Some(p) = preferred.and_then(|u| self.peer(u))
             && p.healthy.load(Ordering::Relaxed)
         {
-            return Some(p.clone());
+            return Some(p);
         }
-        let n = self.peers.len();
+        let peers = self.peer_list();
+        let n = peers.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         (0..n)
-            .map(|i| &self.peers[(start + i) % n])
+            .map(|i| &peers[(start + i) % n])
             .find(|p| p.healthy.load(Ordering::Relaxed))
             .cloned()
+    }
+
+    /// Follows the prefill-servers registered in etcd (with `[discovery]`): adds those
+    /// whose KV layout matches ours, drops those that leave. A dropped one's session
+    /// stays usable for the prefills already on it, until the prefill deadline.
+    pub(crate) fn follow_discovery(self: &Arc<Self>) {
+        if !self.cfg.discovery.enabled() {
+            return;
+        }
+        let mut view = discovery::watch(self.cfg.discovery.clone());
+        let svc = self.clone();
+        // For the process's life: not tracked (a drain would wait for it in vain).
+        tokio::spawn(async move {
+            let mut refused = std::collections::HashSet::new();
+            while view.changed().await.is_ok() {
+                let v = view.borrow_and_update().clone();
+                svc.discovery_synced.store(v.synced, Ordering::Relaxed);
+                let mut wanted = Vec::new();
+                for e in v.of(discovery::Role::Prefill) {
+                    let m = &e.member;
+                    let fit = m
+                        .layout
+                        .as_ref()
+                        .ok_or_else(|| "it names no KV layout".to_string())
+                        .and_then(|l| svc.engine.layout().check_compatible(l));
+                    match fit {
+                        Ok(()) => wanted.push(m.url.clone()),
+                        Err(why) => {
+                            if refused.insert((m.id.clone(), m.url.clone())) {
+                                warn!(id = %m.id, url = %m.url, reason = %why, "discovery: prefill-server ignored");
+                            }
+                        }
+                    }
+                }
+                svc.set_discovered(&wanted);
+            }
+        });
+    }
+
+    /// Makes the discovered prefill-servers exactly `urls` (static ones stay).
+    fn set_discovered(self: &Arc<Self>, urls: &[String]) {
+        let (mut added, mut dropped) = (Vec::new(), Vec::new());
+        {
+            let mut peers = self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            peers.retain(|p| {
+                let keep = !p.discovered || urls.contains(&p.url);
+                if !keep {
+                    dropped.push(p.clone());
+                }
+                keep
+            });
+            for u in urls {
+                if !peers.iter().any(|p| &p.url == u) {
+                    let p = PrefillPeer::new(u, true);
+                    peers.push(p.clone());
+                    added.push(p);
+                }
+            }
+        }
+        for p in added {
+            info!(url = %p.url, "discovery: prefill-server added");
+            self.spawn_handshake(p);
+        }
+        for p in dropped {
+            info!(url = %p.url, "discovery: prefill-server dropped");
+            p.gone.cancel();
+            // Its prefills in flight keep their session; the data-plane key goes once
+            // none can still be running.
+            let (svc, grace) = (self.clone(), Duration::from_millis(self.cfg.prefill_deadline_ms));
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Some(old) = p.conn.lock().await.take() {
+                    svc.agent.revoke_key(&old.key);
+                }
+            });
+        }
     }
 
     /// Tells the prefill-server at `url` (in the background, best effort: unclaimed, it
     /// goes after its hold anyway) to release the router's early start of `id`.
     pub(crate) fn drop_early(&self, url: &str, id: &str) {
-        let Some(peer) = self.peer(url).cloned() else {
+        let Some(peer) = self.peer(url) else {
             return;
         };
         let request_id = id.to_string();
@@ -208,9 +323,9 @@ impl DecodeService {
     /// Handshakes, in order, with the not-yet-handshaken peers outside `skip`; the first that answers.
     pub(crate) async fn handshake_any(&self, skip: &[String]) -> Option<Arc<PrefillPeer>> {
         for peer in self
-            .peers
+            .peer_list()
             .iter()
-            .filter(|p| !p.healthy.load(Ordering::Relaxed) && !skip.contains(&p.url))
+            .filter(|p| !p.healthy.load(Ordering::Relaxed) && !skip.contains(&p.url) && !p.gone.is_cancelled())
         {
             match self.handshake(peer).await {
                 Ok(()) => return Some(peer.clone()),

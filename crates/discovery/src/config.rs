@@ -145,9 +145,10 @@ impl DiscoveryConfig {
         let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.timeout())
             .with_timeout(self.timeout())
-            // A hung etcd (or a partition) shows as a failed ping within ~2 s: the
-            // watch and the keep-alive fail over instead of waiting forever.
-            .with_keep_alive(Duration::from_secs(1), self.timeout())
+            // A hung etcd (or a partition) shows as a failed ping: the watch fails over
+            // instead of waiting forever. etcd closes connections that ping more often
+            // than every 5 s (`--grpc-keepalive-min-time`), hence 6 s.
+            .with_keep_alive(Duration::from_secs(6), self.timeout())
             .with_keep_alive_while_idle(true);
         if !self.username.is_empty() {
             opts = opts.with_user(&self.username, &self.password);

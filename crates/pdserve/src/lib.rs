@@ -1,6 +1,7 @@
 //! The `pdserve` command line's commands, one module each.
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod doctor;
 pub mod enginebench;
 pub mod generate;
@@ -27,6 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// Start a local deployment: prefill-server(s), decode-server(s) and a router on loopback.
     Up(up::Args),
+    /// A cluster's members as registered in etcd (`cluster ls`).
+    #[command(subcommand)]
+    Cluster(cluster::Command),
     /// Make or inspect model directories.
     #[command(subcommand)]
     Model(model::Command),
@@ -55,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Up(a) => up::run(a).await,
         Command::Model(c) => model::run(c),
+        Command::Cluster(c) => cluster::run(c).await,
         Command::Generate(a) => generate::run(a).await,
         Command::Kvbench(a) => kvbench::run(a).await,
         Command::Bench(a) => bench::run(*a).await,

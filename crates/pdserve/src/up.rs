@@ -106,6 +106,23 @@ pub struct Args {
     /// router and decode-servers, and the internal token of every daemon.
     #[arg(long, env = "PDSERVE_UP_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// How the daemons find each other: `static` (peer lists in their configs) or
+    /// `etcd` (each registers in etcd; the router and decode-servers follow the
+    /// members). `etcd` without `--etcd` starts an etcd of its own (Debian's etcd-server).
+    #[arg(long, default_value = "static", value_parser = ["static", "etcd"])]
+    pub discovery: String,
+    /// An etcd to register in (implies `--discovery etcd`), e.g. http://127.0.0.1:2379.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// The cluster name under etcd (`discovery.cluster`).
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+}
+
+impl Args {
+    fn discovers(&self) -> bool {
+        self.discovery == "etcd" || self.etcd.is_some()
+    }
 }
 
 impl Default for Args {
@@ -183,6 +200,10 @@ pub struct Deployment {
     pub model_name: String,
     pub decode: Vec<String>,
     pub prefill: Vec<String>,
+    /// Under discovery: the etcd every daemon registers in, and the one `up` started
+    /// (None when given `--etcd`).
+    pub etcd_url: Option<String>,
+    pub etcd: Option<discovery::EmbeddedEtcd>,
     children: Vec<(String, Child)>,
 }
 
@@ -254,6 +275,23 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         ),
         None => (String::new(), String::new()),
     };
+    // Under discovery: the etcd (given, or started here), and every daemon's section.
+    let etcd = match (&a.etcd, a.discovers()) {
+        (None, true) => {
+            let run = free_port_run(2)?;
+            Some(discovery::EmbeddedEtcd::start(&workdir.join("etcd"), "127.0.0.1", run, run + 1).await?)
+        }
+        _ => None,
+    };
+    let etcd_url = a.etcd.clone().or_else(|| etcd.as_ref().map(|e| e.url.clone()));
+    let discovery_section = match &etcd_url {
+        Some(u) => format!(
+            "\n[discovery]\netcd = [{}]\ncluster = {}\nlease_ttl_s = 3\nderegister_grace_ms = 500\n",
+            toml_str(u),
+            toml_str(&a.cluster)
+        ),
+        None => String::new(),
+    };
     let engine_section = engine(&p.device);
     let prefill_section = engine(p.prefill_device.as_deref().unwrap_or(&p.device));
     let mut children = Vec::new();
@@ -281,19 +319,27 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         children.push(spawn(
             &format!("prefill-{i}"),
             "prefill-server",
-            format!("listen = \"{addr}\"\n{}{internal}\n{prefill_section}", metrics(1 + a.decode + i)),
+            format!(
+                "listen = \"{addr}\"\n{}{internal}\n{prefill_section}{discovery_section}",
+                metrics(1 + a.decode + i)
+            ),
         )?);
         prefill.push(format!("http://{addr}"));
     }
     let mut decode = Vec::new();
-    let peers = prefill.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
+    // Under discovery the peers come from etcd, not from the configs.
+    let listed = |urls: &[String]| match etcd_url {
+        Some(_) => String::new(),
+        None => urls.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", "),
+    };
+    let peers = listed(&prefill);
     for i in 0..a.decode {
         let addr = format!("127.0.0.1:{}", free_port()?);
         children.push(spawn(
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}",
+                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}{discovery_section}",
                 metrics(1 + i),
                 a.local_prefill_below,
                 a.queue_deadline_ms,
@@ -307,7 +353,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         Some(r) => r.clone(),
         None => format!("127.0.0.1:{}", free_port()?),
     };
-    let ds = decode.iter().map(|p| toml_str(p)).collect::<Vec<_>>().join(", ");
+    let ds = listed(&decode);
     // kv_aware needs the prefill-servers named even without early starts (it names
     // its choice to the decode-server); the other policies leave that to it.
     let kv_aware = a.routing == "kv_aware";
@@ -334,7 +380,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         "router",
         "router",
         format!(
-            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\nshed_ttft_ms = {}\n{routing}",
+            "listen = \"{router_addr}\"\nhttp_listen = \"{http_addr}\"\nserved_model_name = {}\n{}{client}decode_servers = [{ds}]\nprefill_servers = [{early}]\nshed_ttft_ms = {}\n{routing}{discovery_section}",
             toml_str(&model_name),
             metrics(0),
             a.shed_ttft_ms
@@ -346,6 +392,8 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         model_name,
         decode,
         prefill,
+        etcd_url,
+        etcd,
         children,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.ready_timeout);

@@ -59,6 +59,8 @@ pub struct PrefillConfig {
     /// How long a prompt started early (the router's EarlyPrefill) is held for its
     /// decode-server's Prefill once computed; unclaimed, its blocks are then released.
     pub early_hold_ms: u64,
+    /// Service discovery on etcd (off unless `etcd` is set; see configs/README.md).
+    pub discovery: daemon::membership::DiscoveryConfig,
 }
 
 impl Default for PrefillConfig {
@@ -76,6 +78,7 @@ impl Default for PrefillConfig {
             queue_deadline_ms: 30_000,
             max_waiting: 64,
             early_hold_ms: 2_000,
+            discovery: Default::default(),
         }
     }
 }
@@ -83,6 +86,7 @@ impl Default for PrefillConfig {
 impl Validate for PrefillConfig {
     fn validate(&self) -> Result<(), String> {
         daemon::config::check_listen(&self.tls, &self.listen, "")?;
+        self.discovery.validate()?;
         if self.engine.block_size == 0 {
             return Err("engine.block_size must be at least 1".into());
         }
@@ -571,8 +575,22 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
     let mut server = cfg.tls.server()?;
     daemon::auth::warn_if_open(&cfg.listen, &cfg.internal_token, &cfg.tls);
     let internal = daemon::auth::InternalAuth::new(&cfg.internal_token, &cfg.tls);
-    let svc = PrefillService::new(cfg).await?;
+    let discovery = cfg.discovery.clone();
+    let svc = PrefillService::new(cfg.clone()).await?;
+    daemon::membership::check_model(&discovery, svc.engine.layout())?;
     reporter.set_serving::<pb::prefill_server::PrefillServer<PrefillApi>>().await;
+    let registration = daemon::membership::register(
+        &discovery,
+        daemon::membership::Describe {
+            role: daemon::membership::Role::Prefill,
+            listen: &cfg.listen,
+            tls: &cfg.tls,
+            http: "",
+            metrics: &cfg.metrics_listen,
+            engine: Some((&svc.engine, &svc.agent, &cfg.engine.device)),
+            max_batch: 0,
+        },
+    )?;
     info!("prefill-server ready");
     daemon::systemd::ready("prefill-server: model loaded, KV pools registered");
     let prefill = pb::prefill_server::PrefillServer::new(PrefillApi(svc.clone())).max_decoding_message_size(daemon::MAX_MESSAGE_BYTES);
@@ -588,6 +606,9 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
         .add_service(events.service(internal))
         .serve_with_incoming_shutdown(daemon::incoming(listener), async move {
             shutdown.await;
+            // Out of the membership first: decode-servers and routers stop sending
+            // new prompts before the listener closes.
+            daemon::membership::deregister(registration, &discovery).await;
             events_stop.cancel();
         })
         .await?;

@@ -8,7 +8,7 @@
 //! as soon as its stream fails, falls silent past `kv_events_timeout_ms`, skips an event
 //! number, or claims more blocks than its pool has: a wrong index costs a recomputed
 //! prefix, never a wrong token (the worker looks blocks up itself).
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -49,10 +49,7 @@ impl Role {
 pub struct KvState {
     prefill: Mutex<KvIndex>,
     decode: Mutex<KvIndex>,
-    /// Prompt tokens each prefill-server still has to compute for requests we sent it
-    /// (counted from routing until their first token): its load.
-    pub prefill_pending: Vec<AtomicUsize>,
-    /// Each decode-server's free KV blocks, as it last reported them.
+    /// Each decode-server's free KV blocks (by slot), as it last reported them.
     pub decode_free: Vec<AtomicU32>,
     prompter: Option<Arc<Prompter>>,
 }
@@ -75,7 +72,6 @@ impl KvState {
         KvState {
             prefill: Mutex::new(KvIndex::new(prefill, max_entries)),
             decode: Mutex::new(KvIndex::new(decode, max_entries)),
-            prefill_pending: (0..prefill).map(|_| AtomicUsize::new(0)).collect(),
             decode_free: (0..decode).map(|_| AtomicU32::new(u32::MAX)).collect(),
             prompter,
         }
@@ -169,6 +165,8 @@ enum StreamEnd {
     Bad(String),
     #[error("its blocks are named by {0}")]
     Mismatch(String),
+    #[error("it left the membership")]
+    Left,
 }
 
 /// Wait before subscribing again to a worker whose hash parameters differ from its
@@ -203,18 +201,25 @@ pub struct Subscriber {
     pub healthy: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The index is full for this worker (logged once).
     pub full: std::sync::atomic::AtomicBool,
+    /// Cancelled when the worker leaves the membership: the subscriber clears its
+    /// slot and ends.
+    pub gone: tokio_util::sync::CancellationToken,
 }
 
 impl Subscriber {
-    /// Follows the worker's events for the process's life, resubscribing after any
+    /// Follows the worker's events while it is a member, resubscribing after any
     /// failure; the worker is cold (nothing indexed) whenever its stream is not live.
     pub fn spawn(mut self) {
-        // For the process's life: not tracked (a drain would wait for it in vain).
+        // For the worker's membership: not tracked (a drain would wait for it in vain).
         tokio::spawn(async move {
+            let gone = self.gone.clone();
             loop {
                 let mut pause = RESUBSCRIBE_AFTER;
                 if (self.healthy)() {
-                    let e = self.follow().await;
+                    let e = tokio::select! {
+                        _ = gone.cancelled() => StreamEnd::Left,
+                        e = self.follow() => e,
+                    };
                     warn!(worker = %self.url, role = self.role.name(), error = %e, "KV events lost; the worker counts as cold until it resubscribes");
                     if matches!(e, StreamEnd::Mismatch(_)) {
                         pause = MISMATCH_BACKOFF;
@@ -226,7 +231,10 @@ impl Subscriber {
                     self.state.decode_free[self.worker].store(u32::MAX, Ordering::Relaxed);
                 }
                 self.report();
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    _ = gone.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
             }
         });
     }

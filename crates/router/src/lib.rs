@@ -10,11 +10,14 @@
 //! first token skips the decode-server's hop.
 pub mod index;
 pub mod kv_aware;
+mod members;
 pub mod shed;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use members::{Backend, Members};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -90,6 +93,9 @@ pub struct RouterConfig {
     pub connect_timeout_ms: u64,
     /// Most requests in flight through the router; past it, RESOURCE_EXHAUSTED at once.
     pub max_inflight: usize,
+    /// Service discovery on etcd (off unless `etcd` is set): follows the prefill- and
+    /// decode-servers registered, beside the static lists (see configs/README.md).
+    pub discovery: discovery::DiscoveryConfig,
     /// No early prefill when the chosen decode-server already has this many requests
     /// outstanding: under load its KV blocks come late, the early start would be
     /// dropped after its hold and computed again.
@@ -123,6 +129,7 @@ impl Default for RouterConfig {
             health_interval_ms: 500,
             connect_timeout_ms: 2_000,
             max_inflight: 1024,
+            discovery: Default::default(),
             early_prefill_max_outstanding: 64,
             shed_ttft_ms: 0,
         }
@@ -139,8 +146,9 @@ impl RouterConfig {
 impl Validate for RouterConfig {
     fn validate(&self) -> Result<(), String> {
         daemon::config::check_listen(&self.tls, &self.listen, &self.http_listen)?;
-        if self.decode_servers.is_empty() {
-            return Err("decode_servers: at least one is needed".into());
+        self.discovery.validate()?;
+        if self.decode_servers.is_empty() && !self.discovery.enabled() {
+            return Err("decode_servers: at least one is needed (or discovery.etcd)".into());
         }
         for (key, urls) in [("decode_servers", &self.decode_servers), ("prefill_servers", &self.prefill_servers)] {
             for u in urls {
@@ -174,15 +182,6 @@ impl Validate for RouterConfig {
     }
 }
 
-struct Backend {
-    url: String,
-    /// The gRPC health service name checked.
-    service: &'static str,
-    channel: Channel,
-    healthy: AtomicBool,
-    outstanding: AtomicUsize,
-}
-
 /// What a config reload may change while the router serves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tuning {
@@ -202,14 +201,19 @@ impl Tuning {
 }
 
 pub struct Router {
-    backends: Vec<Arc<Backend>>,
-    prefill: Vec<Arc<Backend>>,
+    backends: Members,
+    prefill: Members,
+    /// Membership changes and the start of KV-event following, one at a time.
+    changes: std::sync::Mutex<()>,
+    /// Under discovery, the model every worker must have (pinned, or adopted from the
+    /// longest-registered decode-server).
+    cluster_model: std::sync::Mutex<Option<engine::KvLayout>>,
     tuning: RwLock<Tuning>,
     /// The workers' caches as their KV events tell (followed from the first time
     /// `kv_aware` is in force), and what this router sent each; None with more
     /// workers than the index holds (then `kv_aware` is refused).
     kv: Option<Arc<kv_aware::KvState>>,
-    kv_following: std::sync::Once,
+    kv_following: AtomicBool,
     kv_hits: AtomicU64,
     kv_prompt_tokens: AtomicU64,
     cfg: RouterConfig,
@@ -250,17 +254,17 @@ struct Plan {
 
 /// Prompt tokens a prefill-server has yet to compute for a routed request: its load
 /// under `kv_aware`, from routing until the first token (or the request's end).
-struct Pending(Option<(Arc<kv_aware::KvState>, usize, usize)>);
+struct Pending(Option<(Arc<Backend>, usize)>);
 
 impl Pending {
-    fn add(kv: &Arc<kv_aware::KvState>, prefill: usize, tokens: usize) -> Pending {
-        kv.prefill_pending[prefill].fetch_add(tokens, Ordering::Relaxed);
-        Pending(Some((kv.clone(), prefill, tokens)))
+    fn add(prefill: &Arc<Backend>, tokens: usize) -> Pending {
+        prefill.pending.fetch_add(tokens, Ordering::Relaxed);
+        Pending(Some((prefill.clone(), tokens)))
     }
 
     fn done(&mut self) {
-        if let Some((kv, i, n)) = self.0.take() {
-            kv.prefill_pending[i].fetch_sub(n, Ordering::Relaxed);
+        if let Some((b, n)) = self.0.take() {
+            b.pending.fetch_sub(n, Ordering::Relaxed);
         }
     }
 }
@@ -296,35 +300,37 @@ impl Router {
             true => None,
             false => Some(Arc::new(prompt::Prompter::load(&cfg.model)?)),
         };
-        let connect = |urls: &[String], service: &'static str| {
-            urls.iter()
-                .map(|u| {
-                    let channel = cfg.tls.endpoint(u)?.connect_timeout(timeout).tcp_nodelay(true).connect_lazy();
-                    Ok(Arc::new(Backend {
-                        url: u.clone(),
-                        service,
-                        channel,
-                        healthy: AtomicBool::new(false),
-                        outstanding: AtomicUsize::new(0),
-                    }))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()
+        // Under discovery every role has the index's room; without, its static list.
+        let room = |n: usize| if cfg.discovery.enabled() { n.max(index::MAX_WORKERS) } else { n };
+        let members = |urls: &[String], service: &'static str| -> anyhow::Result<Members> {
+            let m = Members::new(service, room(urls.len()));
+            for u in urls {
+                m.add(u, Router::channel(cfg, u)?, false).expect("room for every static worker");
+            }
+            Ok(m)
         };
+        let (backends, prefill) = (
+            members(&cfg.decode_servers, "pdserve.v1.Generation")?,
+            members(&cfg.prefill_servers, "pdserve.v1.Prefill")?,
+        );
+        let kv = cfg.kv_indexable().then(|| {
+            Arc::new(kv_aware::KvState::new(
+                prefill.capacity(),
+                backends.capacity(),
+                cfg.kv_index_max_blocks,
+                prompter,
+            ))
+        });
         Ok(Arc::new(Router {
-            backends: connect(&cfg.decode_servers, "pdserve.v1.Generation")?,
-            prefill: connect(&cfg.prefill_servers, "pdserve.v1.Prefill")?,
+            backends,
+            prefill,
+            changes: Default::default(),
+            cluster_model: Default::default(),
             token: daemon::auth::BearerToken::new(&cfg.auth_token),
             internal_token: cfg.internal_token.clone(),
             tuning: RwLock::new(Tuning::of(cfg)),
-            kv: cfg.kv_indexable().then(|| {
-                Arc::new(kv_aware::KvState::new(
-                    cfg.prefill_servers.len(),
-                    cfg.decode_servers.len(),
-                    cfg.kv_index_max_blocks,
-                    prompter,
-                ))
-            }),
-            kv_following: std::sync::Once::new(),
+            kv,
+            kv_following: AtomicBool::new(false),
             kv_hits: AtomicU64::new(0),
             kv_prompt_tokens: AtomicU64::new(0),
             cfg: cfg.clone(),
@@ -338,8 +344,14 @@ impl Router {
         }))
     }
 
+    /// A lazy channel to the worker at `url`.
+    fn channel(cfg: &RouterConfig, url: &str) -> anyhow::Result<Channel> {
+        let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+        Ok(cfg.tls.endpoint(url)?.connect_timeout(timeout).tcp_nodelay(true).connect_lazy())
+    }
+
     pub fn any_healthy(&self) -> bool {
-        self.backends.iter().any(|b| b.healthy.load(Ordering::Relaxed))
+        self.backends.live().iter().any(|b| b.healthy.load(Ordering::Relaxed))
     }
 
     pub fn tuning(&self) -> Tuning {
@@ -371,36 +383,43 @@ impl Router {
     }
 
     /// Starts following every worker's KV events, once (from the first time `kv_aware`
-    /// is in force: other policies need no index).
+    /// is in force: other policies need no index); workers that join later are
+    /// followed as they join.
     fn follow_kv_events(self: &Arc<Self>) {
-        let Some(kv) = self.kv.clone() else { return };
-        self.kv_following.call_once(|| {
-            let heartbeat = Duration::from_millis(self.cfg.kv_events_heartbeat_ms);
-            let timeout = Duration::from_millis(self.cfg.kv_events_timeout_ms);
-            for (role, list) in [(kv_aware::Role::Prefill, &self.prefill), (kv_aware::Role::Decode, &self.backends)] {
-                for (worker, b) in list.iter().enumerate() {
-                    let client = pb::kv_events_client::KvEventsClient::with_interceptor(
-                        b.channel.clone(),
-                        daemon::auth::Attach(daemon::auth::BearerToken::new(&self.internal_token)),
-                    )
-                    .max_decoding_message_size(kv_aware::MAX_EVENT_MESSAGE_BYTES);
-                    let health = b.clone();
-                    kv_aware::Subscriber {
-                        state: kv.clone(),
-                        role,
-                        worker,
-                        url: b.url.clone(),
-                        client,
-                        heartbeat,
-                        timeout,
-                        connect_timeout: self.timeout,
-                        healthy: Arc::new(move || health.healthy.load(Ordering::Relaxed)),
-                        full: Default::default(),
-                    }
-                    .spawn();
-                }
+        let _one = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.kv.is_none() || self.kv_following.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for (role, list) in [(kv_aware::Role::Prefill, &self.prefill), (kv_aware::Role::Decode, &self.backends)] {
+            for b in list.live() {
+                self.subscribe(role, &b);
             }
-        });
+        }
+    }
+
+    /// Follows `b`'s KV events until it leaves.
+    fn subscribe(&self, role: kv_aware::Role, b: &Arc<Backend>) {
+        let Some(kv) = self.kv.clone() else { return };
+        let client = pb::kv_events_client::KvEventsClient::with_interceptor(
+            b.channel.clone(),
+            daemon::auth::Attach(daemon::auth::BearerToken::new(&self.internal_token)),
+        )
+        .max_decoding_message_size(kv_aware::MAX_EVENT_MESSAGE_BYTES);
+        let health = b.clone();
+        kv_aware::Subscriber {
+            state: kv,
+            role,
+            worker: b.slot,
+            url: b.url.clone(),
+            client,
+            heartbeat: Duration::from_millis(self.cfg.kv_events_heartbeat_ms),
+            timeout: Duration::from_millis(self.cfg.kv_events_timeout_ms),
+            connect_timeout: self.timeout,
+            healthy: Arc::new(move || health.healthy.load(Ordering::Relaxed)),
+            full: Default::default(),
+            gone: b.gone.clone(),
+        }
+        .spawn();
     }
 
     /// Reloads the config file on SIGHUP ([`Router::reload`]); a file that no longer
@@ -436,59 +455,54 @@ impl Router {
     /// first (by their last reported free blocks), then fewest outstanding, longest
     /// cached prefix, most free blocks.
     fn candidates(&self, policy: Policy, plan: Option<&Plan>, need_blocks: usize) -> Vec<Arc<Backend>> {
-        let n = self.backends.len();
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut v: Vec<(usize, Arc<Backend>)> = (0..n)
-            .map(|i| ((start + i) % n, self.backends[(start + i) % n].clone()))
-            .filter(|(_, b)| b.healthy.load(Ordering::Relaxed))
-            .collect();
+        let mut v = rotated(self.backends.live(), &self.rr);
+        v.retain(|b| b.healthy.load(Ordering::Relaxed));
         match (policy, plan) {
             (Policy::RoundRobin, _) => {}
-            (Policy::KvAware, Some(p)) => v.sort_by_key(|(i, b)| {
-                let free = p.kv.decode_free[*i].load(Ordering::Relaxed) as usize;
+            (Policy::KvAware, Some(p)) => v.sort_by_key(|b| {
+                let free = p.kv.decode_free[b.slot].load(Ordering::Relaxed) as usize;
                 (
                     free < need_blocks,
                     b.outstanding.load(Ordering::Relaxed),
-                    std::cmp::Reverse(p.lookup.decode_cached[*i]),
+                    std::cmp::Reverse(p.lookup.decode_cached[b.slot]),
                     std::cmp::Reverse(free),
                 )
             }),
-            _ => v.sort_by_key(|(_, b)| b.outstanding.load(Ordering::Relaxed)),
+            _ => v.sort_by_key(|b| b.outstanding.load(Ordering::Relaxed)),
         }
-        v.into_iter().map(|(_, b)| b).collect()
+        v
     }
 
-    /// Every decode-server not in `tried`, in configured order.
-    fn backends_except<'a>(&'a self, tried: &'a [Arc<Backend>]) -> impl Iterator<Item = Arc<Backend>> + 'a {
-        self.backends.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(b, t))).cloned()
+    /// Every decode-server not in `tried`, in slot order.
+    fn backends_except(&self, tried: &[Arc<Backend>]) -> Vec<Arc<Backend>> {
+        let mut v = self.backends.live();
+        v.retain(|b| !tried.iter().any(|t| Arc::ptr_eq(b, t)));
+        v
     }
 
     /// The prefill-server for a request: the next healthy one round-robin, or with a
     /// placed prompt under `kv_aware` the one with the least work before its first
     /// token: tokens it still computes for earlier requests, plus this prompt's,
     /// less `overlap_weight` x the prompt's tokens it holds (ties: round-robin).
-    fn pick_prefill(&self, plan: Option<&Plan>, weight: f64) -> Option<usize> {
-        let n = self.prefill.len();
-        let start = self.prefill_rr.fetch_add(1, Ordering::Relaxed);
-        let healthy = (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|&i| self.prefill[i].healthy.load(Ordering::Relaxed));
+    fn pick_prefill(&self, plan: Option<&Plan>, weight: f64) -> Option<Arc<Backend>> {
+        let healthy = rotated(self.prefill.live(), &self.prefill_rr)
+            .into_iter()
+            .filter(|b| b.healthy.load(Ordering::Relaxed));
         match plan {
             None => healthy.into_iter().next(),
-            Some(p) => healthy.min_by(|&a, &b| {
-                let cost = |i: usize| {
-                    let pending = p.kv.prefill_pending[i].load(Ordering::Relaxed) as f64;
-                    pending + p.lookup.prompt_tokens as f64 - weight * p.lookup.prefill_cached[i] as f64
+            Some(p) => healthy.min_by(|a, b| {
+                let cost = |b: &Backend| {
+                    let pending = b.pending.load(Ordering::Relaxed) as f64;
+                    pending + p.lookup.prompt_tokens as f64 - weight * p.lookup.prefill_cached[b.slot] as f64
                 };
                 cost(a).total_cmp(&cost(b))
             }),
         }
     }
 
-    /// Starts `req` on prefill-server `i` (in the background, with the connect timeout
+    /// Starts `req` on prefill-server `b` (in the background, with the connect timeout
     /// as its deadline).
-    fn start_early(&self, req: &pb::GenerateRequest, i: usize) {
-        let b = &self.prefill[i];
+    fn start_early(&self, req: &pb::GenerateRequest, b: &Backend) {
         let mut client = daemon::auth::prefill_client(b.channel.clone(), &self.internal_token);
         let (req, timeout, url, id) = (req.clone(), self.timeout, b.url.clone(), req.request_id.clone());
         daemon::tasks::spawn(async move {
@@ -526,23 +540,120 @@ impl Router {
         }
     }
 
-    fn spawn_health_checks(self: &Arc<Self>, interval: Duration, timeout: Duration) {
-        for b in self.backends.iter().chain(&self.prefill).cloned() {
-            // For the process's life: not tracked (a drain would wait for it in vain).
-            tokio::spawn(async move {
-                let mut client = HealthClient::new(b.channel.clone());
-                loop {
-                    let req = tonic_health::pb::HealthCheckRequest { service: b.service.into() };
-                    let ok = matches!(
-                        tokio::time::timeout(timeout, client.check(req)).await,
-                        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
-                    );
-                    if ok != b.healthy.swap(ok, Ordering::Relaxed) {
-                        info!(url = %b.url, service = b.service, healthy = ok, "health changed");
+    fn spawn_health_checks(self: &Arc<Self>) {
+        for b in self.backends.live().into_iter().chain(self.prefill.live()) {
+            self.spawn_health_check(b);
+        }
+    }
+
+    /// Checks `b`'s health until it leaves the membership.
+    fn spawn_health_check(&self, b: Arc<Backend>) {
+        let (interval, timeout) = (Duration::from_millis(self.cfg.health_interval_ms), self.timeout);
+        // For the worker's membership: not tracked (a drain would wait for it in vain).
+        tokio::spawn(async move {
+            let mut client = HealthClient::new(b.channel.clone());
+            let gone = b.gone.clone();
+            loop {
+                let req = tonic_health::pb::HealthCheckRequest { service: b.service.into() };
+                let ok = tokio::select! {
+                    _ = gone.cancelled() => return,
+                    r = tokio::time::timeout(timeout, client.check(req)) => {
+                        matches!(r, Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32)
                     }
-                    tokio::time::sleep(interval).await;
+                };
+                if ok != b.healthy.swap(ok, Ordering::Relaxed) {
+                    info!(url = %b.url, service = b.service, healthy = ok, "health changed");
                 }
-            });
+                tokio::select! {
+                    _ = gone.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        });
+    }
+
+    /// Follows the workers registered in etcd (with `[discovery]`): adds those of the
+    /// cluster's model, drops those that leave; the static ones stay.
+    fn follow_discovery(self: &Arc<Self>) {
+        if !self.cfg.discovery.enabled() {
+            return;
+        }
+        let mut view = discovery::watch(self.cfg.discovery.clone());
+        let router = self.clone();
+        // For the process's life: not tracked (a drain would wait for it in vain).
+        tokio::spawn(async move {
+            let mut refused = std::collections::HashSet::new();
+            while view.changed().await.is_ok() {
+                let v = view.borrow_and_update().clone();
+                router.apply_membership(&v, &mut refused);
+            }
+        });
+    }
+
+    /// Makes the discovered workers those of `view` that serve the cluster's model.
+    fn apply_membership(self: &Arc<Self>, view: &discovery::View, refused: &mut std::collections::HashSet<(String, String)>) {
+        use discovery::Role as R;
+        let model = {
+            let mut m = self.cluster_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if m.is_none() {
+                let pinned = self.cfg.discovery.pinned_model();
+                *m = view
+                    .of(R::Decode)
+                    .into_iter()
+                    .filter_map(|e| e.member.layout.clone())
+                    .find(|l| pinned.is_none_or(|p| p == l.model_fingerprint));
+                if let Some(l) = m.as_ref() {
+                    info!(model = format!("{:#x}", l.model_fingerprint), "discovery: the cluster's model");
+                }
+            }
+            m.clone()
+        };
+        let _one = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (role, kv_role, members) in [
+            (R::Prefill, kv_aware::Role::Prefill, &self.prefill),
+            (R::Decode, kv_aware::Role::Decode, &self.backends),
+        ] {
+            let mut wanted = Vec::new();
+            for e in view.of(role) {
+                let m = &e.member;
+                let fit = match (&model, &m.layout) {
+                    (None, _) => Err("no decode-server names the cluster's model yet".to_string()),
+                    (_, None) => Err("it names no KV layout".to_string()),
+                    (Some(want), Some(l)) => want.check_compatible(l),
+                };
+                match fit {
+                    Ok(()) => wanted.push(m.url.clone()),
+                    Err(why) => {
+                        if refused.insert((m.id.clone(), m.url.clone())) {
+                            warn!(id = %m.id, url = %m.url, role = role.name(), reason = %why, "discovery: member ignored");
+                        }
+                    }
+                }
+            }
+            for b in members.retain_discovered(&wanted) {
+                info!(url = %b.url, role = role.name(), "discovery: worker dropped");
+            }
+            for u in wanted {
+                if members.by_url(&u).is_some() {
+                    continue;
+                }
+                let channel = match Router::channel(&self.cfg, &u) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(url = %u, error = %e, "discovery: cannot reach this member");
+                        continue;
+                    }
+                };
+                let Some(b) = members.add(&u, channel, true) else {
+                    warn!(url = %u, role = role.name(), "discovery: {} workers of this role already; ignored", members.capacity());
+                    continue;
+                };
+                info!(url = %u, role = role.name(), "discovery: worker added");
+                self.spawn_health_check(b.clone());
+                if self.kv_following.load(Ordering::Acquire) {
+                    self.subscribe(kv_role, &b);
+                }
+            }
         }
     }
 
@@ -554,6 +665,15 @@ impl Router {
         }
         Ok(())
     }
+}
+
+/// `v` from the next round-robin start on.
+fn rotated<T>(mut v: Vec<T>, rr: &AtomicUsize) -> Vec<T> {
+    if !v.is_empty() {
+        let start = rr.fetch_add(1, Ordering::Relaxed) % v.len();
+        v.rotate_left(start);
+    }
+    v
 }
 
 /// The decode-server is not there (or died as it took the call): try the next one.
@@ -619,13 +739,7 @@ impl RouterApi {
         // is short is prefilled there, saving the transfer (judged per decode-server).
         let local_on = |b: &Arc<Backend>| match &plan {
             Some(p) if tuning.local_prefill_below > 0 => {
-                let d = self
-                    .0
-                    .backends
-                    .iter()
-                    .position(|x| Arc::ptr_eq(x, b))
-                    .expect("a candidate is a backend");
-                p.lookup.prompt_tokens.saturating_sub(p.lookup.decode_cached[d]) < tuning.local_prefill_below
+                p.lookup.prompt_tokens.saturating_sub(p.lookup.decode_cached[b.slot]) < tuning.local_prefill_below
             }
             _ => false,
         };
@@ -635,20 +749,20 @@ impl RouterApi {
             _ => None,
         };
         let mut pending = Pending(None);
-        if let (Some(p), Some(i)) = (&plan, prefill) {
-            self.0.count_hit(p, i);
-            pending = Pending::add(&p.kv, i, p.lookup.prompt_tokens.saturating_sub(p.lookup.prefill_cached[i]));
+        if let (Some(p), Some(i)) = (&plan, &prefill) {
+            self.0.count_hit(p, i.slot);
+            pending = Pending::add(i, p.lookup.prompt_tokens.saturating_sub(p.lookup.prefill_cached[i.slot]));
             info!(
                 request_id = %req.request_id,
-                prefill = %self.0.prefill[i].url,
+                prefill = %i.url,
                 prompt_tokens = p.lookup.prompt_tokens,
-                cached_tokens = p.lookup.prefill_cached[i],
+                cached_tokens = p.lookup.prefill_cached[i.slot],
                 "kv_aware: prefill-server chosen"
             );
         }
         // No decode-server to take it: nothing to start early either; nor when the
         // first choice is busy (its blocks would come after the early start's hold).
-        let early = match (candidates.first(), prefill) {
+        let early = match (candidates.first(), &prefill) {
             (Some(b), Some(_))
                 if self.0.cfg.early_prefill && b.outstanding.load(Ordering::Relaxed) >= self.0.early_prefill_max_outstanding =>
             {
@@ -663,9 +777,9 @@ impl RouterApi {
         };
         // The decode-server's prefill-server: the one started early, or under kv_aware
         // the one chosen even when nothing was started early (or `local`, per server).
-        let chosen = match (early, prefill) {
-            (true, Some(i)) => Some(self.0.prefill[i].url.clone()),
-            (false, Some(i)) if plan.is_some() || !self.0.cfg.early_prefill => Some(self.0.prefill[i].url.clone()),
+        let chosen = match (early, &prefill) {
+            (true, Some(i)) => Some(i.url.clone()),
+            (false, Some(i)) if plan.is_some() || !self.0.cfg.early_prefill => Some(i.url.clone()),
             _ => None,
         };
         if early {
@@ -799,10 +913,8 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
     let addr: SocketAddr = cfg.listen.parse()?;
     let router = Router::new(&cfg)?;
     daemon::metrics::install(&cfg.metrics_listen, "router")?;
-    router.spawn_health_checks(
-        Duration::from_millis(cfg.health_interval_ms),
-        Duration::from_millis(cfg.connect_timeout_ms),
-    );
+    router.spawn_health_checks();
+    router.follow_discovery();
     if cfg.policy == Policy::KvAware {
         router.follow_kv_events();
     }
@@ -837,9 +949,22 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
         .add_service(reflection_alpha)
         .add_service(InterceptedService::new(api, daemon::auth::BearerToken::new(&cfg.auth_token)))
         .serve_with_incoming_shutdown(daemon::incoming(listener), stop.clone().cancelled_owned());
-    let signal = stop.clone();
+    let registration = daemon::membership::register(
+        &cfg.discovery,
+        daemon::membership::Describe {
+            role: daemon::membership::Role::Router,
+            listen: &cfg.listen,
+            tls: &cfg.tls,
+            http: &cfg.http_listen,
+            metrics: &cfg.metrics_listen,
+            engine: None,
+            max_batch: 0,
+        },
+    )?;
+    let (signal, discovery) = (stop.clone(), cfg.discovery.clone());
     daemon::tasks::spawn(async move {
         shutdown.await;
+        daemon::membership::deregister(registration, &discovery).await;
         signal.cancel();
     });
     grpc.await?;
