@@ -279,3 +279,178 @@ pub mod workload {
         }
     }
 }
+
+/// Test hosts in network namespaces of their own, as on separate machines: a switch
+/// namespace holds a bridge; each node (named by a letter) has a veth port on it at
+/// 10.201.N.(2 + its index), and this test process has one too (.1). Everything is
+/// removed when dropped.
+pub mod netns {
+    use std::process::{Child, Command, Stdio};
+
+    fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+        let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    pub struct Net {
+        tag: String,
+        net: u8,
+        nodes: Vec<char>,
+    }
+
+    impl Net {
+        /// The namespaces for `nodes`, or why they cannot be made here (not root, no `ip`).
+        pub fn create(nodes: &[char]) -> Result<Net, String> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err("not root: network namespaces need CAP_NET_ADMIN".into());
+            }
+            let pid = std::process::id();
+            let net = Net {
+                tag: format!("pd{}", pid % 100_000),
+                net: 20 + (pid % 200) as u8,
+                nodes: nodes.to_vec(),
+            };
+            net.build().map(|()| net)
+        }
+
+        fn ns(&self, what: &str) -> String {
+            format!("{}{what}", self.tag)
+        }
+
+        /// The address of host `host` (1: this process).
+        pub fn addr(&self, host: u8) -> String {
+            format!("10.201.{}.{host}", self.net)
+        }
+
+        /// The address of `node`.
+        pub fn addr_of(&self, node: char) -> String {
+            let i = self.nodes.iter().position(|&n| n == node).expect("a node of this net");
+            self.addr(2 + i as u8)
+        }
+
+        fn build(&self) -> Result<(), String> {
+            let sw = self.ns("sw");
+            run("ip", &["netns", "add", &sw])?;
+            run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+            run("ip", &["-n", &sw, "link", "set", "br0", "up"])?;
+            for &node in &self.nodes {
+                let ns = self.ns(&node.to_string());
+                let (inner, port) = (format!("{}x{node}", self.tag), format!("{}s{node}", self.tag));
+                run("ip", &["netns", "add", &ns])?;
+                run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &port])?;
+                run("ip", &["link", "set", &inner, "netns", &ns])?;
+                run("ip", &["-n", &ns, "link", "set", &inner, "name", "eth0"])?;
+                run("ip", &["-n", &ns, "addr", "add", &format!("{}/24", self.addr_of(node)), "dev", "eth0"])?;
+                run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+                run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+                run("ip", &["link", "set", &port, "netns", &sw])?;
+                run("ip", &["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            }
+            // This process's own leg on the switch.
+            let (host, port) = (format!("{}h", self.tag), format!("{}sh", self.tag));
+            run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &port])?;
+            run("ip", &["link", "set", &port, "netns", &sw])?;
+            run("ip", &["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            run("ip", &["addr", "add", &format!("{}/24", self.addr(1)), "dev", &host])?;
+            run("ip", &["link", "set", &host, "up"])
+        }
+
+        /// Cuts (or heals) `node`'s link: its switch port goes down (up).
+        pub fn partition(&self, node: char, cut: bool) {
+            let port = format!("{}s{node}", self.tag);
+            run("ip", &["-n", &self.ns("sw"), "link", "set", &port, if cut { "down" } else { "up" }]).unwrap();
+        }
+
+        /// Limits what `node` sends to `rate` (tbf), or lifts the limit.
+        pub fn rate_limit(&self, node: char, rate: Option<&str>) {
+            let ns = self.ns(&node.to_string());
+            match rate {
+                Some(r) => run(
+                    "tc",
+                    &[
+                        "-n", &ns, "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", r, "burst", "32kbit", "latency", "400ms",
+                    ],
+                ),
+                None => run("tc", &["-n", &ns, "qdisc", "del", "dev", "eth0", "root"]),
+            }
+            .unwrap();
+        }
+
+        /// Starts daemon `bin` inside `node`'s namespace with `config` (`dir/bin.toml`);
+        /// its log goes to `dir/bin.log`.
+        pub fn spawn(&self, node: char, bin: &str, dir: &std::path::Path, config: &str) -> Child {
+            let cfg = dir.join(format!("{bin}.toml"));
+            std::fs::write(&cfg, config).unwrap();
+            let config_arg = cfg.display().to_string();
+            self.spawn_program(node, &pdserve::up::binary(bin).unwrap(), &["--config", &config_arg], &dir.join(format!("{bin}.log")))
+        }
+
+        /// Starts `program` with `args` inside `node`'s namespace; stderr to `log`.
+        pub fn spawn_program(&self, node: char, program: &std::path::Path, args: &[&str], log: &std::path::Path) -> Child {
+            let log = std::fs::File::create(log).unwrap();
+            // `ip netns exec` enters the namespace and execs the program: the child is it.
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns(&node.to_string())])
+                .arg(program)
+                .args(args)
+                // UCX (ours and NIXL's) on the veth only: never loopback, which in another
+                // namespace is another host's.
+                .env("UCX_NET_DEVICES", "eth0")
+                // and over TCP only: shared memory and cma cross network namespaces.
+                .env("UCX_TLS", "tcp")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        }
+    }
+
+    impl Drop for Net {
+        fn drop(&mut self) {
+            let _ = run("ip", &["link", "del", &format!("{}h", self.tag)]);
+            for n in self.nodes.iter().map(char::to_string).chain(["sw".to_string()]) {
+                let _ = run("ip", &["netns", "del", &self.ns(&n)]);
+            }
+        }
+    }
+}
+
+/// Whether the server at `url` reports SERVING for the client API.
+pub async fn client_ok(url: &str) -> bool {
+    pdserve::up::serving(url, "pdserve.v1.Generation").await
+}
+
+/// A test's work folder; on a failure, the tails of the named logs (`NAME.log`) in it go
+/// to the test's output (CI keeps only that).
+pub struct LogsOnPanic(tempfile::TempDir, Vec<&'static str>);
+
+impl LogsOnPanic {
+    pub fn new(logs: &[&'static str]) -> LogsOnPanic {
+        LogsOnPanic(tempfile::tempdir().unwrap(), logs.to_vec())
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for name in &self.1 {
+            let text = std::fs::read_to_string(self.0.path().join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- {name}.log (last 60 of {} lines) ----", lines.len());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}

@@ -255,3 +255,142 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
     drop(d1);
     e2e::stop_cleanly(dep).await;
 }
+
+const NS_TOKEN: &str = "discovery-netns-internal-token-7c1e";
+
+/// The same membership across network namespaces, as on separate hosts: etcd, a
+/// prefill-server, a decode-server and a router each in its own, the KV cache over
+/// UCX's TCP transport between them, peers known only through etcd. The prefill-server
+/// joins last and is used; etcd's link is cut for 10 s (requests still answered
+/// exactly, the view marked stale and fresh again after); the prefill-server drains
+/// and the decode-server goes on alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_across_network_namespaces() {
+    let net = match e2e::netns::Net::create(&['e', 'p', 'd', 'r']) {
+        Ok(n) => n,
+        Err(why) => {
+            eprintln!("SKIPPED: network namespaces cannot be made here: {why}");
+            return;
+        }
+    };
+    let work = e2e::LogsOnPanic::new(&["etcd", "router", "decode-server", "prefill-server"]);
+    let w = work.path();
+    let (e, p, d, r) = (net.addr_of('e'), net.addr_of('p'), net.addr_of('d'), net.addr_of('r'));
+    let _etcd = Daemon(net.spawn_program(
+        'e',
+        Path::new("etcd"),
+        &[
+            "--name",
+            "pdserve",
+            "--data-dir",
+            &w.join("etcd").display().to_string(),
+            "--listen-client-urls",
+            &format!("http://{e}:2379"),
+            "--advertise-client-urls",
+            &format!("http://{e}:2379"),
+            "--listen-peer-urls",
+            &format!("http://{e}:2380"),
+            "--initial-advertise-peer-urls",
+            &format!("http://{e}:2380"),
+            "--initial-cluster",
+            &format!("pdserve=http://{e}:2380"),
+        ],
+        &w.join("etcd.log"),
+    ));
+    // A lease longer than the cut: the keys outlive it.
+    let discovery = format!("\n[discovery]\netcd = [\"http://{e}:2379\"]\nlease_ttl_s = 20\nderegister_grace_ms = 500\n");
+    let token = format!("internal_token = \"{NS_TOKEN}\"\n");
+    let engine = format!("[engine]\nmodel = {:?}\ndevice = \"cpu\"\nkv_cache_mib = 16\n", e2e::model().display().to_string());
+    let transfer = "[transfer]\nbackend = \"ucx\"\ndeadline_ms = 3000\nucx_peer_error_handling = true\n";
+    let _router = Daemon(net.spawn(
+        'r',
+        "router",
+        w,
+        &format!("{token}listen = \"{r}:50050\"\nmetrics_listen = \"{r}:9450\"\ndecode_servers = []\nprefill_servers = []\nhealth_interval_ms = 300\n{discovery}"),
+    ));
+    let _decode = Daemon(net.spawn(
+        'd',
+        "decode-server",
+        w,
+        &format!("{token}listen = \"{d}:50051\"\nprefill_servers = []\nhandshake_interval_ms = 300\n{engine}{transfer}{discovery}"),
+    ));
+    let router = format!("http://{r}:50050");
+    let router_metrics = format!("{r}:9450");
+    let answer = |i: u64| {
+        let router = router.clone();
+        async move {
+            let mut c = e2e::client(&router).await;
+            let (tokens, res) = stream(&mut c, request(input(&prompt(i)), &params(i))).await.unwrap();
+            assert_eq!(tokens, reference(i), "request {i}");
+            res.prefill_server
+        }
+    };
+    // No prefill-server yet: the decode-server prefills alone.
+    until("the router never served", Duration::from_secs(60), || async {
+        e2e::client_ok(&router).await
+    })
+    .await;
+    assert_eq!(answer(1).await, "local");
+
+    // Whoever can write to etcd but lacks the internal token cannot join: a forged
+    // prefill-server record (a copy of a real one's fields, pointing here) is ignored
+    // by the decode-server (which would otherwise send it its token and KV pools).
+    let rogue = tokio::net::TcpListener::bind(format!("{}:0", net.addr(1))).await.unwrap();
+    let rogue_url = format!("http://{}", rogue.local_addr().unwrap());
+    let etcd_cfg = DiscoveryConfig {
+        etcd: vec![format!("http://{e}:2379")],
+        ..Default::default()
+    };
+    let real = discovery::list(&etcd_cfg).await.unwrap();
+    let decode_rec = real.iter().find(|e| e.member.role == discovery::Role::Decode).expect("the decode-server registered");
+    let mut forged = decode_rec.member.clone();
+    (forged.id, forged.role, forged.url, forged.seal) = ("rogue".into(), discovery::Role::Prefill, rogue_url, "00".repeat(32));
+    let forged = serde_json::to_string(&forged).unwrap();
+    let mut etcd_client = etcd_cfg.connect().await.unwrap();
+    etcd_client.put("/pdserve/default/prefill/rogue", forged, None).await.unwrap();
+    let prefill_url = format!("http://{p}:50061");
+    let prefill = Daemon(net.spawn(
+        'p',
+        "prefill-server",
+        w,
+        &format!("{token}listen = \"{p}:50061\"\n{engine}{transfer}{discovery}"),
+    ));
+    let next = std::sync::atomic::AtomicU64::new(2);
+    until("the prefill-server in its namespace was never used", Duration::from_secs(60), || {
+        let a = answer(next.fetch_add(1, Ordering::Relaxed));
+        let u = prefill_url.clone();
+        async move { a.await == u }
+    })
+    .await;
+    let contacted = tokio::time::timeout(Duration::from_millis(500), rogue.accept()).await;
+    assert!(contacted.is_err(), "a daemon connected to the forged member");
+    until("the decode-server did not log the forged record", Duration::from_secs(5), || async {
+        log_has(w, "decode-server", "not sealed with this cluster's internal_token")
+    })
+    .await;
+
+    // etcd cut off for 10 s: answered exactly throughout; stale, then fresh again.
+    net.partition('e', true);
+    let cut = Instant::now();
+    let mut stale_seen = false;
+    while cut.elapsed() < Duration::from_secs(10) {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(answer(k).await, prefill_url, "request {k} during the cut");
+        stale_seen |= sample(&e2e::scrape_at(&router_metrics), "pdserve_discovery_stale", &[]) == Some(1.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stale_seen, "the router never marked its view stale during the cut");
+    net.partition('e', false);
+    until("the router's view is not fresh again", Duration::from_secs(15), || async {
+        sample(&e2e::scrape_at(&router_metrics), "pdserve_discovery_stale", &[]) == Some(0.0)
+    })
+    .await;
+
+    // The prefill-server drains: out of the membership; the decode-server prefills alone.
+    signal(&prefill, libc::SIGTERM);
+    until("the decode-server still uses the drained prefill-server", Duration::from_secs(20), || {
+        let a = answer(next.fetch_add(1, Ordering::Relaxed));
+        async move { a.await == "local" }
+    })
+    .await;
+}

@@ -18,12 +18,12 @@
 //! registrations unchanged, and the deployment answers a normal request exactly.
 //! Skipped, with the reason printed, only where namespaces cannot be made (not root,
 //! no `ip`).
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use e2e::workload::{clear, input, params, prompt, reference, until};
+use e2e::netns::Net;
 use e2e::{Daemon, request, sample, scrape_at, stream};
 use kv_transfer::BackendKind;
 use rand::{Rng, SeedableRng};
@@ -38,149 +38,10 @@ const DELAY: Duration = Duration::from_millis(5);
 const LOSS: f64 = 0.02;
 const RETRANSMIT: Duration = Duration::from_millis(200);
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Node {
-    Prefill,
-    Decode,
-    Router,
-}
-
-impl Node {
-    fn letter(self) -> char {
-        match self {
-            Node::Prefill => 'p',
-            Node::Decode => 'd',
-            Node::Router => 'r',
-        }
-    }
-    fn host(self) -> u8 {
-        match self {
-            Node::Prefill => 2,
-            Node::Decode => 3,
-            Node::Router => 4,
-        }
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// The namespaces, the bridge and the veths; all removed when dropped.
-struct Net {
-    tag: String,
-    net: u8,
-}
-
-impl Net {
-    fn create() -> Result<Net, String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root: network namespaces need CAP_NET_ADMIN".into());
-        }
-        let pid = std::process::id();
-        let net = Net {
-            tag: format!("pd{}", pid % 100_000),
-            net: 20 + (pid % 200) as u8,
-        };
-        net.build().map(|()| net)
-    }
-
-    fn ns(&self, what: &str) -> String {
-        format!("{}{what}", self.tag)
-    }
-
-    fn addr(&self, host: u8) -> String {
-        format!("10.201.{}.{host}", self.net)
-    }
-
-    fn build(&self) -> Result<(), String> {
-        let sw = self.ns("sw");
-        run("ip", &["netns", "add", &sw])?;
-        run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        run("ip", &["-n", &sw, "link", "set", "br0", "up"])?;
-        for node in [Node::Prefill, Node::Decode, Node::Router] {
-            let ns = self.ns(&node.letter().to_string());
-            let (inner, port) = (format!("{}x{}", self.tag, node.letter()), format!("{}s{}", self.tag, node.letter()));
-            run("ip", &["netns", "add", &ns])?;
-            run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &port])?;
-            run("ip", &["link", "set", &inner, "netns", &ns])?;
-            run("ip", &["-n", &ns, "link", "set", &inner, "name", "eth0"])?;
-            run(
-                "ip",
-                &["-n", &ns, "addr", "add", &format!("{}/24", self.addr(node.host())), "dev", "eth0"],
-            )?;
-            run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-            run("ip", &["link", "set", &port, "netns", &sw])?;
-            run("ip", &["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-        }
-        // This process's own leg on the switch.
-        let (host, port) = (format!("{}h", self.tag), format!("{}sh", self.tag));
-        run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &port])?;
-        run("ip", &["link", "set", &port, "netns", &sw])?;
-        run("ip", &["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-        run("ip", &["addr", "add", &format!("{}/24", self.addr(1)), "dev", &host])?;
-        run("ip", &["link", "set", &host, "up"])
-    }
-
-    /// Cuts (or heals) `node`'s link: its switch port goes down (up).
-    fn partition(&self, node: Node, cut: bool) {
-        let port = format!("{}s{}", self.tag, node.letter());
-        run("ip", &["-n", &self.ns("sw"), "link", "set", &port, if cut { "down" } else { "up" }]).unwrap();
-    }
-
-    /// Limits what `node` sends to `rate` (tbf), or lifts the limit.
-    fn rate_limit(&self, node: Node, rate: Option<&str>) {
-        let ns = self.ns(&node.letter().to_string());
-        match rate {
-            Some(r) => run(
-                "tc",
-                &[
-                    "-n", &ns, "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", r, "burst", "32kbit", "latency", "400ms",
-                ],
-            ),
-            None => run("tc", &["-n", &ns, "qdisc", "del", "dev", "eth0", "root"]),
-        }
-        .unwrap();
-    }
-
-    /// Starts daemon `bin` inside `node`'s namespace with `config`; log in `dir`.
-    fn spawn(&self, node: Node, bin: &str, dir: &std::path::Path, config: &str) -> Child {
-        let cfg = dir.join(format!("{bin}.toml"));
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.join(format!("{bin}.log"))).unwrap();
-        // `ip netns exec` enters the namespace and execs the daemon: the child is it.
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(&node.letter().to_string())])
-            .arg(pdserve::up::binary(bin).unwrap())
-            .arg("--config")
-            .arg(&cfg)
-            // UCX (ours and NIXL's) on the veth only: never loopback, which in another
-            // namespace is another host's.
-            .env("UCX_NET_DEVICES", "eth0")
-            // and over TCP only: shared memory and cma cross network namespaces.
-            .env("UCX_TLS", "tcp")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = run("ip", &["link", "del", &format!("{}h", self.tag)]);
-        for what in ["p", "d", "r", "sw"] {
-            let _ = run("ip", &["netns", "del", &self.ns(what)]);
-        }
-    }
-}
+/// The namespaces' hosts: prefill-server .2, decode-server .3, router .4.
+const PREFILL: char = 'p';
+const DECODE: char = 'd';
+const ROUTER: char = 'r';
 
 /// Forwards `listen` to `to`, each direction delayed by [`DELAY`], and with [`LOSS`]
 /// probability a chunk delayed by a retransmission more (in order, as TCP delivers).
@@ -261,7 +122,7 @@ fn all_free(addr: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_rate_limits_delay_and_loss_between_namespaces() {
-    let net = match Net::create() {
+    let net = match Net::create(&[PREFILL, DECODE, ROUTER]) {
         Ok(n) => n,
         Err(why) => {
             eprintln!("SKIPPED: network namespaces cannot be made here: {why}");
@@ -277,28 +138,8 @@ async fn partitions_rate_limits_delay_and_loss_between_namespaces() {
     }
 }
 
-/// On a failure, the daemons' log tails go to the test's output (CI keeps only that).
-struct LogsOnPanic(tempfile::TempDir);
-
-impl Drop for LogsOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for bin in ["prefill-server", "decode-server", "router"] {
-            let text = std::fs::read_to_string(self.0.path().join(format!("{bin}.log"))).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("---- {bin}.log (last 60 of {} lines) ----", lines.len());
-            for l in &lines[lines.len().saturating_sub(60)..] {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
 async fn faults(net: &Net, backend: BackendKind) {
-    let work = LogsOnPanic(tempfile::tempdir().unwrap());
-    let work = &work.0;
+    let work = e2e::LogsOnPanic::new(&["prefill-server", "decode-server", "router"]);
     let (me, p, d, r) = (net.addr(1), net.addr(2), net.addr(3), net.addr(4));
     let model = e2e::model();
     let engine = format!(
@@ -321,7 +162,7 @@ async fn faults(net: &Net, backend: BackendKind) {
     ];
     let common = format!("internal_token = \"{TOKEN}\"\n");
     let _prefill = Daemon(net.spawn(
-        Node::Prefill,
+        PREFILL,
         "prefill-server",
         work.path(),
         &format!(
@@ -330,7 +171,7 @@ async fn faults(net: &Net, backend: BackendKind) {
         ),
     ));
     let _decode = Daemon(net.spawn(
-        Node::Decode,
+        DECODE,
         "decode-server",
         work.path(),
         &format!(
@@ -339,7 +180,7 @@ async fn faults(net: &Net, backend: BackendKind) {
         ),
     ));
     let _router = Daemon(net.spawn(
-        Node::Router,
+        ROUTER,
         "router",
         work.path(),
         &format!(
@@ -396,18 +237,18 @@ async fn faults(net: &Net, backend: BackendKind) {
     let phase = |what: &str| eprintln!("{backend}: {what}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     phase("rate limit 4mbit on the prefill-server's link");
-    net.rate_limit(Node::Prefill, Some("4mbit"));
+    net.rate_limit(PREFILL, Some("4mbit"));
     tokio::time::sleep(Duration::from_secs(4)).await;
-    net.rate_limit(Node::Prefill, None);
+    net.rate_limit(PREFILL, None);
     phase("partition of the prefill-server");
-    net.partition(Node::Prefill, true);
+    net.partition(PREFILL, true);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    net.partition(Node::Prefill, false);
+    net.partition(PREFILL, false);
     tokio::time::sleep(Duration::from_secs(2)).await;
     phase("partition of the decode-server");
-    net.partition(Node::Decode, true);
+    net.partition(DECODE, true);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    net.partition(Node::Decode, false);
+    net.partition(DECODE, false);
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failed) = (0usize, Vec::new());

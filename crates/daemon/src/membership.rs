@@ -14,6 +14,8 @@ pub struct Describe<'a> {
     /// The model's KV layout, the data plane and the device (None for the router).
     pub engine: Option<(&'a engine::Engine, &'a kv_transfer::Agent, &'a str)>,
     pub max_batch: usize,
+    /// The cluster's internal token: the record is sealed with it.
+    pub internal_token: &'a str,
 }
 
 /// Checks a worker's model against the cluster's pinned one (`model_fingerprint`).
@@ -42,7 +44,7 @@ pub fn register(cfg: &DiscoveryConfig, d: Describe) -> anyhow::Result<Option<Reg
         ),
         None => (None, String::new(), String::new(), 0),
     };
-    let member = Member {
+    let mut member = Member {
         id: cfg.member_id(&url),
         role: d.role,
         url,
@@ -57,9 +59,21 @@ pub fn register(cfg: &DiscoveryConfig, d: Describe) -> anyhow::Result<Option<Reg
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        seal: String::new(),
     };
+    member.seal(d.internal_token);
     tracing::info!(key = %member.key(&cfg.prefix()), url = %member.url, "registering in etcd");
     Ok(Some(Registration::spawn(cfg.clone(), member)))
+}
+
+/// Whether a member may be used: sealed with the cluster's internal token (when one is
+/// set); logs why not, once per member (`refused` remembers).
+pub fn trusted(m: &Member, internal_token: &str, refused: &mut std::collections::HashSet<(String, String)>) -> bool {
+    let ok = m.sealed_by(internal_token);
+    if !ok && refused.insert((m.id.clone(), m.url.clone())) {
+        tracing::warn!(id = %m.id, url = %m.url, role = m.role.name(), "discovery: member ignored: its record is not sealed with this cluster's internal_token");
+    }
+    ok
 }
 
 /// The first step of a drain: the key goes (watchers stop sending new work), then the

@@ -141,6 +141,7 @@ pub async fn serve(cfg: DecodeConfig, shutdown: impl std::future::Future<Output 
             metrics: &cfg.metrics_listen,
             engine: Some((&svc.engine, &svc.agent, &cfg.engine.device)),
             max_batch: cfg.max_batch,
+            internal_token: &cfg.internal_token,
         },
     )?;
     let discovery = cfg.discovery.clone();

@@ -244,6 +244,9 @@ impl DecodeService {
                 let mut wanted = Vec::new();
                 for e in v.of(discovery::Role::Prefill) {
                     let m = &e.member;
+                    if !daemon::membership::trusted(m, &svc.cfg.internal_token, &mut refused) {
+                        continue;
+                    }
                     let fit = m
                         .layout
                         .as_ref()

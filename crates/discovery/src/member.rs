@@ -52,6 +52,11 @@ pub struct Member {
     /// When the daemon started, seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: u64,
+    /// HMAC-SHA256 of the record (this field empty) under the cluster's internal token,
+    /// hex: whoever can write to etcd but lacks the token cannot add a member that
+    /// routers and decode-servers would send requests, tokens or KV to.
+    #[serde(default)]
+    pub seal: String,
 }
 
 impl Member {
@@ -71,6 +76,38 @@ impl Member {
         let m: Member = serde_json::from_slice(value).ok()?;
         (Role::from_name(role) == Some(m.role) && m.id == id && (m.url.starts_with("http://") || m.url.starts_with("https://")))
             .then_some(m)
+    }
+
+    fn sealed_bytes(&self) -> Vec<u8> {
+        let mut m = self.clone();
+        m.seal.clear();
+        serde_json::to_vec(&m).expect("a member serializes")
+    }
+
+    /// Seals the record with `secret` (the cluster's internal token; empty: none).
+    pub fn seal(&mut self, secret: &str) {
+        self.seal.clear();
+        if !secret.is_empty() {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+            let tag = ring::hmac::sign(&key, &self.sealed_bytes());
+            self.seal = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        }
+    }
+
+    /// Whether the record was sealed with `secret` (any record, when there is none).
+    pub fn sealed_by(&self, secret: &str) -> bool {
+        if secret.is_empty() {
+            return true;
+        }
+        let Some(tag) = (0..self.seal.len())
+            .step_by(2)
+            .map(|i| self.seal.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+        else {
+            return false;
+        };
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        ring::hmac::verify(&key, &self.sealed_bytes(), &tag).is_ok()
     }
 
     /// The model fingerprint (0: none, a router).
@@ -98,6 +135,7 @@ mod tests {
             max_batch: 1,
             version: "0".into(),
             started_unix: 0,
+            seal: String::new(),
         };
         let v = serde_json::to_vec(&m).unwrap();
         let p = "/pdserve/c/";
@@ -111,5 +149,25 @@ mod tests {
             ..m
         };
         assert_eq!(Member::parse(p, bad.key(p).as_bytes(), &serde_json::to_vec(&bad).unwrap()), None);
+    }
+
+    #[test]
+    fn only_the_token_holder_seals_a_member() {
+        let mut m = Member::parse(
+            "/p/",
+            b"/p/decode/d",
+            br#"{"id":"d","role":"decode","url":"http://10.0.0.1:1"}"#,
+        )
+        .unwrap();
+        assert!(m.sealed_by(""), "no token: anything goes");
+        assert!(!m.sealed_by("secret"));
+        m.seal("secret");
+        assert!(m.sealed_by("secret"));
+        assert!(!m.sealed_by("other"));
+        let mut moved = m.clone();
+        moved.url = "http://10.6.6.6:1".into();
+        assert!(!moved.sealed_by("secret"), "a sealed record cannot be pointed elsewhere");
+        moved.seal = "zz".into();
+        assert!(!moved.sealed_by("secret"));
     }
 }

@@ -26,6 +26,7 @@ fn member(id: &str, role: Role) -> Member {
         max_batch: 1,
         version: "test".into(),
         started_unix: 0,
+        seal: String::new(),
     }
 }
 

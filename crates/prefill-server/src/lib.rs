@@ -589,6 +589,7 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
             metrics: &cfg.metrics_listen,
             engine: Some((&svc.engine, &svc.agent, &cfg.engine.device)),
             max_batch: 0,
+            internal_token: &cfg.internal_token,
         },
     )?;
     info!("prefill-server ready");

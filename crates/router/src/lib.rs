@@ -600,6 +600,7 @@ impl Router {
                 *m = view
                     .of(R::Decode)
                     .into_iter()
+                    .filter(|e| e.member.sealed_by(&self.internal_token))
                     .filter_map(|e| e.member.layout.clone())
                     .find(|l| pinned.is_none_or(|p| p == l.model_fingerprint));
                 if let Some(l) = m.as_ref() {
@@ -616,6 +617,9 @@ impl Router {
             let mut wanted = Vec::new();
             for e in view.of(role) {
                 let m = &e.member;
+                if !daemon::membership::trusted(m, &self.internal_token, refused) {
+                    continue;
+                }
                 let fit = match (&model, &m.layout) {
                     (None, _) => Err("no decode-server names the cluster's model yet".to_string()),
                     (_, None) => Err("it names no KV layout".to_string()),
@@ -959,6 +963,7 @@ pub async fn serve(cfg: RouterConfig, shutdown: impl std::future::Future<Output 
             metrics: &cfg.metrics_listen,
             engine: None,
             max_batch: 0,
+            internal_token: &cfg.internal_token,
         },
     )?;
     let (signal, discovery) = (stop.clone(), cfg.discovery.clone());
