@@ -345,7 +345,10 @@ pub mod netns {
                 run("ip", &["link", "add", &inner, "type", "veth", "peer", "name", &port])?;
                 run("ip", &["link", "set", &inner, "netns", &ns])?;
                 run("ip", &["-n", &ns, "link", "set", &inner, "name", "eth0"])?;
-                run("ip", &["-n", &ns, "addr", "add", &format!("{}/24", self.addr_of(node)), "dev", "eth0"])?;
+                run(
+                    "ip",
+                    &["-n", &ns, "addr", "add", &format!("{}/24", self.addr_of(node)), "dev", "eth0"],
+                )?;
                 run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
                 run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
                 run("ip", &["link", "set", &port, "netns", &sw])?;
@@ -387,7 +390,12 @@ pub mod netns {
             let cfg = dir.join(format!("{bin}.toml"));
             std::fs::write(&cfg, config).unwrap();
             let config_arg = cfg.display().to_string();
-            self.spawn_program(node, &pdserve::up::binary(bin).unwrap(), &["--config", &config_arg], &dir.join(format!("{bin}.log")))
+            self.spawn_program(
+                node,
+                &pdserve::up::binary(bin).unwrap(),
+                &["--config", &config_arg],
+                &dir.join(format!("{bin}.log")),
+            )
         }
 
         /// Starts `program` with `args` inside `node`'s namespace; stderr to `log`.

@@ -145,7 +145,12 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
         etcd: vec![dep.etcd_url.clone().unwrap()],
         ..Default::default()
     };
-    let mut view = discovery::watch(cfg.clone());
+    let secret = std::fs::read_to_string(w.join("router.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("internal_token = ").map(|t| t.trim_matches('"').to_string()))
+        .expect("pdserve up gives a discovering deployment an internal token");
+    let mut view = discovery::watch(cfg.clone(), &secret);
     let members = |role: &str| sample(&scrape(router_metrics), "pdserve_discovery_members", &[&format!("role=\"{role}\"")]);
 
     // A prefill-server of another model registers in the cluster: ignored by both.
@@ -155,9 +160,11 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
     let text = text.replace(&e2e::model().display().to_string(), &other_model.display().to_string());
     let _other = start_daemon("prefill-server", w, "prefill-other", &text);
     key_change(&mut view, &other_url, true, Duration::from_secs(60)).await;
-    until("the decode-server did not say why it ignores the other model", Duration::from_secs(5), || async {
-        log_has(w, "decode-0", "prefill-server ignored") && log_has(w, "router", "member ignored")
-    })
+    until(
+        "the decode-server did not say why it ignores the other model",
+        Duration::from_secs(5),
+        || async { log_has(w, "decode-0", "KV layouts differ") && log_has(w, "router", "KV layouts differ") },
+    )
     .await;
 
     let load = Load::start(&dep.router, 3).await;
@@ -188,7 +195,10 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
         .into_iter()
         .filter(|o| o.prefill == p0 && o.sent > gone + Duration::from_millis(100))
         .collect();
-    assert!(late.is_empty(), "requests sent after the drained prefill-server's key was gone went to it: {late:?}");
+    assert!(
+        late.is_empty(),
+        "requests sent after the drained prefill-server's key was gone went to it: {late:?}"
+    );
 
     // A decode-server joins under load and takes traffic.
     let d1_metrics = e2e::free_port();
@@ -231,14 +241,20 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
         back.elapsed().as_secs_f64() * 1e3
     );
     key_change(&mut view, &d1_url, false, TTL + Duration::from_secs(5)).await;
-    until("the router still lists the decode-server that left during the outage", Duration::from_secs(5), || async {
-        members("decode") == Some(1.0) && sample(&scrape(router_metrics), "pdserve_discovery_stale", &[]) == Some(0.0)
-    })
+    until(
+        "the router still lists the decode-server that left during the outage",
+        Duration::from_secs(5),
+        || async { members("decode") == Some(1.0) && sample(&scrape(router_metrics), "pdserve_discovery_stale", &[]) == Some(0.0) },
+    )
     .await;
     // b, c and the other model's (in the view, not used): a killed, 0 drained.
     assert_eq!(members("prefill"), Some(3.0));
 
     let outcomes = load.stop().await;
+    assert!(
+        !outcomes.iter().any(|o| o.prefill == other_url),
+        "a request went to the other model's prefill-server"
+    );
     let failed: Vec<_> = outcomes.iter().filter(|o| o.err.is_some()).collect();
     let ok = outcomes.len() - failed.len();
     eprintln!("{ok} requests answered exactly, {} failed", failed.len());
@@ -300,7 +316,10 @@ async fn discovery_across_network_namespaces() {
     // A lease longer than the cut: the keys outlive it.
     let discovery = format!("\n[discovery]\netcd = [\"http://{e}:2379\"]\nlease_ttl_s = 20\nderegister_grace_ms = 500\n");
     let token = format!("internal_token = \"{NS_TOKEN}\"\n");
-    let engine = format!("[engine]\nmodel = {:?}\ndevice = \"cpu\"\nkv_cache_mib = 16\n", e2e::model().display().to_string());
+    let engine = format!(
+        "[engine]\nmodel = {:?}\ndevice = \"cpu\"\nkv_cache_mib = 16\n",
+        e2e::model().display().to_string()
+    );
     let transfer = "[transfer]\nbackend = \"ucx\"\ndeadline_ms = 3000\nucx_peer_error_handling = true\n";
     let _router = Daemon(net.spawn(
         'r',
@@ -341,8 +360,11 @@ async fn discovery_across_network_namespaces() {
         etcd: vec![format!("http://{e}:2379")],
         ..Default::default()
     };
-    let real = discovery::list(&etcd_cfg).await.unwrap();
-    let decode_rec = real.iter().find(|e| e.member.role == discovery::Role::Decode).expect("the decode-server registered");
+    let real = discovery::list(&etcd_cfg, NS_TOKEN).await.unwrap();
+    let decode_rec = real
+        .iter()
+        .find(|e| e.member.role == discovery::Role::Decode)
+        .expect("the decode-server registered");
     let mut forged = decode_rec.member.clone();
     (forged.id, forged.role, forged.url, forged.seal) = ("rogue".into(), discovery::Role::Prefill, rogue_url, "00".repeat(32));
     let forged = serde_json::to_string(&forged).unwrap();
@@ -356,17 +378,23 @@ async fn discovery_across_network_namespaces() {
         &format!("{token}listen = \"{p}:50061\"\n{engine}{transfer}{discovery}"),
     ));
     let next = std::sync::atomic::AtomicU64::new(2);
-    until("the prefill-server in its namespace was never used", Duration::from_secs(60), || {
-        let a = answer(next.fetch_add(1, Ordering::Relaxed));
-        let u = prefill_url.clone();
-        async move { a.await == u }
-    })
+    until(
+        "the prefill-server in its namespace was never used",
+        Duration::from_secs(60),
+        || {
+            let a = answer(next.fetch_add(1, Ordering::Relaxed));
+            let u = prefill_url.clone();
+            async move { a.await == u }
+        },
+    )
     .await;
     let contacted = tokio::time::timeout(Duration::from_millis(500), rogue.accept()).await;
     assert!(contacted.is_err(), "a daemon connected to the forged member");
-    until("the decode-server did not log the forged record", Duration::from_secs(5), || async {
-        log_has(w, "decode-server", "not sealed with this cluster's internal_token")
-    })
+    until(
+        "the decode-server did not log the forged record",
+        Duration::from_secs(5),
+        || async { log_has(w, "decode-server", "not sealed with this cluster's internal_token") },
+    )
     .await;
 
     // etcd cut off for 10 s: answered exactly throughout; stale, then fresh again.
@@ -388,9 +416,13 @@ async fn discovery_across_network_namespaces() {
 
     // The prefill-server drains: out of the membership; the decode-server prefills alone.
     signal(&prefill, libc::SIGTERM);
-    until("the decode-server still uses the drained prefill-server", Duration::from_secs(20), || {
-        let a = answer(next.fetch_add(1, Ordering::Relaxed));
-        async move { a.await == "local" }
-    })
+    until(
+        "the decode-server still uses the drained prefill-server",
+        Duration::from_secs(20),
+        || {
+            let a = answer(next.fetch_add(1, Ordering::Relaxed));
+            async move { a.await == "local" }
+        },
+    )
     .await;
 }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use e2e::workload::{clear, input, params, prompt, reference, until};
 use e2e::netns::Net;
+use e2e::workload::{clear, input, params, prompt, reference, until};
 use e2e::{Daemon, request, sample, scrape_at, stream};
 use kv_transfer::BackendKind;
 use rand::{Rng, SeedableRng};

@@ -60,6 +60,7 @@ where
             .list_separator(",")
             .with_list_parse_key("prefill_servers")
             .with_list_parse_key("decode_servers")
+            .with_list_parse_key("discovery.etcd")
             .source(Some(own_env::<T>())),
     );
     let built = b.build().map_err(|e| match path {

@@ -44,7 +44,7 @@ pub fn register(cfg: &DiscoveryConfig, d: Describe) -> anyhow::Result<Option<Reg
         ),
         None => (None, String::new(), String::new(), 0),
     };
-    let mut member = Member {
+    let member = Member {
         id: cfg.member_id(&url),
         role: d.role,
         url,
@@ -61,17 +61,36 @@ pub fn register(cfg: &DiscoveryConfig, d: Describe) -> anyhow::Result<Option<Reg
             .map_or(0, |d| d.as_secs()),
         seal: String::new(),
     };
-    member.seal(d.internal_token);
     tracing::info!(key = %member.key(&cfg.prefix()), url = %member.url, "registering in etcd");
-    Ok(Some(Registration::spawn(cfg.clone(), member)))
+    Ok(Some(Registration::spawn(cfg.clone(), member, d.internal_token)))
 }
 
-/// Whether a member may be used: sealed with the cluster's internal token (when one is
-/// set); logs why not, once per member (`refused` remembers).
-pub fn trusted(m: &Member, internal_token: &str, refused: &mut std::collections::HashSet<(String, String)>) -> bool {
-    let ok = m.sealed_by(internal_token);
-    if !ok && refused.insert((m.id.clone(), m.url.clone())) {
-        tracing::warn!(id = %m.id, url = %m.url, role = m.role.name(), "discovery: member ignored: its record is not sealed with this cluster's internal_token");
+/// Members refused once, with why (logged once each; only those still in the view are
+/// remembered).
+#[derive(Default)]
+pub struct Refused(std::collections::HashSet<(String, String)>);
+
+impl Refused {
+    /// Logs that `m` is ignored and why, the first time.
+    pub fn note(&mut self, m: &Member, why: &str) {
+        if self.0.insert((m.id.clone(), m.url.clone())) {
+            tracing::warn!(id = %m.id, url = %m.url, role = m.role.name(), reason = %why, "discovery: member ignored");
+        }
+    }
+
+    /// Forgets the members no longer in `view` (a record that returns is judged anew).
+    pub fn keep_only(&mut self, view: &discovery::View) {
+        self.0
+            .retain(|(id, url)| view.members.values().any(|e| &e.member.id == id && &e.member.url == url));
+    }
+}
+
+/// Whether `m` can be reached the way this daemon talks to peers: with `[tls]` trusting
+/// a CA (`tls.ca`), only over https (a record naming http:// would downgrade the link).
+pub fn reachable(m: &Member, tls: &crate::tls::TlsConfig, refused: &mut Refused) -> bool {
+    let ok = tls.ca.is_none() || m.url.starts_with("https://");
+    if !ok {
+        refused.note(m, "its URL is http:// but this daemon talks to peers over TLS");
     }
     ok
 }
@@ -81,7 +100,11 @@ pub fn trusted(m: &Member, internal_token: &str, refused: &mut std::collections:
 /// accepting.
 pub async fn deregister(reg: Option<Registration>, cfg: &DiscoveryConfig) {
     if let Some(r) = reg {
-        r.deregister().await;
-        tokio::time::sleep(Duration::from_millis(cfg.deregister_grace_ms)).await;
+        // Not deleted: the key lives until its lease runs out; so does the grace.
+        let grace = match r.deregister().await {
+            true => Duration::from_millis(cfg.deregister_grace_ms),
+            false => Duration::from_secs(cfg.lease_ttl_s).max(Duration::from_millis(cfg.deregister_grace_ms)),
+        };
+        tokio::time::sleep(grace).await;
     }
 }

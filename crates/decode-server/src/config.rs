@@ -84,10 +84,22 @@ impl Default for DecodeConfig {
     }
 }
 
+impl DecodeConfig {
+    /// The prefill-servers listed in the config: with discovery on, the built-in default
+    /// (one on this host) is not one of them (the members come from etcd).
+    pub fn static_prefill_servers(&self) -> &[String] {
+        if self.discovery.enabled() && self.prefill_servers == DecodeConfig::default().prefill_servers {
+            return &[];
+        }
+        &self.prefill_servers
+    }
+}
+
 impl Validate for DecodeConfig {
     fn validate(&self) -> Result<(), String> {
         daemon::config::check_listen(&self.tls, &self.listen, &self.http_listen)?;
-        self.discovery.validate()?;
+        self.discovery
+            .check_daemon(&self.listen, self.tls.cert.is_some(), &self.internal_token)?;
         for p in &self.prefill_servers {
             if !(p.starts_with("http://") || p.starts_with("https://")) {
                 return Err(format!("prefill_servers: {p:?} must be a URL like http://host:port"));

@@ -137,6 +137,11 @@ impl DecodeService {
                 resp.peer_name.chars().take(64).collect::<String>()
             ));
         }
+        if peer.gone.is_cancelled() {
+            // It left the membership while we handshook (its cleanup may have run): the
+            // pending key is revoked as it drops.
+            return Err("it left the membership".into());
+        }
         info!(url = %peer.url, prefill = %resp.peer_name, "prefill-server handshaken");
         let key = pending.keep();
         *conn = Some(Conn {
@@ -233,18 +238,19 @@ impl DecodeService {
         if !self.cfg.discovery.enabled() {
             return;
         }
-        let mut view = discovery::watch(self.cfg.discovery.clone());
+        let mut view = discovery::watch(self.cfg.discovery.clone(), &self.cfg.internal_token);
         let svc = self.clone();
         // For the process's life: not tracked (a drain would wait for it in vain).
         tokio::spawn(async move {
-            let mut refused = std::collections::HashSet::new();
+            let mut refused = daemon::membership::Refused::default();
             while view.changed().await.is_ok() {
                 let v = view.borrow_and_update().clone();
                 svc.discovery_synced.store(v.synced, Ordering::Relaxed);
+                refused.keep_only(&v);
                 let mut wanted = Vec::new();
                 for e in v.of(discovery::Role::Prefill) {
                     let m = &e.member;
-                    if !daemon::membership::trusted(m, &svc.cfg.internal_token, &mut refused) {
+                    if !daemon::membership::reachable(m, &svc.cfg.tls, &mut refused) {
                         continue;
                     }
                     let fit = m
@@ -254,11 +260,7 @@ impl DecodeService {
                         .and_then(|l| svc.engine.layout().check_compatible(l));
                     match fit {
                         Ok(()) => wanted.push(m.url.clone()),
-                        Err(why) => {
-                            if refused.insert((m.id.clone(), m.url.clone())) {
-                                warn!(id = %m.id, url = %m.url, reason = %why, "discovery: prefill-server ignored");
-                            }
-                        }
+                        Err(why) => refused.note(m, &why),
                     }
                 }
                 svc.set_discovered(&wanted);

@@ -31,6 +31,10 @@ pub struct DiscoveryConfig {
     /// whose model differs refuses to start, and routers ignore members that differ.
     /// Empty: routers take the model of the longest-registered decode-server.
     pub model_fingerprint: String,
+    /// Without an `internal_token`, follow records nobody sealed (anyone who can write
+    /// to etcd then adds members). Off: a daemon with discovery and no token refuses to
+    /// start.
+    pub allow_unsealed: bool,
     /// etcd authentication (empty: none).
     pub username: String,
     pub password: String,
@@ -50,8 +54,9 @@ impl Default for DiscoveryConfig {
             advertise_url: String::new(),
             lease_ttl_s: 5,
             deregister_grace_ms: 1_000,
-            timeout_ms: 2_000,
+            timeout_ms: 1_500,
             model_fingerprint: String::new(),
+            allow_unsealed: false,
             username: String::new(),
             password: String::new(),
             ca_file: PathBuf::new(),
@@ -105,7 +110,13 @@ impl DiscoveryConfig {
         let hostport = url.split("://").nth(1).unwrap_or(url);
         hostport
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     }
 
@@ -128,14 +139,43 @@ impl DiscoveryConfig {
         if !(2..=300).contains(&self.lease_ttl_s) {
             return Err("discovery.lease_ttl_s must be within 2..=300".into());
         }
-        if self.timeout_ms == 0 || self.timeout_ms >= self.lease_ttl_s * 1000 {
-            return Err("discovery.timeout_ms must be positive and shorter than the lease".into());
+        // A keep-alive round (refresh, answer, read-back) must fit in a third of the lease.
+        if self.timeout_ms == 0 || self.timeout_ms * 3 > self.lease_ttl_s * 1000 {
+            return Err("discovery.timeout_ms must be positive and at most a third of lease_ttl_s".into());
+        }
+        let tls = !self.ca_file.as_os_str().is_empty();
+        if self.etcd.iter().any(|e| e.starts_with("https://") != tls) {
+            return Err("discovery.etcd: https:// endpoints need ca_file, and ca_file needs https:// endpoints".into());
+        }
+        if !self.advertise_url.is_empty() && !(self.advertise_url.starts_with("http://") || self.advertise_url.starts_with("https://")) {
+            return Err(format!(
+                "discovery.advertise_url {:?} must be http:// or https://",
+                self.advertise_url
+            ));
         }
         if !self.model_fingerprint.is_empty() && self.pinned_model().is_none() {
             return Err(format!("discovery.model_fingerprint {:?} is not hex", self.model_fingerprint));
         }
         if self.cert_file.as_os_str().is_empty() != self.key_file.as_os_str().is_empty() {
             return Err("discovery.cert_file and key_file go together".into());
+        }
+        Ok(())
+    }
+
+    /// The checks a registering daemon adds: a URL peers can reach it at, and the
+    /// token its record is sealed with (or the explicit opt-out).
+    pub fn check_daemon(&self, listen: &str, tls: bool, internal_token: &str) -> std::result::Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        self.validate()?;
+        self.advertised(listen, tls).map_err(|e| e.to_string())?;
+        if internal_token.is_empty() && !self.allow_unsealed {
+            return Err(
+                "discovery needs internal_token: records are sealed with it, and a record without a seal could \
+                        point this cluster at anyone's daemon (discovery.allow_unsealed = true accepts that, e.g. with mTLS)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -149,9 +189,11 @@ impl DiscoveryConfig {
             // instead of waiting forever. etcd closes connections that ping more often
             // than every 5 s (`--grpc-keepalive-min-time`), hence 6 s.
             .with_keep_alive(Duration::from_secs(6), self.timeout())
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its cluster's quorum must not serve a silent watch.
+            .with_require_leader(true);
         if !self.username.is_empty() {
-            opts = opts.with_user(&self.username, &self.password);
+            opts = opts.with_user(&self.username, &self.password).with_auto_token_refresh(true);
         }
         if !self.ca_file.as_os_str().is_empty() {
             let read = |p: &PathBuf| std::fs::read(p).map_err(|e| DiscoveryError::Config(format!("{}: {e}", p.display())));
@@ -179,7 +221,12 @@ mod tests {
         let url = c.advertised("10.0.0.5:50061", false).unwrap();
         assert_eq!(url, "http://10.0.0.5:50061");
         assert_eq!(c.member_id(&url), "10.0.0.5_50061");
-        assert!(c.advertised("0.0.0.0:50061", false).unwrap_err().to_string().contains("advertise_url"));
+        assert!(
+            c.advertised("0.0.0.0:50061", false)
+                .unwrap_err()
+                .to_string()
+                .contains("advertise_url")
+        );
         let bad = DiscoveryConfig {
             cluster: "a/b".into(),
             ..c.clone()

@@ -74,6 +74,11 @@ impl EmbeddedEtcd {
         }
     }
 
+    /// Its process id (a test pauses it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it (SIGKILL), keeping its data: [`EmbeddedEtcd::restart`] brings it back
     /// with the same keys and leases.
     pub fn kill(&mut self) {

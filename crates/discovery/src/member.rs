@@ -78,36 +78,48 @@ impl Member {
             .then_some(m)
     }
 
-    fn sealed_bytes(&self) -> Vec<u8> {
+    /// What the seal covers: the key (so the cluster, role and id), the lease the record
+    /// is put under (a copy under another lease, or under none, is not sealed), and the
+    /// record itself.
+    fn sealed_bytes(&self, key: &str, lease: i64) -> Vec<u8> {
         let mut m = self.clone();
         m.seal.clear();
-        serde_json::to_vec(&m).expect("a member serializes")
+        let mut b = format!("{key}\n{lease}\n").into_bytes();
+        b.extend(serde_json::to_vec(&m).expect("a member serializes"));
+        b
     }
 
-    /// Seals the record with `secret` (the cluster's internal token; empty: none).
-    pub fn seal(&mut self, secret: &str) {
+    fn mac(secret: &str) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes())
+    }
+
+    /// Seals the record for `key` under `lease` with `secret` (the cluster's internal
+    /// token; empty: none).
+    pub fn seal(&mut self, secret: &str, key: &str, lease: i64) {
         self.seal.clear();
         if !secret.is_empty() {
-            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-            let tag = ring::hmac::sign(&key, &self.sealed_bytes());
+            let tag = ring::hmac::sign(&Self::mac(secret), &self.sealed_bytes(key, lease));
             self.seal = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         }
     }
 
-    /// Whether the record was sealed with `secret` (any record, when there is none).
-    pub fn sealed_by(&self, secret: &str) -> bool {
+    /// Whether the record found at `key` under `lease` was sealed there with `secret`
+    /// (any record, when there is no secret).
+    pub fn sealed_by(&self, secret: &str, key: &str, lease: i64) -> bool {
         if secret.is_empty() {
             return true;
         }
-        let Some(tag) = (0..self.seal.len())
+        if self.seal.len() != 64 {
+            return false;
+        }
+        let Some(tag) = (0..64)
             .step_by(2)
             .map(|i| self.seal.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
             .collect::<Option<Vec<u8>>>()
         else {
             return false;
         };
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-        ring::hmac::verify(&key, &self.sealed_bytes(), &tag).is_ok()
+        ring::hmac::verify(&Self::mac(secret), &self.sealed_bytes(key, lease), &tag).is_ok()
     }
 
     /// The model fingerprint (0: none, a router).
@@ -153,21 +165,21 @@ mod tests {
 
     #[test]
     fn only_the_token_holder_seals_a_member() {
-        let mut m = Member::parse(
-            "/p/",
-            b"/p/decode/d",
-            br#"{"id":"d","role":"decode","url":"http://10.0.0.1:1"}"#,
-        )
-        .unwrap();
-        assert!(m.sealed_by(""), "no token: anything goes");
-        assert!(!m.sealed_by("secret"));
-        m.seal("secret");
-        assert!(m.sealed_by("secret"));
-        assert!(!m.sealed_by("other"));
+        let k = "/p/decode/d";
+        let mut m = Member::parse("/p/", k.as_bytes(), br#"{"id":"d","role":"decode","url":"http://10.0.0.1:1"}"#).unwrap();
+        assert!(m.sealed_by("", k, 7), "no token: anything goes");
+        assert!(!m.sealed_by("secret", k, 7));
+        m.seal("secret", k, 7);
+        assert!(m.sealed_by("secret", k, 7));
+        assert!(!m.sealed_by("other", k, 7));
+        assert!(!m.sealed_by("secret", k, 8), "replayed under another lease");
+        assert!(!m.sealed_by("secret", "/q/decode/d", 7), "copied to another cluster");
         let mut moved = m.clone();
         moved.url = "http://10.6.6.6:1".into();
-        assert!(!moved.sealed_by("secret"), "a sealed record cannot be pointed elsewhere");
-        moved.seal = "zz".into();
-        assert!(!moved.sealed_by("secret"));
+        assert!(!moved.sealed_by("secret", k, 7), "a sealed record cannot be pointed elsewhere");
+        moved.seal = "zz".repeat(32);
+        assert!(!moved.sealed_by("secret", k, 7));
+        moved.seal = "\u{e9}".repeat(32);
+        assert!(!moved.sealed_by("secret", k, 7), "not hex, not a panic");
     }
 }

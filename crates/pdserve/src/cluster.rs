@@ -20,7 +20,8 @@ pub struct LsArgs {
     /// The cluster name.
     #[arg(long, default_value = "default")]
     pub cluster: String,
-    /// The cluster's internal token (to read the workers' load; without it, load is '-').
+    /// The cluster's internal token: records not sealed with it show as UNSEALED and
+    /// are not contacted; the workers' load is read with it (without it, '-').
     #[arg(long, env = "PDSERVE_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
     /// Print JSON instead of a table.
@@ -37,6 +38,9 @@ struct Row {
     id: String,
     url: String,
     healthy: bool,
+    /// Sealed with the given internal token (an unsealed member is not contacted: it
+    /// may be anyone's, and the token must not reach it).
+    sealed: bool,
     free_blocks: Option<u32>,
     total_blocks: Option<u32>,
     sequences: Option<u32>,
@@ -54,8 +58,9 @@ pub async fn run(c: Command) -> anyhow::Result<i32> {
         ..Default::default()
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
-    let members = discovery::list(&cfg).await?;
-    let rows = probe_all(members, a.internal_token.clone().unwrap_or_default()).await;
+    let token = a.internal_token.clone().unwrap_or_default();
+    let members = discovery::list(&cfg, &token).await?;
+    let rows = probe_all(members, token).await;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
@@ -71,7 +76,11 @@ pub async fn run(c: Command) -> anyhow::Result<i32> {
             r.role,
             r.id,
             r.url,
-            if r.healthy { "serving" } else { "down" },
+            match (r.sealed, r.healthy) {
+                (false, _) => "UNSEALED",
+                (_, true) => "serving",
+                _ => "down",
+            },
             format!("{}/{}", opt(r.free_blocks), opt(r.total_blocks)),
             opt(r.sequences),
             r.model,
@@ -103,7 +112,7 @@ async fn row(e: &Entry, token: &str) -> Row {
         Role::Prefill => "pdserve.v1.Prefill",
         Role::Decode | Role::Router => "pdserve.v1.Generation",
     };
-    let healthy = crate::up::serving(&m.url, service).await;
+    let healthy = e.sealed && crate::up::serving(&m.url, service).await;
     let load = match (m.role, healthy) {
         (Role::Router, _) | (_, false) => None,
         _ => load(&m.url, token).await,
@@ -116,6 +125,7 @@ async fn row(e: &Entry, token: &str) -> Row {
         id: m.id.clone(),
         url: m.url.clone(),
         healthy,
+        sealed: e.sealed,
         free_blocks: load.map(|l| l.free_blocks),
         total_blocks: load.map(|l| l.total_blocks).or(Some(m.kv_blocks as u32).filter(|&n| n > 0)),
         sequences: load.map(|l| l.sequences),
@@ -131,13 +141,16 @@ async fn row(e: &Entry, token: &str) -> Row {
 
 /// A worker's load: the first message of its KV-event stream.
 async fn load(url: &str, token: &str) -> Option<pb::KvLoad> {
-    let ep = tonic::transport::Endpoint::from_shared(url.to_string()).ok()?.connect_timeout(PROBE);
+    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .connect_timeout(PROBE);
     let ch = tokio::time::timeout(PROBE, ep.connect()).await.ok()?.ok()?;
-    let mut c = pb::kv_events_client::KvEventsClient::with_interceptor(
-        ch,
-        daemon::auth::Attach(daemon::auth::BearerToken::new(token)),
-    );
+    let mut c = pb::kv_events_client::KvEventsClient::with_interceptor(ch, daemon::auth::Attach(daemon::auth::BearerToken::new(token)));
     let req = pb::SubscribeKvEventsRequest { heartbeat_ms: 1000 };
-    let mut s = tokio::time::timeout(PROBE, c.subscribe_kv_events(req)).await.ok()?.ok()?.into_inner();
+    let mut s = tokio::time::timeout(PROBE, c.subscribe_kv_events(req))
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
     tokio::time::timeout(PROBE, s.message()).await.ok()?.ok()??.load
 }

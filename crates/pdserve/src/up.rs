@@ -268,12 +268,23 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         )
     };
     // Every daemon gets the internal token; the client API's two the client token.
-    let (internal, client) = match &a.auth_token {
-        Some(t) => (
+    // Under discovery the records are sealed with the internal token: without one
+    // given, the deployment gets a random one (clients need none).
+    let internal_token = match (&a.auth_token, a.discovers()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, true) => Some(format!("{:032x}", rand::random::<u128>())),
+        (None, false) => None,
+    };
+    let (internal, client) = match (&internal_token, &a.auth_token) {
+        (Some(t), Some(_)) => (
             format!("internal_token = {}\n", toml_str(t)),
             format!("internal_token = {0}\nauth_token = {0}\n", toml_str(t)),
         ),
-        None => (String::new(), String::new()),
+        (Some(t), None) => (
+            format!("internal_token = {}\n", toml_str(t)),
+            format!("internal_token = {}\n", toml_str(t)),
+        ),
+        _ => (String::new(), String::new()),
     };
     // Under discovery: the etcd (given, or started here), and every daemon's section.
     let etcd = match (&a.etcd, a.discovers()) {
@@ -286,7 +297,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     let etcd_url = a.etcd.clone().or_else(|| etcd.as_ref().map(|e| e.url.clone()));
     let discovery_section = match &etcd_url {
         Some(u) => format!(
-            "\n[discovery]\netcd = [{}]\ncluster = {}\nlease_ttl_s = 3\nderegister_grace_ms = 500\n",
+            "\n[discovery]\netcd = [{}]\ncluster = {}\nlease_ttl_s = 3\ntimeout_ms = 1000\nderegister_grace_ms = 500\n",
             toml_str(u),
             toml_str(&a.cluster)
         ),
@@ -427,7 +438,7 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
     // A decode-server serves once one prefill-server is handshaken; a deployment is up when all are.
     for url in &dep.decode {
         loop {
-            if stats(url, a.auth_token.as_deref())
+            if stats(url, internal_token.as_deref())
                 .await
                 .map(|s| s.healthy_prefill_servers as usize)
                 == Some(dep.prefill.len())

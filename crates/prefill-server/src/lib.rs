@@ -86,7 +86,8 @@ impl Default for PrefillConfig {
 impl Validate for PrefillConfig {
     fn validate(&self) -> Result<(), String> {
         daemon::config::check_listen(&self.tls, &self.listen, "")?;
-        self.discovery.validate()?;
+        self.discovery
+            .check_daemon(&self.listen, self.tls.cert.is_some(), &self.internal_token)?;
         if self.engine.block_size == 0 {
             return Err("engine.block_size must be at least 1".into());
         }

@@ -146,7 +146,8 @@ impl RouterConfig {
 impl Validate for RouterConfig {
     fn validate(&self) -> Result<(), String> {
         daemon::config::check_listen(&self.tls, &self.listen, &self.http_listen)?;
-        self.discovery.validate()?;
+        self.discovery
+            .check_daemon(&self.listen, self.tls.cert.is_some(), &self.internal_token)?;
         if self.decode_servers.is_empty() && !self.discovery.enabled() {
             return Err("decode_servers: at least one is needed (or discovery.etcd)".into());
         }
@@ -309,8 +310,14 @@ impl Router {
             }
             Ok(m)
         };
+        // With discovery on, the built-in default decode-server (one on this host) is
+        // not listed: the members come from etcd.
+        let listed = match cfg.discovery.enabled() && cfg.decode_servers == RouterConfig::default().decode_servers {
+            true => &[][..],
+            false => &cfg.decode_servers[..],
+        };
         let (backends, prefill) = (
-            members(&cfg.decode_servers, "pdserve.v1.Generation")?,
+            members(listed, "pdserve.v1.Generation")?,
             members(&cfg.prefill_servers, "pdserve.v1.Prefill")?,
         );
         let kv = cfg.kv_indexable().then(|| {
@@ -578,11 +585,11 @@ impl Router {
         if !self.cfg.discovery.enabled() {
             return;
         }
-        let mut view = discovery::watch(self.cfg.discovery.clone());
+        let mut view = discovery::watch(self.cfg.discovery.clone(), &self.internal_token);
         let router = self.clone();
         // For the process's life: not tracked (a drain would wait for it in vain).
         tokio::spawn(async move {
-            let mut refused = std::collections::HashSet::new();
+            let mut refused = daemon::membership::Refused::default();
             while view.changed().await.is_ok() {
                 let v = view.borrow_and_update().clone();
                 router.apply_membership(&v, &mut refused);
@@ -591,18 +598,22 @@ impl Router {
     }
 
     /// Makes the discovered workers those of `view` that serve the cluster's model.
-    fn apply_membership(self: &Arc<Self>, view: &discovery::View, refused: &mut std::collections::HashSet<(String, String)>) {
+    fn apply_membership(self: &Arc<Self>, view: &discovery::View, refused: &mut daemon::membership::Refused) {
         use discovery::Role as R;
+        refused.keep_only(view);
         let model = {
             let mut m = self.cluster_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if m.is_none() {
+            let decode: Vec<engine::KvLayout> = view.of(R::Decode).into_iter().filter_map(|e| e.member.layout.clone()).collect();
+            // Adopted from the longest-registered decode-server, and again when no
+            // decode-server has the adopted model any more (one of another model that
+            // came first must not lock the router to it).
+            let lost = m.as_ref().is_some_and(|l| !decode.iter().any(|d| l.check_compatible(d).is_ok()));
+            if m.is_none() || lost {
                 let pinned = self.cfg.discovery.pinned_model();
-                *m = view
-                    .of(R::Decode)
-                    .into_iter()
-                    .filter(|e| e.member.sealed_by(&self.internal_token))
-                    .filter_map(|e| e.member.layout.clone())
-                    .find(|l| pinned.is_none_or(|p| p == l.model_fingerprint));
+                let found = decode.into_iter().find(|l| pinned.is_none_or(|p| p == l.model_fingerprint));
+                if found.is_some() || m.is_none() {
+                    *m = found;
+                }
                 if let Some(l) = m.as_ref() {
                     info!(model = format!("{:#x}", l.model_fingerprint), "discovery: the cluster's model");
                 }
@@ -617,7 +628,7 @@ impl Router {
             let mut wanted = Vec::new();
             for e in view.of(role) {
                 let m = &e.member;
-                if !daemon::membership::trusted(m, &self.internal_token, refused) {
+                if !daemon::membership::reachable(m, &self.cfg.tls, refused) {
                     continue;
                 }
                 let fit = match (&model, &m.layout) {
@@ -627,11 +638,7 @@ impl Router {
                 };
                 match fit {
                     Ok(()) => wanted.push(m.url.clone()),
-                    Err(why) => {
-                        if refused.insert((m.id.clone(), m.url.clone())) {
-                            warn!(id = %m.id, url = %m.url, role = role.name(), reason = %why, "discovery: member ignored");
-                        }
-                    }
+                    Err(why) => refused.note(m, &why),
                 }
             }
             for b in members.retain_discovered(&wanted) {

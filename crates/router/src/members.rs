@@ -52,7 +52,13 @@ impl Members {
 
     /// The workers now, by slot.
     pub(crate) fn live(&self) -> Vec<Arc<Backend>> {
-        self.slots.read().unwrap_or_else(PoisonError::into_inner).iter().flatten().cloned().collect()
+        self.slots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn by_url(&self, url: &str) -> Option<Arc<Backend>> {
@@ -94,6 +100,7 @@ impl Members {
     pub(crate) fn retain_discovered(&self, keep: &[String]) -> Vec<Arc<Backend>> {
         let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
         let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired.retain(|w| w.strong_count() > 0);
         let mut gone = Vec::new();
         for s in slots.iter_mut() {
             if let Some(b) = s.take_if(|b| b.discovered && !keep.contains(&b.url)) {
@@ -127,7 +134,10 @@ mod tests {
         drop(a);
         let c = m.add("http://c", ch(), true).unwrap();
         assert_eq!(c.slot, 0);
-        assert_eq!(m.live().iter().map(|b| b.url.as_str()).collect::<Vec<_>>(), ["http://c", "http://b"]);
+        assert_eq!(
+            m.live().iter().map(|b| b.url.as_str()).collect::<Vec<_>>(),
+            ["http://c", "http://b"]
+        );
         let s = m.add("http://s", ch(), false);
         assert!(s.is_none());
         assert!(m.retain_discovered(&[]).len() == 2 && m.live().is_empty());
