@@ -147,7 +147,8 @@ impl DiscoveryConfig {
         if self.etcd.iter().any(|e| e.starts_with("https://") != tls) {
             return Err("discovery.etcd: https:// endpoints need ca_file, and ca_file needs https:// endpoints".into());
         }
-        if !self.advertise_url.is_empty() && !(self.advertise_url.starts_with("http://") || self.advertise_url.starts_with("https://")) {
+        let url = &self.advertise_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return Err(format!(
                 "discovery.advertise_url {:?} must be http:// or https://",
                 self.advertise_url

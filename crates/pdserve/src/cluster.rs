@@ -66,8 +66,8 @@ pub async fn run(c: Command) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<8} {:<24} {:<28} {:<8} {:<12} {:<5} {:<18} {:<8} {:<8} {}",
-        "ROLE", "ID", "URL", "HEALTH", "FREE/TOTAL", "SEQS", "MODEL", "BACKEND", "DEVICE", "AGE"
+        "{:<8} {:<24} {:<28} {:<8} {:<12} {:<5} {:<18} {:<8} {:<8} AGE",
+        "ROLE", "ID", "URL", "HEALTH", "FREE/TOTAL", "SEQS", "MODEL", "BACKEND", "DEVICE"
     );
     let opt = |v: Option<u32>| v.map_or("-".into(), |v| v.to_string());
     for r in &rows {
