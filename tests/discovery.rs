@@ -228,6 +228,7 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
         sample(&scrape(router_metrics), "pdserve_discovery_stale", &[]) == Some(1.0)
     })
     .await;
+    let late_on_drained = late.len();
     let (text, c_url) = config_like(w, "prefill-0", None);
     let _c = start_daemon("prefill-server", w, "prefill-c", &text);
     signal(&d1, libc::SIGTERM);
@@ -235,11 +236,13 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
     let back = Instant::now();
     dep.etcd.as_mut().unwrap().restart().await.unwrap();
     key_change(&mut view, &c_url, true, Duration::from_secs(30)).await;
-    load.first_on(&c_url, Duration::from_secs(10)).await;
-    eprintln!(
-        "etcd back: prefill-server started during the outage used {:.0} ms after etcd's restart",
-        back.elapsed().as_secs_f64() * 1e3
-    );
+    let back_ms = load
+        .first_on(&c_url, Duration::from_secs(10))
+        .await
+        .saturating_duration_since(back)
+        .as_secs_f64()
+        * 1e3;
+    eprintln!("etcd back: prefill-server started during the outage used {back_ms:.0} ms after etcd's restart");
     key_change(&mut view, &d1_url, false, TTL + Duration::from_secs(5)).await;
     until(
         "the router still lists the decode-server that left during the outage",
@@ -267,6 +270,19 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
         );
     }
     assert!(ok > 50, "too little load to judge: {ok}");
+    // scripts/discovery-bench.sh collects these.
+    if let Some(path) = std::env::var_os("PDSERVE_DISCOVERY_REPORT") {
+        let report = serde_json::json!({
+            "join_ms": join_ms,
+            "kill_to_removal_ms": removal_ms,
+            "etcd_back_to_used_ms": back_ms,
+            "ok": ok,
+            "failed": failed.len(),
+            "late_on_drained": late_on_drained,
+            "lease_s": TTL.as_secs(),
+        });
+        std::fs::write(path, report.to_string()).unwrap();
+    }
     assert!(outcomes.iter().all(|o| o.err.is_some() || !o.prefill.is_empty()));
     drop(d1);
     e2e::stop_cleanly(dep).await;
@@ -425,4 +441,81 @@ async fn discovery_across_network_namespaces() {
         },
     )
     .await;
+}
+
+/// `kv_aware` over discovered workers: a prefill-server that joins gets a slot in the
+/// router's KV index, which then holds exactly what the worker caches; when it drains,
+/// its slot is cleared; the prompts it held answer exactly on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_follows_the_discovered_workers() {
+    let ports = e2e::free_port_run(3); // router, decode-0, prefill-0 metrics
+    let (dep, work) = e2e::deploy_args(pdserve::up::Args {
+        discovery: "etcd".into(),
+        routing: "kv_aware".into(),
+        metrics_port: Some(ports),
+        ..e2e::args(BackendKind::Tcp, 1, 1, 16)
+    })
+    .await;
+    let w = work.path();
+    let a_metrics = e2e::free_port();
+    let (text, a_url) = config_like(w, "prefill-0", Some(a_metrics));
+    let a = start_daemon("prefill-server", w, "prefill-a", &text);
+    let router_view = |url: &str| {
+        sample(
+            &scrape(ports),
+            "pdserve_router_kv_index_blocks",
+            &["role=\"prefill\"", &format!("worker=\"{url}\"")],
+        )
+    };
+    let cached = |port: u16| sample(&scrape(port), "pdserve_kv_blocks_cached", &[]);
+    let mut c = e2e::client(&dep.router).await;
+    let long = |i: u64| -> Vec<u32> { (0..64).map(|j| 3 + ((j * 31 + i as u32 * 7) % 450)).collect() };
+    let p = params(0);
+    // Joined once a prompt is computed there (its health check passed, its events followed).
+    let probe = std::sync::atomic::AtomicU64::new(1000);
+    until("no prompt went to the joining prefill-server", Duration::from_secs(60), || {
+        let (mut c, ids) = (c.clone(), long(probe.fetch_add(1, Ordering::Relaxed)));
+        let (req, a_url) = (request(input(&ids), &p), a_url.clone());
+        async move { stream(&mut c, req).await.is_ok_and(|(_, r)| r.prefill_server == a_url) }
+    })
+    .await;
+    // Long prompts (several blocks each), twice each: the second goes where the first is cached.
+    let reference_of = |ids: &[u32]| engine::generate_local(e2e::reference_engine(), ids, &p).unwrap().tokens;
+    let (mut on_a, mut first) = (Vec::new(), Vec::new());
+    for i in 0..6u64 {
+        let ids = long(i);
+        let (t1, r1) = stream(&mut c, request(input(&ids), &p)).await.unwrap();
+        assert_eq!(t1, reference_of(&ids));
+        if r1.prefill_server == a_url {
+            on_a.push(ids.clone());
+        }
+        first.push((ids, t1, r1.prefill_server));
+    }
+    for (i, (ids, t1, server)) in first.iter().enumerate() {
+        let (t2, r2) = stream(&mut c, request(input(ids), &p)).await.unwrap();
+        assert_eq!(&t2, t1);
+        assert_eq!(&r2.prefill_server, server, "prompt {i}'s second turn left its cache");
+    }
+    assert!(!on_a.is_empty(), "no prompt went to the joining prefill-server");
+    until(
+        "the router's view of the joined server differs from its cache",
+        Duration::from_secs(10),
+        || async { router_view(&a_url) == cached(a_metrics) && cached(a_metrics).unwrap_or(0.0) > 0.0 },
+    )
+    .await;
+    // It drains: its slot is cleared; its prompts answer exactly elsewhere.
+    signal(&a, libc::SIGTERM);
+    until(
+        "the drained prefill-server's slot was not cleared",
+        Duration::from_secs(20),
+        || async { router_view(&a_url) == Some(0.0) },
+    )
+    .await;
+    for ids in &on_a {
+        let (t, r) = stream(&mut c, request(input(ids), &p)).await.unwrap();
+        assert_eq!(t, reference_of(ids));
+        assert_eq!(r.prefill_server, dep.prefill[0]);
+    }
+    drop(a);
+    e2e::stop_cleanly(dep).await;
 }
