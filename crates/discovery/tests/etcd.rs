@@ -16,6 +16,19 @@ async fn etcd(dir: &tempdir::Dir) -> EmbeddedEtcd {
         .expect("etcd starts (apt install etcd-server)")
 }
 
+/// A short lease, so that expiries show within a test's patience.
+fn config(etcd: &EmbeddedEtcd, cluster: &str) -> DiscoveryConfig {
+    let cfg = DiscoveryConfig {
+        etcd: vec![etcd.url.clone()],
+        cluster: cluster.into(),
+        lease_ttl_s: 2,
+        timeout_ms: 600,
+        ..Default::default()
+    };
+    cfg.validate().unwrap();
+    cfg
+}
+
 fn member(id: &str, role: Role) -> Member {
     Member {
         id: id.into(),
@@ -66,13 +79,7 @@ mod tempdir {
 async fn members_come_go_expire_and_survive_an_etcd_outage() {
     let dir = tempdir::Dir::new("life");
     let mut etcd = etcd(&dir).await;
-    let cfg = DiscoveryConfig {
-        etcd: vec![etcd.url.clone()],
-        cluster: "t".into(),
-        lease_ttl_s: 2,
-        timeout_ms: 1_000,
-        ..Default::default()
-    };
+    let cfg = config(&etcd, "t");
     let mut view = discovery::watch(cfg.clone(), SECRET);
     until(&mut view, Duration::from_secs(5), |v| v.synced && v.members.is_empty()).await;
 
@@ -158,13 +165,7 @@ async fn members_come_go_expire_and_survive_an_etcd_outage() {
 async fn members_expired_by_an_outage_linger_a_lease_for_their_return() {
     let dir = tempdir::Dir::new("linger");
     let etcd = etcd(&dir).await;
-    let cfg = DiscoveryConfig {
-        etcd: vec![etcd.url.clone()],
-        cluster: "l".into(),
-        lease_ttl_s: 2,
-        timeout_ms: 1_000,
-        ..Default::default()
-    };
+    let cfg = config(&etcd, "l");
     let mut view = discovery::watch(cfg.clone(), SECRET);
     let (x, y) = (member("x", Role::Prefill), member("y", Role::Prefill));
     let rx = Registration::spawn(cfg.clone(), x.clone(), SECRET);
