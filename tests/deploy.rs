@@ -197,27 +197,57 @@ fn start_unit(unit: &str, bins: &Path, state: &Path, env: &HashMap<&str, String>
 
 #[test]
 fn units_exec_start_with_shipped_configs_serves_a_request() {
+    units_serve_a_request(false);
+}
+
+/// The same units with discovery from their environment files alone: no peer lists
+/// (the shipped defaults are dropped under discovery), an etcd and the internal token.
+#[test]
+fn units_find_each_other_through_etcd() {
+    units_serve_a_request(true);
+}
+
+fn units_serve_a_request(discovery: bool) {
     let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = discovery.then(|| {
+        let run = e2e::free_port_run(2);
+        rt.block_on(discovery::EmbeddedEtcd::start(&tmp.path().join("etcd"), "127.0.0.1", run, run + 1))
+            .expect("etcd starts (apt install etcd-server)")
+    });
     let bins = bin_dir(tmp.path());
     let state = tmp.path().join("var-lib-pdserve");
     // The shipped configs name models/tiny under the working directory, as install.sh makes it.
     engine::synth::synthesize(engine::Arch::Llama, engine::synth::Preset::Tiny, 0, &state.join("models/tiny")).unwrap();
     let (p, d, r) = (free_port(), free_port(), free_port());
     let (pm, dm, rm) = (free_port(), free_port(), free_port());
-    let prefill_env = HashMap::from([
+    let mut prefill_env = HashMap::from([
         ("PDSERVE_LISTEN", format!("127.0.0.1:{p}")),
         ("PDSERVE_METRICS_LISTEN", format!("127.0.0.1:{pm}")),
     ]);
-    let decode_env = HashMap::from([
+    let mut decode_env = HashMap::from([
         ("PDSERVE_LISTEN", format!("127.0.0.1:{d}")),
-        ("PDSERVE_PREFILL_SERVERS", format!("http://127.0.0.1:{p}")),
         ("PDSERVE_METRICS_LISTEN", format!("127.0.0.1:{dm}")),
     ]);
-    let router_env = HashMap::from([
+    let mut router_env = HashMap::from([
         ("PDSERVE_LISTEN", format!("127.0.0.1:{r}")),
-        ("PDSERVE_DECODE_SERVERS", format!("http://127.0.0.1:{d}")),
         ("PDSERVE_METRICS_LISTEN", format!("127.0.0.1:{rm}")),
+        // Not the shipped 8000: the two unit tests run at once.
+        ("PDSERVE_HTTP_LISTEN", format!("127.0.0.1:{}", free_port())),
     ]);
+    match &etcd {
+        None => {
+            decode_env.insert("PDSERVE_PREFILL_SERVERS", format!("http://127.0.0.1:{p}"));
+            router_env.insert("PDSERVE_DECODE_SERVERS", format!("http://127.0.0.1:{d}"));
+        }
+        Some(etcd) => {
+            for env in [&mut prefill_env, &mut decode_env, &mut router_env] {
+                env.insert("PDSERVE_DISCOVERY__ETCD", etcd.url.clone());
+                env.insert("PDSERVE_INTERNAL_TOKEN", "units-discovery-token".into());
+                env.insert("PDSERVE_DISCOVERY__DEREGISTER_GRACE_MS", "200".into());
+            }
+        }
+    }
     let mut daemons = Vec::new();
     for (unit, env) in [
         ("pdserve-prefill.service", &prefill_env),
@@ -239,7 +269,6 @@ fn units_exec_start_with_shipped_configs_serves_a_request() {
         eprintln!("{unit}: READY=1 after {:?}", started.elapsed());
         daemons.push((unit, daemon, sock));
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let router = format!("http://127.0.0.1:{r}");
         let mut last = String::new();
