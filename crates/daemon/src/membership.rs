@@ -60,6 +60,7 @@ pub fn register(cfg: &DiscoveryConfig, d: Describe) -> anyhow::Result<Option<Reg
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         seal: String::new(),
+        instance: String::new(),
     };
     tracing::info!(key = %member.key(&cfg.prefix()), url = %member.url, "registering in etcd");
     Ok(Some(Registration::spawn(cfg.clone(), member, d.internal_token)))

@@ -170,7 +170,13 @@ impl DiscoveryConfig {
             return Ok(());
         }
         self.validate()?;
-        self.advertised(listen, tls).map_err(|e| e.to_string())?;
+        let url = self.advertised(listen, tls).map_err(|e| e.to_string())?;
+        let id = self.member_id(&url);
+        if id.is_empty() || id.len() > 128 {
+            return Err(format!(
+                "discovery: the id {id:?} (from advertise_url) must be 1-128 characters: set discovery.id"
+            ));
+        }
         if internal_token.is_empty() && !self.allow_unsealed {
             return Err(
                 "discovery needs internal_token: records are sealed with it, and a record without a seal could \

@@ -57,6 +57,10 @@ pub struct Member {
     /// routers and decode-servers would send requests, tokens or KV to.
     #[serde(default)]
     pub seal: String,
+    /// Random per process (set by [`crate::Registration::spawn`]): tells a daemon its own
+    /// earlier record from another daemon's under the same key.
+    #[serde(default)]
+    pub instance: String,
 }
 
 impl Member {
@@ -109,7 +113,7 @@ impl Member {
         if secret.is_empty() {
             return true;
         }
-        if self.seal.len() != 64 {
+        if self.seal.len() != 64 || !self.seal.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return false;
         }
         let Some(tag) = (0..64)
@@ -148,6 +152,7 @@ mod tests {
             version: "0".into(),
             started_unix: 0,
             seal: String::new(),
+            instance: String::new(),
         };
         let v = serde_json::to_vec(&m).unwrap();
         let p = "/pdserve/c/";

@@ -28,6 +28,9 @@ struct Reader {
     warned: std::collections::HashSet<String>,
     /// Admit unsealed records too, marked so (`pdserve cluster ls`).
     keep_unsealed: bool,
+    /// Members missing from a read after an outage, kept until then (see `follow`): the
+    /// deadline is set once, not extended by later outages.
+    lingering: HashMap<String, Instant>,
 }
 
 /// A member as read, and when it registered (etcd's create revision: lower is older).
@@ -113,6 +116,7 @@ impl Reader {
             secret: secret.to_string(),
             warned: Default::default(),
             keep_unsealed,
+            lingering: HashMap::new(),
         }
     }
 
@@ -128,20 +132,33 @@ impl Reader {
     async fn read_all(&mut self, cfg: &DiscoveryConfig, client: &mut etcd_client::Client) -> Result<(BTreeMap<String, Entry>, i64)> {
         self.warned.clear();
         let end = prefix_end(self.prefix.as_bytes());
-        let (mut keys, mut from, mut rev) = (Vec::new(), self.prefix.clone().into_bytes(), 0);
+        let (mut keys, mut from, mut rev, mut page) = (Vec::new(), self.prefix.clone().into_bytes(), 0, PAGE);
+        // Longest key of a member: prefix, role, '/', an id of at most 128.
+        let longest = self.prefix.len() + 8 + 1 + 128;
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_keys_only().with_limit(PAGE);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_keys_only().with_limit(page);
             if rev > 0 {
                 opts = opts.with_revision(rev);
             }
-            let r = within(cfg.timeout(), client.get(from.clone(), Some(opts))).await?;
+            let r = match within(cfg.timeout(), client.get(from.clone(), Some(opts))).await {
+                Ok(r) => r,
+                // Maybe a page of huge keys past the message limit: smaller pages.
+                Err(_) if page > 1 => {
+                    page = (page / 8).max(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if rev == 0 {
                 rev = r.header().map_or(0, |h| h.revision());
+                if rev == 0 {
+                    return Err(DiscoveryError::WatchEnded("etcd's answer carried no revision".into()));
+                }
             }
-            keys.extend(r.kvs().iter().map(|kv| kv.key().to_vec()));
-            match (r.more(), keys.last()) {
+            keys.extend(r.kvs().iter().map(|kv| kv.key()).filter(|k| k.len() <= longest).map(<[u8]>::to_vec));
+            match (r.more(), r.kvs().last()) {
                 (true, Some(last)) if keys.len() < MAX_SCANNED => {
-                    from = last.clone();
+                    from = last.key().to_vec();
                     from.push(0);
                 }
                 (true, _) => {
@@ -223,19 +240,29 @@ async fn follow(cfg: &DiscoveryConfig, tx: &watch::Sender<View>, failures: &mut 
         // (a partition): members missing now are kept for a lease and a deadline more,
         // time for live ones to register again; those that do not are dropped then.
         let mut members = members;
-        let mut lingering: HashMap<String, Instant> = HashMap::new();
+        // Present again: no longer lingering.
+        reader.lingering.retain(|k, _| !members.contains_key(k));
         if *failures > 0 {
             metrics::counter!(crate::METRIC_RESYNCS).increment(1);
-            let until = Instant::now() + Duration::from_secs(cfg.lease_ttl_s) + cfg.timeout();
+            let (now, until) = (
+                Instant::now(),
+                Instant::now() + Duration::from_secs(cfg.lease_ttl_s) + cfg.timeout(),
+            );
             for (k, e) in tx.borrow().members.iter() {
                 if !members.contains_key(k) && members.len() < MAX_MEMBERS {
-                    members.insert(k.clone(), e.clone());
-                    lingering.insert(k.clone(), until);
+                    // A deadline set by an earlier outage stands (a flapping etcd must
+                    // not keep the dead forever); one already past drops the member.
+                    let due = *reader.lingering.entry(k.clone()).or_insert(until);
+                    if due > now {
+                        members.insert(k.clone(), e.clone());
+                    } else {
+                        reader.lingering.remove(k);
+                    }
                 }
             }
             info!(
                 members = members.len(),
-                missing = lingering.len(),
+                missing = reader.lingering.len(),
                 "discovery: etcd answers again; membership read anew"
             );
         }
@@ -252,15 +279,15 @@ async fn follow(cfg: &DiscoveryConfig, tx: &watch::Sender<View>, failures: &mut 
         loop {
             // No deadline: a watch is silent while nothing changes; a dead or hung etcd
             // shows as a failed HTTP/2 ping (see `DiscoveryConfig::connect`).
-            let next_drop = lingering.values().min().copied();
+            let next_drop = reader.lingering.values().min().copied();
             let msg = tokio::select! {
                 m = stream.message() => m?,
                 _ = sleep_until_opt(next_drop) => {
                     let now = Instant::now();
-                    let due: Vec<String> = lingering.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
+                    let due: Vec<String> = reader.lingering.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
                     tx.send_if_modified(|v| {
                         for k in &due {
-                            lingering.remove(k);
+                            reader.lingering.remove(k);
                             v.members.remove(k);
                             info!(key = %k, "discovery: a member missing since etcd's return did not register again; dropped");
                         }
@@ -284,7 +311,7 @@ async fn follow(cfg: &DiscoveryConfig, tx: &watch::Sender<View>, failures: &mut 
                 let mut changed = false;
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
-                    lingering.remove(String::from_utf8_lossy(kv.key()).as_ref());
+                    reader.lingering.remove(String::from_utf8_lossy(kv.key()).as_ref());
                     changed |= match ev.event_type() {
                         EventType::Put => reader.apply_put(&mut v.members, kv),
                         EventType::Delete => v.members.remove(String::from_utf8_lossy(kv.key()).as_ref()).is_some(),

@@ -44,6 +44,7 @@ fn member(id: &str, role: Role) -> Member {
         version: "test".into(),
         started_unix: 0,
         seal: String::new(),
+        instance: String::new(),
     }
 }
 
@@ -90,6 +91,7 @@ async fn members_come_go_expire_and_survive_an_etcd_outage() {
     let mut seen = view.borrow().of(Role::Prefill)[0].member.clone();
     assert_eq!(seen.seal.len(), 64, "sealed");
     seen.seal.clear();
+    seen.instance.clear();
     assert_eq!(seen, member("a", Role::Prefill));
     let b = Registration::spawn(cfg.clone(), member("b", Role::Decode), SECRET);
     until(&mut view, Duration::from_secs(2), |v| v.of(Role::Decode).len() == 1).await;

@@ -208,7 +208,7 @@ pub struct Router {
     changes: std::sync::Mutex<()>,
     /// Under discovery, the model every worker must have (pinned, or adopted from the
     /// longest-registered decode-server).
-    cluster_model: std::sync::Mutex<Option<engine::KvLayout>>,
+    cluster_model: std::sync::Mutex<(Option<engine::KvLayout>, Option<std::time::Instant>)>,
     tuning: RwLock<Tuning>,
     /// The workers' caches as their KV events tell (followed from the first time
     /// `kv_aware` is in force), and what this router sent each; None with more
@@ -602,13 +602,35 @@ impl Router {
         use discovery::Role as R;
         refused.keep_only(view);
         let model = {
-            let mut m = self.cluster_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let decode: Vec<engine::KvLayout> = view.of(R::Decode).into_iter().filter_map(|e| e.member.layout.clone()).collect();
+            let mut guard = self.cluster_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (m, lost_since) = &mut *guard;
+            let tls_ok = |e: &&discovery::Entry| self.cfg.tls.ca.is_none() || e.member.url.starts_with("https://");
+            let decode: Vec<engine::KvLayout> = view
+                .of(R::Decode)
+                .into_iter()
+                .filter(tls_ok)
+                .filter_map(|e| e.member.layout.clone())
+                .collect();
             // Adopted from the longest-registered decode-server, and again when no
-            // decode-server has the adopted model any more (one of another model that
-            // came first must not lock the router to it).
-            let lost = m.as_ref().is_some_and(|l| !decode.iter().any(|d| l.check_compatible(d).is_ok()));
+            // decode-server has had the adopted model for a lease and a deadline (one
+            // of another model that came first must not lock the router to it; a
+            // rolling restart must not flip it).
+            let missing = m.as_ref().is_some_and(|l| !decode.iter().any(|d| l.check_compatible(d).is_ok()));
+            let now = std::time::Instant::now();
+            let patience = Duration::from_secs(self.cfg.discovery.lease_ttl_s) + self.cfg.discovery.timeout();
+            let lost = match (missing, *lost_since) {
+                (false, _) => {
+                    *lost_since = None;
+                    false
+                }
+                (true, None) => {
+                    *lost_since = Some(now);
+                    false
+                }
+                (true, Some(t)) => now.duration_since(t) >= patience,
+            };
             if m.is_none() || lost {
+                *lost_since = None;
                 let pinned = self.cfg.discovery.pinned_model();
                 let found = decode.into_iter().find(|l| pinned.is_none_or(|p| p == l.model_fingerprint));
                 if found.is_some() || m.is_none() {
