@@ -43,6 +43,8 @@ pub enum DiscoveryError {
     LeaseLost,
     #[error("the watch ended: {0}")]
     WatchEnded(String),
+    #[error("our key: {0}")]
+    Key(String),
     #[error("discovery config: {0}")]
     Config(String),
 }

@@ -219,7 +219,7 @@ impl Keeper {
                 let valid = kv.lease() != 0 && theirs.as_ref().is_some_and(|t| t.sealed_by(&self.secret, &self.key, kv.lease()));
                 let ours = theirs.is_some_and(|t| t.instance == self.member.instance);
                 if valid && !ours {
-                    return Err(DiscoveryError::Config(format!(
+                    return Err(DiscoveryError::Key(format!(
                         "{} is another daemon's (a duplicate discovery.id?)",
                         self.key
                     )));
@@ -233,7 +233,7 @@ impl Keeper {
             Some(PutOptions::new().with_lease(lease)),
         )]);
         if !within(self.cfg.timeout(), client.txn(txn)).await?.succeeded() {
-            return Err(DiscoveryError::Config(format!("{} changed under us; trying again", self.key)));
+            return Err(DiscoveryError::Key(format!("{} changed under us; trying again", self.key)));
         }
         Ok(value)
     }
@@ -257,7 +257,7 @@ impl Keeper {
             }
             match within(self.cfg.timeout(), client.get(self.key.as_bytes(), None)).await {
                 Ok(r) if r.kvs().first().is_some_and(|kv| kv.lease() == lease && kv.value() == value) => {}
-                Ok(_) => return DiscoveryError::Config(format!("{} was deleted or replaced", self.key)),
+                Ok(_) => return DiscoveryError::Key(format!("{} was deleted or replaced", self.key)),
                 Err(e) => return e,
             }
             tokio::time::sleep(every).await;
