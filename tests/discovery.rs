@@ -121,6 +121,15 @@ async fn key_change(view: &mut tokio::sync::watch::Receiver<View>, url: &str, pr
     Instant::now()
 }
 
+/// The internal token `pdserve up` gave a discovering deployment (in `work`).
+fn internal_token(work: &Path) -> String {
+    std::fs::read_to_string(work.join("router.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("internal_token = ").map(|t| t.trim_matches('"').to_string()))
+        .expect("pdserve up gives a discovering deployment an internal token")
+}
+
 fn signal(d: &Daemon, sig: i32) {
     // SAFETY: signalling a child process this test started.
     unsafe { libc::kill(d.0.id() as i32, sig) };
@@ -145,11 +154,7 @@ async fn members_join_drain_die_and_outlive_an_etcd_outage() {
         etcd: vec![dep.etcd_url.clone().unwrap()],
         ..Default::default()
     };
-    let secret = std::fs::read_to_string(w.join("router.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("internal_token = ").map(|t| t.trim_matches('"').to_string()))
-        .expect("pdserve up gives a discovering deployment an internal token");
+    let secret = internal_token(w);
     let mut view = discovery::watch(cfg.clone(), &secret);
     let members = |role: &str| sample(&scrape(router_metrics), "pdserve_discovery_members", &[&format!("role=\"{role}\"")]);
 
@@ -497,6 +502,34 @@ async fn kv_aware_follows_the_discovered_workers() {
         assert_eq!(&r2.prefill_server, server, "prompt {i}'s second turn left its cache");
     }
     assert!(!on_a.is_empty(), "no prompt went to the joining prefill-server");
+    // `pdserve cluster ls`: every member, serving, sealed, the workers' load read.
+    let out = std::process::Command::new(pdserve::up::binary("pdserve").unwrap())
+        .args(["cluster", "ls", "--json", "--etcd", dep.etcd_url.as_deref().unwrap()])
+        .env("PDSERVE_INTERNAL_TOKEN", internal_token(w))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let roles: Vec<&str> = rows.iter().map(|r| r["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["prefill", "prefill", "decode", "router"], "{rows:?}");
+    assert!(rows.iter().all(|r| r["healthy"] == true && r["sealed"] == true), "{rows:?}");
+    let a_row = rows
+        .iter()
+        .find(|r| r["url"] == a_url.as_str())
+        .expect("the joined prefill-server listed");
+    assert!(
+        a_row["total_blocks"].as_u64().unwrap() > 0 && a_row["free_blocks"].is_u64(),
+        "{a_row}"
+    );
+    // Without the token: listed, but no load (the KV-event stream refuses it).
+    let out = std::process::Command::new(pdserve::up::binary("pdserve").unwrap())
+        .args(["cluster", "ls", "--json", "--etcd", dep.etcd_url.as_deref().unwrap()])
+        .env_remove("PDSERVE_INTERNAL_TOKEN")
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r["free_blocks"].is_null()), "{rows:?}");
     until(
         "the router's view of the joined server differs from its cache",
         Duration::from_secs(10),

@@ -24,6 +24,19 @@ pub struct LsArgs {
     /// are not contacted; the workers' load is read with it (without it, '-').
     #[arg(long, env = "PDSERVE_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// TLS to etcd: its CA (PEM), and a client certificate and key when etcd requires
+    /// them (`--client-cert-auth`).
+    #[arg(long)]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd authentication.
+    #[arg(long, env = "PDSERVE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "PDSERVE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -55,6 +68,11 @@ pub async fn run(c: Command) -> anyhow::Result<i32> {
     let cfg = DiscoveryConfig {
         etcd: a.etcd.clone(),
         cluster: a.cluster.clone(),
+        ca_file: a.etcd_ca.clone().unwrap_or_default(),
+        cert_file: a.etcd_cert.clone().unwrap_or_default(),
+        key_file: a.etcd_key.clone().unwrap_or_default(),
+        username: a.etcd_user.clone().unwrap_or_default(),
+        password: a.etcd_password.clone().unwrap_or_default(),
         ..Default::default()
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
