@@ -496,6 +496,8 @@ async fn kv_aware_follows_the_discovered_workers() {
         }
         first.push((ids, t1, r1.prefill_server));
     }
+    // The second turns, once the router's index has had the first turns' events.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for (i, (ids, t1, server)) in first.iter().enumerate() {
         let (t2, r2) = stream(&mut c, request(input(ids), &p)).await.unwrap();
         assert_eq!(&t2, t1);

@@ -77,11 +77,20 @@ impl DecodeService {
     /// locally (none configured, and with discovery none registered once it has read
     /// the membership).
     pub fn ready(&self) -> bool {
-        let peers = self.peer_list();
-        if peers.iter().any(|p| p.healthy.load(Ordering::Relaxed)) {
+        self.peer_list().iter().any(|p| p.healthy.load(Ordering::Relaxed)) || self.prefills_alone()
+    }
+
+    /// Whether this decode-server prefills every prompt itself: no prefill-server is
+    /// configured, and with discovery none registered is handshaken (a joining one is
+    /// used once handshaken; until then prompts do not wait for it).
+    pub(crate) fn prefills_alone(&self) -> bool {
+        if !self.cfg.static_prefill_servers().is_empty() {
+            return false;
+        }
+        if !self.cfg.discovery.enabled() {
             return true;
         }
-        peers.is_empty() && (!self.cfg.discovery.enabled() || self.discovery_synced.load(Ordering::Relaxed))
+        self.discovery_synced.load(Ordering::Relaxed) && !self.peer_list().iter().any(|p| p.healthy.load(Ordering::Relaxed))
     }
 
     async fn run(

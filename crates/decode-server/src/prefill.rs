@@ -63,7 +63,7 @@ impl DecodeService {
         // Here: no prefill-server, a short prompt, or the router's conditional
         // disaggregation found the prompt's uncached part short.
         let asked = hint == Some(LOCAL) && prompt.len() <= self.cfg.max_local_prefill_tokens;
-        let local = self.peer_list().is_empty() || prompt.len() < self.cfg.local_prefill_below || asked;
+        let local = self.prefills_alone() || prompt.len() < self.cfg.local_prefill_below || asked;
         if !local {
             let mut last = PrefillFailed::from(Status::unavailable("no prefill-server is reachable"));
             let mut tried: Vec<String> = Vec::new();
