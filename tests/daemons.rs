@@ -427,13 +427,19 @@ fn layout_layers() -> u32 {
     2
 }
 
-/// More requests than KV blocks: the late one waits up to the queue deadline, then gets
-/// RESOURCE_EXHAUSTED; the running one finishes and the daemon keeps serving.
+/// More requests than KV blocks (reserved at admission): the late one waits up to the
+/// queue deadline, then gets RESOURCE_EXHAUSTED; the running one finishes and the
+/// daemon keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_blocks_ends_at_the_queue_deadline() {
     use tokio_stream::StreamExt;
     // 1 MiB: 128 blocks of 16 tokens.
-    let (dep, _work) = deploy_with(BackendKind::Tcp, 1, 1, 1, 300).await;
+    let (dep, _work) = deploy_args(pdserve::up::Args {
+        queue_deadline_ms: 300,
+        kv_allocation: "reserve".into(),
+        ..args(BackendKind::Tcp, 1, 1, 1)
+    })
+    .await;
     let mut c = client(&dep.router).await;
     let big = SamplingParams {
         max_tokens: 1900,

@@ -32,6 +32,8 @@ pub const KV_WRITES_ABANDONED: &str = "pdserve_kv_writes_abandoned_total";
 pub const PREFIX_QUERIES: &str = "pdserve_prefix_cache_queries_total";
 pub const PREFIX_HITS: &str = "pdserve_prefix_cache_hits_total";
 pub const BLOCKS_CACHED: &str = "pdserve_kv_blocks_cached";
+pub const PREEMPTIONS: &str = "pdserve_num_preemptions_total";
+pub const PREEMPTED: &str = "pdserve_sequences_preempted";
 pub const ROUTER_INDEX_BLOCKS: &str = "pdserve_router_kv_index_blocks";
 pub const ROUTER_KV_HIT_RATE: &str = "pdserve_router_kv_hit_rate";
 pub const ROUTER_OVERLAP_BLOCKS: &str = "pdserve_router_overlap_blocks_total";
@@ -88,6 +90,8 @@ fn describe() {
     describe_counter!(PREFIX_QUERIES, "Prompt tokens looked up in the prefix cache");
     describe_counter!(PREFIX_HITS, "Prompt tokens found in the prefix cache (not computed)");
     describe_gauge!(BLOCKS_CACHED, "KV-cache blocks holding a cached prompt block (in use or idle)");
+    describe_counter!(PREEMPTIONS, "Sequences preempted: their KV blocks taken back when the pool ran out");
+    describe_gauge!(PREEMPTED, "Preempted sequences waiting for blocks to resume");
     describe_gauge!(REGIONS, "Memory regions registered with the data plane (the KV pools only)");
     describe_counter!(KV_BYTES, Unit::Bytes, "KV-cache bytes written to decode-servers, by backend");
     describe_histogram!(KV_TIME, Unit::Seconds, "Duration of one request's KV write, by backend");

@@ -22,6 +22,8 @@ pub(crate) struct Lease {
     pub(crate) freed: Arc<tokio::sync::Notify>,
     pub(crate) seq: u64,
     pub(crate) blocks: Vec<u32>,
+    /// Leading prompt tokens whose K/V the blocks already hold (our prefix cache).
+    pub(crate) cached_tokens: usize,
     pub(crate) armed: bool,
 }
 
@@ -46,6 +48,7 @@ impl Lease {
             freed: self.freed.clone(),
             seq: self.seq,
             blocks: Vec::new(),
+            cached_tokens: 0,
             armed: true,
         };
         self.armed = false;
@@ -78,26 +81,49 @@ impl DecodeService {
         Ok((prompt, params))
     }
 
-    /// Reserves blocks for `tokens`. When they are not free at once, the request waits
-    /// in line (first come, first served: a large request is not starved by small ones
-    /// behind it) up to the queue deadline, unless `max_waiting` others already wait (then
-    /// RESOURCE_EXHAUSTED at once, with a retry hint) or its client goes away.
-    pub(crate) async fn lease(&self, tokens: usize, cancel: &CancellationToken) -> Result<Lease, Status> {
+    /// Takes the blocks of a prompt of `prompt_len` tokens whose full blocks have
+    /// `hashes` (those of its leading blocks in our prefix cache are shared), covering
+    /// `admit_tokens` positions (see `kv_allocation`). When they are not free at once,
+    /// the request waits in line (first come, first served: a large request is not
+    /// starved by small ones behind it) up to the queue deadline, unless `max_waiting`
+    /// others already wait (then RESOURCE_EXHAUSTED at once, with a retry hint) or its
+    /// client goes away. Preempted sequences resume before anyone in line is admitted.
+    pub(crate) async fn lease(
+        &self,
+        prompt_len: usize,
+        max_tokens: u32,
+        hashes: &[engine::BlockHash],
+        cancel: &CancellationToken,
+    ) -> Result<Lease, Status> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.queue_deadline_ms);
         let seq = self.engine.next_sequence_id();
-        let lease = |blocks| {
+        let tokens = self.cfg.admit_tokens(prompt_len, max_tokens);
+        let lease = |a: engine::Admitted| {
             metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
             Lease {
                 engine: self.engine.clone(),
                 freed: self.scheduler.blocks_freed.clone(),
                 seq,
-                blocks,
+                blocks: a.blocks,
+                cached_tokens: a.cached_tokens,
                 armed: true,
             }
         };
+        let admit = || -> Result<engine::Admitted, EngineError> {
+            // On demand, running sequences grow into the pool: a new one leaves them a
+            // margin, and waits while any preempted sequence waits to resume.
+            if !self.cfg.reserves() {
+                let (free, total) = (self.engine.free_blocks(), self.engine.total_blocks());
+                let need = self.engine.blocks_for(tokens) + self.scheduler.watermark;
+                if self.scheduler.preempted() > 0 || (free < need && self.engine.sequences() > 0) {
+                    return Err(EngineError::OutOfBlocks { needed: need, free, total });
+                }
+            }
+            self.engine.admit_sequence(seq, prompt_len, tokens, hashes)
+        };
         // Nobody in line and the blocks free: no wait.
         if let Ok(_line) = self.line.try_lock() {
-            match self.engine.admit(seq, tokens) {
+            match admit() {
                 Ok(blocks) => return Ok(lease(blocks)),
                 Err(EngineError::OutOfBlocks { .. }) => {}
                 Err(e) => return Err(from_engine(&e)),
@@ -118,7 +144,7 @@ impl DecodeService {
             let _line = self.line.lock().await;
             loop {
                 let freed = self.scheduler.blocks_freed.notified();
-                match self.engine.admit(seq, tokens) {
+                match admit() {
                     Ok(blocks) => return Ok(lease(blocks)),
                     Err(EngineError::OutOfBlocks { needed, free, total }) => {
                         if tokio::time::timeout_at(deadline, freed).await.is_err() {

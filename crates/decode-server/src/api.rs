@@ -98,6 +98,9 @@ impl pb::decode_admin_server::DecodeAdmin for DecodeApi {
             total_blocks: s.engine.total_blocks() as u32,
             sequences: s.engine.sequences() as u32,
             healthy_prefill_servers: s.peer_list().iter().filter(|p| p.healthy.load(Ordering::Relaxed)).count() as u32,
+            preemptions: s.scheduler.preemptions(),
+            preempted: s.scheduler.preempted() as u32,
+            cached_blocks: s.engine.cached_blocks() as u32,
         }))
     }
 }

@@ -36,6 +36,11 @@ pub struct DecodeConfig {
     pub max_local_prefill_tokens: usize,
     /// Most sequences decoded in one step.
     pub max_batch: usize,
+    /// `on_demand`: a request takes KV blocks for its prompt at admission and more as it
+    /// grows; when the pool runs out, the newest sequences are preempted (blocks taken
+    /// back, KV recomputed when they resume), as vLLM does. `reserve`: blocks for the
+    /// prompt and all of `max_tokens` at admission (no preemption, fewer sequences).
+    pub kv_allocation: String,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: u32,
     /// Longest prompt, in tokens (0: the model's maximum).
@@ -72,6 +77,7 @@ impl Default for DecodeConfig {
             local_prefill_below: 0,
             max_local_prefill_tokens: 1024,
             max_batch: 32,
+            kv_allocation: "on_demand".into(),
             max_tokens_limit: 4096,
             max_prompt_tokens: 0,
             queue_deadline_ms: 30_000,
@@ -85,6 +91,21 @@ impl Default for DecodeConfig {
 }
 
 impl DecodeConfig {
+    /// Whether blocks for all of `max_tokens` are reserved at admission.
+    pub fn reserves(&self) -> bool {
+        self.kv_allocation == "reserve"
+    }
+
+    /// Positions a request's blocks must cover at admission: the prompt and its first
+    /// token, or with `reserve` its whole output too.
+    pub fn admit_tokens(&self, prompt_len: usize, max_tokens: u32) -> usize {
+        if self.reserves() {
+            prompt_len + max_tokens as usize
+        } else {
+            prompt_len + 1
+        }
+    }
+
     /// The prefill-servers listed in the config: with discovery on, the built-in default
     /// (one on this host) is not one of them (the members come from etcd).
     pub fn static_prefill_servers(&self) -> &[String] {
@@ -104,6 +125,9 @@ impl Validate for DecodeConfig {
             if !(p.starts_with("http://") || p.starts_with("https://")) {
                 return Err(format!("prefill_servers: {p:?} must be a URL like http://host:port"));
             }
+        }
+        if !matches!(self.kv_allocation.as_str(), "on_demand" | "reserve") {
+            return Err(format!("kv_allocation {:?} is not on_demand or reserve", self.kv_allocation));
         }
         if self.max_batch == 0 || self.max_tokens_limit == 0 || self.max_waiting == 0 {
             return Err("max_batch, max_tokens_limit and max_waiting must be at least 1".into());

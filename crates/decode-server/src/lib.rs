@@ -93,6 +93,16 @@ impl DecodeService {
         self.discovery_synced.load(Ordering::Relaxed) && !self.peer_list().iter().any(|p| p.healthy.load(Ordering::Relaxed))
     }
 
+    /// The prefix-cache metrics of a prompt whose K/V is in our blocks.
+    fn count_cache(&self, prompt_len: usize, cached_tokens: usize) {
+        if !self.engine.prefix_caching() {
+            return;
+        }
+        metrics::counter!(daemon::metrics::PREFIX_QUERIES).increment(prompt_len as u64);
+        metrics::counter!(daemon::metrics::PREFIX_HITS).increment(cached_tokens as u64);
+        metrics::gauge!(daemon::metrics::BLOCKS_CACHED).set(self.engine.cached_blocks() as f64);
+    }
+
     async fn run(
         self: Arc<Self>,
         id: String,
@@ -110,7 +120,9 @@ impl DecodeService {
                 info!("the client went away: request cancelled");
             }
         };
-        let mut lease = match self.lease(prompt.len() + params.max_tokens as usize, &cancel).await {
+        // Our prefix cache: the prompt's leading blocks held here need not travel.
+        let hashes = self.engine.prompt_hashes(&prompt, &cache_salt);
+        let mut lease = match self.lease(prompt.len(), params.max_tokens, &hashes, &cancel).await {
             Ok(l) => l,
             Err(s) => {
                 gone();
@@ -142,6 +154,7 @@ impl DecodeService {
                 server.to_string(),
                 backend.clone(),
             );
+            job.set_cache(hashes.clone(), l.cached_tokens);
             let sent = job.send_newest(&self.engine);
             early = Some((job, sent));
         };
@@ -159,6 +172,9 @@ impl DecodeService {
         drop(waiting);
         match (prefilled, early) {
             (Ok(r), Some((mut job, sent))) => {
+                // The prompt's K/V is all here now: its full blocks may be found.
+                self.engine.commit_prompt(lease.seq, &hashes);
+                self.count_cache(prompt.len(), lease.cached_tokens);
                 job.set_prefill(r);
                 match sent {
                     Sent::More => {

@@ -91,8 +91,11 @@ impl DecodeService {
                     // own, and waiting for fresh ones while holding them could stall
                     // the whole line behind this request.
                     lease.quarantine(until);
-                    let tokens = prompt.len() + params.max_tokens as usize;
-                    *lease = self.lease(tokens, cancel).await.map_err(PrefillFailed::from)?;
+                    let hashes = self.engine.prompt_hashes(prompt, cache_salt);
+                    *lease = self
+                        .lease(prompt.len(), params.max_tokens, &hashes, cancel)
+                        .await
+                        .map_err(PrefillFailed::from)?;
                 }
                 let mut first_out = false;
                 let mut first = |r: &pb::PrefillResponse, server: &str, l: &Lease| {
@@ -153,10 +156,13 @@ impl DecodeService {
         if let Some(url) = hint {
             self.drop_early(url, id);
         }
-        let (first_token, prefill_ms) = daemon::prefill_first_token(&self.engine, prompt, 0, &lease.blocks, params).await?;
+        // Only the part of the prompt not in our prefix cache is computed.
+        let cached = lease.cached_tokens;
+        let (first_token, prefill_ms) = daemon::prefill_first_token(&self.engine, prompt, cached, &lease.blocks, params).await?;
         let r = pb::PrefillResponse {
             first_token,
             prefill_ms,
+            cached_tokens: cached as u32,
             ..Default::default()
         };
         on_first(&r, LOCAL, lease);
@@ -198,6 +204,8 @@ impl DecodeService {
             sampling: Some(convert::sampling_to_wire(params)),
             write_by_ms: deadline.as_millis() as u64,
             cache_salt: cache_salt.to_string(),
+            // Blocks our prefix cache holds: the prefill-server writes only the rest.
+            dst_cached_blocks: (lease.cached_tokens / self.engine.layout().block_size) as u32,
         });
         req.set_timeout(deadline);
         // The deadline travels as grpc-timeout, but tonic's client does not enforce it.

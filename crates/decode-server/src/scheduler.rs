@@ -2,12 +2,20 @@
 //! step (up to `max_batch` per step, rotating when more are running). Sequences join
 //! between steps with their first token already sampled, and leave when they stop,
 //! fail, or their client goes away; their blocks are released then.
+//!
+//! Blocks are taken as sequences grow. When a step's sequence finds no block for its
+//! next token, the newest running sequence is preempted (vLLM's recompute preemption):
+//! its blocks go back to the pool and it waits, oldest first, until there is room to
+//! resume; then its K/V (prompt and tokens so far) is recomputed here, and it goes on
+//! with the same tokens it would have produced.
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use daemon::convert;
-use engine::{DecodeInput, Engine, FinishReason, Pick, SamplingParams, TextStream};
+use engine::{DecodeInput, Engine, EngineError, FinishReason, Pick, SamplingParams, TextStream};
 use proto::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -47,6 +55,11 @@ pub struct Job {
     itl_sum_ms: f64,
     /// The first token went out before the job joined the batch (while its KV moved).
     first_sent: bool,
+    /// The prompt's full blocks' hashes: a resumed sequence shares those still cached.
+    hashes: Vec<engine::BlockHash>,
+    /// Leading prompt tokens that were in our prefix cache at admission.
+    decode_cached: usize,
+    preemptions: u32,
 }
 
 impl Job {
@@ -86,7 +99,17 @@ impl Job {
             last_token: Instant::now(),
             itl_sum_ms: 0.0,
             first_sent: false,
+            hashes: Vec::new(),
+            decode_cached: 0,
+            preemptions: 0,
         }
+    }
+
+    /// What our prefix cache held of the prompt: its blocks' hashes, and the leading
+    /// tokens found at admission.
+    pub fn set_cache(&mut self, hashes: Vec<engine::BlockHash>, cached_tokens: usize) {
+        self.hashes = hashes;
+        self.decode_cached = cached_tokens;
     }
 
     fn generated(&self) -> usize {
@@ -164,6 +187,8 @@ impl Job {
             }),
             prefill_server: self.prefill_server.clone(),
             cached_tokens: self.prefill.cached_tokens,
+            decode_cached_tokens: self.decode_cached as u32,
+            preemptions: self.preemptions,
             kv_backend: if self.prefill_server == crate::prefill::LOCAL {
                 "none".into()
             } else {
@@ -181,24 +206,53 @@ pub struct Scheduler {
     tx: std::sync::Mutex<Option<Sender<Job>>>,
     /// Releases the blocks of a job submitted after `stop` (no thread takes it).
     engine: Arc<Engine>,
-    /// Signalled whenever blocks are released: admission waits on it.
+    /// Signalled whenever blocks are released (and when no preempted sequence waits
+    /// any more): admission waits on it.
     pub blocks_freed: Arc<tokio::sync::Notify>,
+    /// Preempted sequences waiting to resume, and preemptions since start.
+    preempted: Arc<AtomicUsize>,
+    preemptions: Arc<AtomicU64>,
+    /// Blocks a new sequence leaves free for the running ones to grow into (on demand).
+    pub watermark: usize,
 }
 
 impl Scheduler {
     pub fn start(engine: Arc<Engine>, max_batch: usize) -> Scheduler {
         let (tx, rx) = mpsc::channel();
         let freed = Arc::new(tokio::sync::Notify::new());
-        let (f, e) = (freed.clone(), engine.clone());
+        let preempted = Arc::new(AtomicUsize::new(0));
+        let preemptions = Arc::new(AtomicU64::new(0));
+        // vLLM's default: 1% of the pool.
+        let watermark = (engine.total_blocks() / 100).max(1);
+        let batch = Batch {
+            engine: engine.clone(),
+            freed: freed.clone(),
+            preempted: preempted.clone(),
+            preemptions: preemptions.clone(),
+            watermark,
+        };
         std::thread::Builder::new()
             .name("decode-batch".into())
-            .spawn(move || run(e, rx, max_batch, f))
+            .spawn(move || batch.run(rx, max_batch))
             .expect("scheduler thread");
         Scheduler {
             tx: std::sync::Mutex::new(Some(tx)),
             engine,
             blocks_freed: freed,
+            preempted,
+            preemptions,
+            watermark,
         }
+    }
+
+    /// Preemptions since start.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// Preempted sequences waiting to resume now.
+    pub fn preempted(&self) -> usize {
+        self.preempted.load(Ordering::Relaxed)
     }
 
     /// Hands a job (and its blocks) to the batch thread; after `stop`, fails it and
@@ -227,108 +281,228 @@ pub(crate) fn release(engine: &Engine, freed: &tokio::sync::Notify, seq: u64) {
     freed.notify_waiters();
 }
 
-fn run(engine: Arc<Engine>, rx: Receiver<Job>, max_batch: usize, freed: Arc<tokio::sync::Notify>) {
-    let mut running: Vec<Job> = Vec::new();
-    let mut offset = 0usize;
-    let finish = |job: Job| release(&engine, &freed, job.seq);
-    loop {
-        // Join: new sequences whose first token (sampled at prefill) is not out yet send it.
-        let first = if running.is_empty() {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(j) => Some(j),
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            None
-        };
-        let mut closed = false;
-        for mut job in first.into_iter().chain(std::iter::from_fn(|| match rx.try_recv() {
-            Ok(j) => Some(j),
-            Err(mpsc::TryRecvError::Disconnected) => {
-                closed = true;
-                None
-            }
-            Err(mpsc::TryRecvError::Empty) => None,
-        })) {
-            if job.tx.is_closed() || (!job.first_sent && job.emit(&engine)) {
-                finish(job);
-            } else {
-                running.push(job);
-            }
+/// The batch thread's view of the pool.
+struct Batch {
+    engine: Arc<Engine>,
+    freed: Arc<tokio::sync::Notify>,
+    preempted: Arc<AtomicUsize>,
+    preemptions: Arc<AtomicU64>,
+    watermark: usize,
+}
+
+impl Batch {
+    fn finish(&self, job: Job) {
+        release(&self.engine, &self.freed, job.seq);
+    }
+
+    fn fail(&self, job: Job, status: Status) {
+        let _ = job.tx.send(Event::Failed(status));
+        self.finish(job);
+    }
+
+    /// Gives a sequence the block its next token's K/V goes into. Out of blocks: the
+    /// error (the caller preempts); any other failure ends the sequence.
+    fn grow(&self, job: &mut Job) -> Result<(), EngineError> {
+        let need = job.tokens.len();
+        if job.blocks.len() * self.engine.layout().block_size >= need {
+            return Ok(());
         }
-        // Leave: clients that went away.
-        let (gone, keep): (Vec<Job>, Vec<Job>) = running.drain(..).partition(|j| j.tx.is_closed());
-        running = keep;
-        for j in gone {
-            info!(request_id = %j.id, "client went away; sequence cancelled");
-            metrics::counter!(daemon::metrics::REQUESTS_CANCELLED).increment(1);
-            finish(j);
-        }
-        if closed {
-            break;
-        }
-        if running.is_empty() {
-            continue;
-        }
-        // Step: up to max_batch sequences, rotating so none starves.
-        let n = running.len().min(max_batch);
-        metrics::gauge!(daemon::metrics::RUNNING).set(running.len() as f64);
-        metrics::histogram!(daemon::metrics::BATCH_SIZE).record(n as f64);
-        offset %= running.len();
-        let picked: Vec<usize> = (0..n).map(|i| (offset + i) % running.len()).collect();
-        offset += n;
-        let batch: Vec<DecodeInput> = picked
-            .iter()
-            .map(|&i| DecodeInput {
-                token: *running[i].tokens.last().unwrap(),
-                pos: running[i].tokens.len() - 1,
-                blocks: &running[i].blocks,
-            })
-            .collect();
-        let picks: Vec<Pick> = picked
-            .iter()
-            .map(|&i| Pick {
-                params: &running[i].params,
-                history: &running[i].tokens,
-                step: running[i].generated() as u64,
-            })
-            .collect();
-        let result = engine.decode_pick(&batch, &picks);
-        drop((batch, picks));
-        match result {
-            Ok(next) => {
-                let mut done = Vec::new();
-                for (&i, next) in picked.iter().zip(next) {
-                    let job = &mut running[i];
-                    job.tokens.push(next);
-                    if job.emit(&engine) {
-                        done.push(i);
-                    }
-                }
-                done.sort_unstable_by(|a, b| b.cmp(a));
-                for i in done {
-                    finish(running.swap_remove(i));
-                }
-                if running.is_empty() {
-                    metrics::gauge!(daemon::metrics::RUNNING).set(0.0);
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "decode step failed; failing its sequences");
-                let status = daemon::status::from_engine(&e);
-                let mut picked = picked;
-                picked.sort_unstable_by(|a, b| b.cmp(a));
-                for i in picked {
-                    let job = running.swap_remove(i);
-                    let _ = job.tx.send(Event::Failed(status.clone()));
-                    finish(job);
-                }
-            }
+        job.blocks = self.engine.grow(job.seq, need)?;
+        Ok(())
+    }
+
+    /// Takes `job`'s blocks back and queues it to resume (oldest first).
+    fn preempt(&self, mut job: Job, queue: &mut VecDeque<Job>) {
+        release(&self.engine, &self.freed, job.seq);
+        job.blocks.clear();
+        job.preemptions += 1;
+        self.preemptions.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(daemon::metrics::PREEMPTIONS).increment(1);
+        info!(request_id = %job.id, tokens = job.tokens.len(), free = self.engine.free_blocks(), "KV pool full: sequence preempted");
+        let at = queue.partition_point(|q| q.received <= job.received);
+        queue.insert(at, job);
+        self.set_preempted(queue.len());
+    }
+
+    fn set_preempted(&self, n: usize) {
+        let was = self.preempted.swap(n, Ordering::Relaxed);
+        metrics::gauge!(daemon::metrics::PREEMPTED).set(n as f64);
+        if n == 0 && was > 0 {
+            // Admissions held back for the preempted may go now.
+            self.freed.notify_waiters();
         }
     }
-    for job in running.drain(..) {
-        let _ = job.tx.send(Event::Failed(Status::unavailable("decode-server is shutting down")));
-        finish(job);
+
+    /// Resumes preempted sequences, oldest first, while the pool has room for each
+    /// (and a margin for the running ones to grow, unless none runs): their K/V is
+    /// recomputed from their tokens, the prompt's cached blocks shared.
+    fn resume(&self, queue: &mut VecDeque<Job>, running: &mut Vec<Job>) {
+        while let Some(job) = queue.front() {
+            let margin = if running.is_empty() { 0 } else { self.watermark };
+            if self.engine.free_blocks() < self.engine.blocks_for(job.tokens.len()) + margin {
+                break;
+            }
+            let mut job = queue.pop_front().expect("a front");
+            match self.recompute(&mut job) {
+                Ok(()) => running.push(job),
+                Err(EngineError::OutOfBlocks { .. }) => {
+                    queue.push_front(job);
+                    break;
+                }
+                Err(e) => {
+                    warn!(request_id = %job.id, error = %e, "a preempted sequence could not resume");
+                    self.fail(job, daemon::status::from_engine(&e));
+                }
+            }
+        }
+        self.set_preempted(queue.len());
+    }
+
+    /// A resumed sequence's K/V: every position but the last token's (written by its
+    /// next decode step), from the first not in the prefix cache.
+    fn recompute(&self, job: &mut Job) -> Result<(), EngineError> {
+        let len = job.tokens.len();
+        let admitted = self.engine.admit_sequence(job.seq, len - 1, len, &job.hashes)?;
+        job.blocks = admitted.blocks;
+        let from = admitted.cached_tokens;
+        if from < len - 1
+            && let Err(e) = self.engine.prefill(&job.tokens[from..len - 1], from, &job.blocks)
+        {
+            self.engine.release(job.seq);
+            return Err(e);
+        }
+        info!(request_id = %job.id, tokens = len, cached = from, "preempted sequence resumed");
+        Ok(())
+    }
+
+    fn run(self, rx: Receiver<Job>, max_batch: usize) {
+        let engine = self.engine.clone();
+        let mut running: Vec<Job> = Vec::new();
+        let mut preempted: VecDeque<Job> = VecDeque::new();
+        let mut offset = 0usize;
+        loop {
+            // Join: new sequences whose first token (sampled at prefill) is not out yet send it.
+            let first = if running.is_empty() {
+                // Preempted sequences resume once blocks come back: look again soon.
+                let wait = if preempted.is_empty() { 100 } else { 5 };
+                match rx.recv_timeout(Duration::from_millis(wait)) {
+                    Ok(j) => Some(j),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                None
+            };
+            let mut closed = false;
+            for mut job in first.into_iter().chain(std::iter::from_fn(|| match rx.try_recv() {
+                Ok(j) => Some(j),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    None
+                }
+                Err(mpsc::TryRecvError::Empty) => None,
+            })) {
+                if job.tx.is_closed() || (!job.first_sent && job.emit(&engine)) {
+                    self.finish(job);
+                } else {
+                    running.push(job);
+                }
+            }
+            // Leave: clients that went away.
+            let (gone, keep): (Vec<Job>, Vec<Job>) = running.drain(..).partition(|j| j.tx.is_closed());
+            running = keep;
+            let (gone_waiting, keep): (Vec<Job>, Vec<Job>) = preempted.drain(..).partition(|j| j.tx.is_closed());
+            preempted = keep.into();
+            for j in gone.into_iter().chain(gone_waiting) {
+                info!(request_id = %j.id, "client went away; sequence cancelled");
+                metrics::counter!(daemon::metrics::REQUESTS_CANCELLED).increment(1);
+                self.finish(j);
+            }
+            if closed {
+                break;
+            }
+            self.resume(&mut preempted, &mut running);
+            // Step: up to max_batch sequences, rotating so none starves, each with a
+            // block for its new token (out of blocks: the newest running is preempted).
+            let picked = loop {
+                if running.is_empty() {
+                    break None;
+                }
+                let n = running.len().min(max_batch);
+                offset %= running.len();
+                let picked: Vec<usize> = (0..n).map(|i| (offset + i) % running.len()).collect();
+                match picked.iter().find_map(|&i| self.grow(&mut running[i]).err().map(|e| (i, e))) {
+                    None => break Some(picked),
+                    Some((_, EngineError::OutOfBlocks { .. })) => {
+                        let newest = (0..running.len()).max_by_key(|&i| running[i].received).expect("running");
+                        let job = running.swap_remove(newest);
+                        self.preempt(job, &mut preempted);
+                    }
+                    Some((i, e)) => {
+                        let job = running.swap_remove(i);
+                        self.fail(job, daemon::status::from_engine(&e));
+                    }
+                }
+            };
+            let Some(picked) = picked else {
+                metrics::gauge!(daemon::metrics::RUNNING).set(0.0);
+                continue;
+            };
+            let n = picked.len();
+            offset += n;
+            metrics::gauge!(daemon::metrics::RUNNING).set(running.len() as f64);
+            metrics::histogram!(daemon::metrics::BATCH_SIZE).record(n as f64);
+            let batch: Vec<DecodeInput> = picked
+                .iter()
+                .map(|&i| DecodeInput {
+                    token: *running[i].tokens.last().unwrap(),
+                    pos: running[i].tokens.len() - 1,
+                    blocks: &running[i].blocks,
+                })
+                .collect();
+            let picks: Vec<Pick> = picked
+                .iter()
+                .map(|&i| Pick {
+                    params: &running[i].params,
+                    history: &running[i].tokens,
+                    step: running[i].generated() as u64,
+                })
+                .collect();
+            let result = engine.decode_pick(&batch, &picks);
+            drop((batch, picks));
+            match result {
+                Ok(next) => {
+                    let mut done = Vec::new();
+                    for (&i, next) in picked.iter().zip(next) {
+                        let job = &mut running[i];
+                        job.tokens.push(next);
+                        if job.emit(&engine) {
+                            done.push(i);
+                        }
+                    }
+                    done.sort_unstable_by(|a, b| b.cmp(a));
+                    for i in done {
+                        self.finish(running.swap_remove(i));
+                    }
+                    if running.is_empty() {
+                        metrics::gauge!(daemon::metrics::RUNNING).set(0.0);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "decode step failed; failing its sequences");
+                    let status = daemon::status::from_engine(&e);
+                    let mut picked = picked;
+                    picked.sort_unstable_by(|a, b| b.cmp(a));
+                    for i in picked {
+                        let job = running.swap_remove(i);
+                        self.fail(job, status.clone());
+                    }
+                }
+            }
+        }
+        for job in running.drain(..).chain(preempted.drain(..)) {
+            self.fail(job, Status::unavailable("decode-server is shutting down"));
+        }
+        self.set_preempted(0);
     }
 }

@@ -223,12 +223,29 @@ impl Engine {
         self.with_blocks(|b| Ok(b.admit(seq, tokens)?.to_vec()))
     }
 
+    /// Extends a sequence's blocks to cover `tokens` positions (blocks are taken as a
+    /// sequence grows); returns the whole table.
+    pub fn grow(&self, seq: u64, tokens: usize) -> Result<Vec<u32>> {
+        self.with_blocks(|b| Ok(b.grow(seq, tokens)?.to_vec()))
+    }
+
     /// Admits a prompt of `len` tokens with its [`Engine::prompt_hashes`] for prefill:
     /// with prefix caching, its leading blocks already cached are shared and only the
     /// rest must be computed, from `cached_tokens` on (never earlier: the shared blocks
     /// may be in use by other requests).
     pub fn admit_prompt(&self, seq: u64, len: usize, hashes: &[crate::kv_cache::BlockHash]) -> Result<crate::kv_cache::Admitted> {
         self.with_blocks(|b| b.admit_cached(seq, len, hashes))
+    }
+
+    /// Admits a sequence whose prompt (the positions whose K/V must be in its blocks
+    /// before it decodes) is `prompt_len` tokens long, with blocks for `tokens`
+    /// positions (the prompt and as much of its output as is reserved), sharing the
+    /// prompt's leading blocks found in the prefix cache under `hashes`; never the
+    /// block of the prompt's last token, which is always computed or written.
+    pub fn admit_sequence(&self, seq: u64, prompt_len: usize, tokens: usize, hashes: &[BlockHash]) -> Result<crate::kv_cache::Admitted> {
+        let reusable = prompt_len.saturating_sub(1) / self.layout().block_size;
+        let hashes = &hashes[..hashes.len().min(reusable)];
+        self.with_blocks(|b| b.admit_cached(seq, tokens.max(prompt_len), hashes))
     }
 
     /// Offers a prefilled prompt's full blocks to the prefix cache (after its K/V is

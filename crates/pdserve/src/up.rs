@@ -27,7 +27,7 @@ pub struct Placement {
     /// Weights and activations: auto (f32 on CPU, bf16 on GPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Turn the prefill-servers' prefix caching off (engine `prefix_caching`), e.g. to
+    /// Turn prefix caching off on every daemon (engine `prefix_caching`), e.g. to
     /// measure what it saves.
     #[arg(long)]
     pub no_prefix_caching: bool,
@@ -70,6 +70,11 @@ pub struct Args {
     /// How long a request may wait for KV blocks on a decode-server, ms.
     #[arg(long, default_value_t = 30_000)]
     pub queue_deadline_ms: u64,
+    /// The decode-servers' `kv_allocation`: `on_demand` (blocks taken as sequences grow,
+    /// the newest preempted when the pool runs out) or `reserve` (prompt + max_tokens
+    /// at admission).
+    #[arg(long, default_value = "on_demand", value_parser = ["on_demand", "reserve"])]
+    pub kv_allocation: String,
     /// Most requests waiting for KV blocks on a decode-server; past it they are refused at once.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
@@ -350,9 +355,10 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}{discovery_section}",
+                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nkv_allocation = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}{discovery_section}",
                 metrics(1 + i),
                 a.local_prefill_below,
+                toml_str(&a.kv_allocation),
                 a.queue_deadline_ms,
                 a.max_waiting,
                 a.prefill_deadline_ms

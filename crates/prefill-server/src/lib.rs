@@ -322,6 +322,13 @@ impl PrefillService {
                 tokens.len()
             )));
         }
+        // Leading blocks the decode-server holds already: computed here, not written.
+        let skip = req.dst_cached_blocks as usize;
+        if skip >= n {
+            return Err(Status::invalid_argument(format!(
+                "dst_cached_blocks {skip} leaves nothing of a {n}-block prompt to write (the last block always travels)"
+            )));
+        }
         if let Some(b) = req.dst_blocks.iter().find(|&&b| b as usize >= session.num_blocks) {
             return Err(Status::invalid_argument(format!(
                 "destination block {b} is outside the peer's {} blocks",
@@ -384,7 +391,7 @@ impl PrefillService {
                 "the decode-server's deadline passed before the KV write could start: nothing written",
             ));
         }
-        let segs = self.segments(&session, &local.blocks[..n], &req.dst_blocks[..n]);
+        let segs = self.segments(&session, &local.blocks[skip..n], &req.dst_blocks[skip..n]);
         let bytes: u64 = segs.iter().map(|s| s.len).sum();
         let t = Instant::now();
         let backend = self.agent.backend().as_str();
@@ -400,7 +407,7 @@ impl PrefillService {
         if secs > 0.0 {
             metrics::histogram!(daemon::metrics::KV_BANDWIDTH, "backend" => backend).record(bytes as f64 / secs);
         }
-        info!(tokens = tokens.len(), cached_tokens = local.cached_tokens, segments = segs.len(), bytes, prefill_ms = local.prefill_ms, kv_transfer_ms, early = started_early, peer = %session.name, "prefilled");
+        info!(tokens = tokens.len(), cached_tokens = local.cached_tokens, skipped_blocks = skip, segments = segs.len(), bytes, prefill_ms = local.prefill_ms, kv_transfer_ms, early = started_early, peer = %session.name, "prefilled");
         msg.kv_transfer_ms = kv_transfer_ms;
         msg.kv_bytes = bytes;
         msg.kv_written = true;
