@@ -39,7 +39,8 @@ fn metric(port: u16, name: &str, labels: &[&str]) -> f64 {
 }
 
 /// A deployment whose decode-server has 128 blocks of 16 tokens (the tiny model at
-/// 1 MiB) and `max_waiting = 1`, prefilling prompts under 30 tokens itself. A, a long
+/// 1 MiB), reserved at admission, and `max_waiting = 1`, prefilling prompts under 30
+/// tokens itself. A, a long
 /// prompt, holds 90 blocks while its prefill-server is stopped (SIGSTOP): deterministic,
 /// whatever the machine's speed. B (short, 89 blocks) waits in line; C is refused at once;
 /// B's client goes away and D takes the line and answers right.
@@ -52,6 +53,7 @@ async fn a_full_line_is_refused_at_once_and_a_client_that_goes_away_leaves_it() 
         max_waiting: 1,
         queue_deadline_ms: 60_000,
         no_early_prefill: true,
+        kv_allocation: "reserve".into(),
         ..e2e::args(BackendKind::Tcp, 1, 1, 1)
     })
     .await;

@@ -116,11 +116,12 @@ __device__ void add_rms_norm(const R *__restrict__ x, const T *__restrict__ d, c
     out[row + i] = from_f<T>(to_f(src[row + i]) * scale * to_f(w[i]));
 }
 
-// Attention over paged K/V. Block (tile, kv head): `qt` consecutive queries of one
-// sequence, one warp per (query, q head of this kv head's group); the warps share each
-// 32-key tile of K and V in shared memory. Query i attends keys 0..ctx[i] of sequence
-// seq[i] (the host makes the `qt` queries of a tile belong to one sequence).
-// q, out: [n, H, D]; pools: [slots, KV, D]; tables: [sequences, max_blocks].
+// Attention over paged K/V. Block (tile, kv head): the consecutive queries
+// tiles[x]..tiles[x + 1] of one sequence (at most blockDim / 32 / groups of them), one
+// warp per (query, q head of this kv head's group); the warps share each 32-key tile
+// of K and V in shared memory. Query i attends keys 0..ctx[i] of sequence seq[i].
+// q, out: [n, H, D]; pools: [slots, KV, D]; tables: [sequences, max_blocks];
+// tiles: [grid x + 1], increasing, cut at the sequences' boundaries (varlen batches).
 // Split keys (grid z = `splits` > 1, flash-decoding): each block takes a share of the
 // key tiles and leaves its partial softmax state (max, sum, unnormalised output) in
 // part_ml [n, H, splits, 2] and part_acc [n, H, splits, D] for attention_combine; a
@@ -130,21 +131,24 @@ template <typename T, int D>
 __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k_pool,
                                 const T *__restrict__ v_pool, const uint32_t *__restrict__ tables,
                                 const uint32_t *__restrict__ seq, const uint32_t *__restrict__ ctx,
-                                T *__restrict__ out, uint32_t n, uint32_t H, uint32_t KV,
-                                uint32_t block_size, uint32_t max_blocks, uint32_t qt, float scale,
-                                uint32_t splits, float *__restrict__ part_ml, float *__restrict__ part_acc) {
+                                const uint32_t *__restrict__ tiles, T *__restrict__ out, uint32_t n,
+                                uint32_t H, uint32_t KV, uint32_t block_size, uint32_t max_blocks,
+                                float scale, uint32_t splits, float *__restrict__ part_ml,
+                                float *__restrict__ part_acc) {
   constexpr int E = D / WARP;  // output dims per lane
   __shared__ float ks[WARP][D + 1];  // +1: lane j reads row j, so rows start on different banks
   __shared__ float vs[WARP][D];
   __shared__ float qs[MAX_WARPS][D];
   const uint32_t groups = H / KV;
   const uint32_t warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-  const uint32_t kvh = blockIdx.y, q0 = blockIdx.x * qt;
+  // This block's queries: rows tiles[x]..tiles[x + 1], all of one sequence (a varlen
+  // batch is cut into tiles at its sequences' boundaries).
+  const uint32_t kvh = blockIdx.y, q0 = tiles[blockIdx.x], q_end = min(tiles[blockIdx.x + 1], n);
   const uint32_t qi = q0 + warp / groups, h = kvh * groups + warp % groups;
-  const bool active = qi < n;
+  const bool active = qi < q_end;
   const uint32_t my_ctx = active ? ctx[qi] : 0;
   uint32_t tile_ctx = 0;
-  for (uint32_t j = q0; j < q0 + qt && j < n; ++j) tile_ctx = max(tile_ctx, ctx[j]);
+  for (uint32_t j = q0; j < q_end; ++j) tile_ctx = max(tile_ctx, ctx[j]);
   const uint32_t *table = tables + (uint64_t)seq[q0] * max_blocks;
   if (active)
     for (int i = lane; i < D; i += WARP) qs[warp][i] = to_f(q[((uint64_t)qi * H + h) * D + i]) * scale;
@@ -306,10 +310,11 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
 #define ATTENTION(TYPE, SUFFIX, DIM)                                                                     \
   extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP) paged_attention_##SUFFIX##_##DIM(       \
       const TYPE *q, const TYPE *k_pool, const TYPE *v_pool, const uint32_t *tables, const uint32_t *seq, \
-      const uint32_t *ctx, TYPE *out, uint32_t n, uint32_t H, uint32_t KV, uint32_t block_size,          \
-      uint32_t max_blocks, uint32_t qt, float scale, uint32_t splits, float *part_ml, float *part_acc) {   \
-    paged_attention<TYPE, DIM>(q, k_pool, v_pool, tables, seq, ctx, out, n, H, KV, block_size,           \
-                               max_blocks, qt, scale, splits, part_ml, part_acc);                        \
+      const uint32_t *ctx, const uint32_t *tiles, TYPE *out, uint32_t n, uint32_t H, uint32_t KV,        \
+      uint32_t block_size, uint32_t max_blocks, float scale, uint32_t splits, float *part_ml,             \
+      float *part_acc) {                                                                                 \
+    paged_attention<TYPE, DIM>(q, k_pool, v_pool, tables, seq, ctx, tiles, out, n, H, KV, block_size,    \
+                               max_blocks, scale, splits, part_ml, part_acc);                            \
   }                                                                                                      \
   extern "C" __global__ void attention_combine_##SUFFIX##_##DIM(const float *part_ml, const float *part_acc, \
                                                                TYPE *out, uint32_t rows, uint32_t splits) { \

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{BlockHash, BlockManager, KvEvent, KvLayout, KvPools, dtype_name};
 use crate::loader::ModelDir;
-use crate::model::{DecodeInput, Model};
+use crate::model::{DecodeInput, Model, PrefillChunk};
 use crate::sampling::{SamplingParams, sample};
 
 /// The `[engine]` section of a daemon's config.
@@ -72,6 +72,17 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Ok(Device::new_cuda(n)?)
         }
     }
+}
+
+/// One prompt's part of a batched prefill: positions `from..to` of `prompt`, the K/V
+/// of `..from` already in `blocks` (a cached prefix, or its earlier chunks).
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillPart<'a> {
+    pub prompt: &'a [u32],
+    pub from: usize,
+    pub to: usize,
+    pub blocks: &'a [u32],
+    pub params: &'a SamplingParams,
 }
 
 /// How one sequence of a decode batch picks its next token.
@@ -352,21 +363,58 @@ impl Engine {
         traced
     }
 
-    /// Prefills like [`Engine::prefill`] and samples the prompt's first token. A greedy pick without repetition penalty is made on the device, so only
-    /// the token id comes to the host (copying 128k logits out costs ~0.3 ms of TTFT).
-    /// `start`: leading positions whose K/V the blocks already hold (a cached prefix).
+    /// Prefills like [`Engine::prefill`] and samples the prompt's first token (see
+    /// [`Engine::prefill_batch_pick`]). `start`: leading positions whose K/V the blocks
+    /// already hold (a cached prefix).
     pub fn prefill_pick(&self, tokens: &[u32], start: usize, blocks: &[u32], params: &SamplingParams) -> Result<u32> {
-        if start >= tokens.len() {
+        let part = PrefillPart {
+            prompt: tokens,
+            from: start,
+            to: tokens.len(),
+            blocks,
+            params,
+        };
+        Ok(self.prefill_batch_pick(&[part])?[0].expect("the prompt's last chunk"))
+    }
+
+    /// One forward pass over several prompts' chunks (batched, chunked prefill): each
+    /// part's K/V written, and the first token of each prompt whose last chunk it is
+    /// (None for the others). Greedy picks without repetition penalty are made on the
+    /// device, so only the token ids come to the host (copying 128k logits out costs
+    /// ~0.3 ms of TTFT).
+    pub fn prefill_batch_pick(&self, parts: &[PrefillPart<'_>]) -> Result<Vec<Option<u32>>> {
+        if let Some(p) = parts.iter().find(|p| p.from >= p.to || p.to > p.prompt.len()) {
             return Err(EngineError::Invalid(format!(
-                "prefill from position {start} of a {}-token prompt",
-                tokens.len()
+                "prefill from position {} to {} of a {}-token prompt",
+                p.from,
+                p.to,
+                p.prompt.len()
             )));
         }
-        let logits = self.model.prefill(&self.pools, &tokens[start..], start, blocks)?;
-        if self.picks_on_device(params) {
-            return Ok(self.model.argmax_rows(&logits.unsqueeze(0)?)?[0]);
-        }
-        Ok(sample(&logits.to_vec1()?, params, tokens, 0))
+        let chunks: Vec<PrefillChunk<'_>> = parts
+            .iter()
+            .map(|p| PrefillChunk {
+                tokens: &p.prompt[p.from..p.to],
+                start: p.from,
+                blocks: p.blocks,
+                logits: p.to == p.prompt.len(),
+            })
+            .collect();
+        let logits = self.model.prefill_batch(&self.pools, &chunks)?;
+        let picks: Vec<Pick<'_>> = parts
+            .iter()
+            .filter(|p| p.to == p.prompt.len())
+            .map(|p| Pick {
+                params: p.params,
+                history: p.prompt,
+                step: 0,
+            })
+            .collect();
+        let mut firsts = self.pick_rows(logits, &picks)?.into_iter();
+        Ok(parts
+            .iter()
+            .map(|p| if p.to == p.prompt.len() { firsts.next() } else { None })
+            .collect())
     }
 
     /// Whether [`Engine::prefill_pick`] and [`Engine::decode_pick`] pick on the device.
@@ -389,8 +437,18 @@ impl Engine {
             return Ok(vec![]);
         }
         let logits = self.model.decode(&self.pools, batch)?;
+        self.pick_rows(logits, picks)
+    }
+
+    /// Each row's pick from logits `[rows, vocab]`: greedy ones without a repetition
+    /// penalty on the device (only the token ids come to the host), the others' logits
+    /// to the host for [`sample`].
+    fn pick_rows(&self, logits: candle_core::Tensor, picks: &[Pick<'_>]) -> Result<Vec<u32>> {
+        if picks.is_empty() {
+            return Ok(vec![]);
+        }
         let on_device = |p: &Pick<'_>| self.picks_on_device(p.params);
-        let mut next = vec![0u32; batch.len()];
+        let mut next = vec![0u32; picks.len()];
         if picks.iter().any(on_device) {
             let ids = self.model.argmax_rows(&logits)?;
             for (i, p) in picks.iter().enumerate() {
@@ -401,7 +459,7 @@ impl Engine {
         }
         let host: Vec<u32> = (0..picks.len() as u32).filter(|&i| !on_device(&picks[i as usize])).collect();
         if !host.is_empty() {
-            let rows = if host.len() == batch.len() {
+            let rows = if host.len() == picks.len() {
                 logits
             } else {
                 logits.index_select(&candle_core::Tensor::new(host.as_slice(), &self.model.device)?, 0)?

@@ -312,8 +312,11 @@ pub(crate) struct PagedContext<'a> {
     pub seq: &'a Tensor,
     /// `[n]`: each query's context length (it attends keys `0..ctx`).
     pub ctx: &'a Tensor,
+    /// `[tiles + 1]`: each attention block's first query row (and the row count last):
+    /// consecutive queries of one sequence, at most `queries_per_block` of them.
+    pub tiles: &'a Tensor,
     pub block_size: usize,
-    /// Consecutive queries per block, all of one sequence.
+    /// Most queries per block.
     pub queries_per_block: usize,
     /// Blocks sharing each query's keys (flash-decoding); 1: no split.
     pub key_splits: usize,
@@ -336,8 +339,14 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
         let (s3, l3) = c.tables.storage_and_layout();
         let (s4, l4) = c.seq.storage_and_layout();
         let (s5, l5) = c.ctx.storage_and_layout();
+        let (s6, l6) = c.tiles.storage_and_layout();
         let (qv, kp, vp) = (view::<T>(&s0, l0)?, view::<T>(&s1, l1)?, view::<T>(&s2, l2)?);
         let (tb, sq, cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
+        let tl = view::<u32>(&s6, l6)?;
+        let tiles = c.tiles.dim(0)?.saturating_sub(1);
+        if tiles == 0 {
+            return Err(invalid("paged_attention: no tiles"));
+        }
         let name = format!("paged_attention_{}_{}", suffix(q.dtype())?, h.dim);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let splits = c.key_splits.max(1);
@@ -353,8 +362,8 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
             )
         };
         let mut b = func.builder();
-        b.arg(&qv).arg(&kp).arg(&vp).arg(&tb).arg(&sq).arg(&cx).arg(&out);
-        let dims = [n as u32, h.q as u32, h.kv as u32, c.block_size as u32, max_blocks as u32, qt as u32];
+        b.arg(&qv).arg(&kp).arg(&vp).arg(&tb).arg(&sq).arg(&cx).arg(&tl).arg(&out);
+        let dims = [n as u32, h.q as u32, h.kv as u32, c.block_size as u32, max_blocks as u32];
         for d in &dims {
             b.arg(d);
         }
@@ -362,12 +371,13 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
         let splits_arg = splits as u32;
         b.arg(&scale).arg(&splits_arg).arg(&part_ml).arg(&part_acc);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(qt) as u32, h.kv as u32, splits as u32),
+            grid_dim: (tiles as u32, h.kv as u32, splits as u32),
             block_dim: ((qt * groups * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match the kernel's signature; every block table entry and
-        // context length was checked against the pools by the model (KvPools::slots).
+        // context length was checked against the pools by the model (KvPools::slots),
+        // and the model builds the tiles increasing, each at most `qt` rows (`Rows`).
         unsafe { b.launch(cfg) }.w()?;
         if splits > 1 {
             let name = format!("attention_combine_{}_{}", suffix(q.dtype())?, h.dim);

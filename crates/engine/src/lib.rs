@@ -21,11 +21,11 @@ pub mod sampling;
 pub mod synth;
 
 pub use config::{Arch, ModelConfig};
-pub use engine::{Engine, EngineConfig, KV_EVENT_BACKLOG, KvEventBatch, Pick, parse_device};
+pub use engine::{Engine, EngineConfig, KV_EVENT_BACKLOG, KvEventBatch, Pick, PrefillPart, parse_device};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, TextStream, generate_local};
 pub use kv_cache::{Admitted, BlockHash, BlockManager, BlockRun, KvEvent, KvLayout, KvPools, PoolRegion, block_hashes, block_runs};
 pub use loader::ModelDir;
-pub use model::DecodeInput;
+pub use model::{DecodeInput, PrefillChunk};
 pub use prompt::{ChatMessage, ChatTemplate};
 pub use sampling::{MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, sample};

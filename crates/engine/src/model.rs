@@ -2,7 +2,7 @@
 //! SwiGLU MLP; Qwen2's q/k/v bias; tied embeddings), reading and writing K/V through
 //! the paged pools. One sequence's prefill, or one token each for a batch of
 //! sequences of different lengths.
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use crate::config::ModelConfig;
@@ -184,30 +184,62 @@ impl Model {
         blocks: &[u32],
         taps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
+        let chunk = PrefillChunk {
+            tokens,
+            start,
+            blocks,
+            logits: true,
+        };
+        Ok(self.prefill_chunks(pools, &[chunk], taps)?.squeeze(0)?)
+    }
+
+    /// One forward pass over several sequences' chunks (a varlen batch: each its own
+    /// positions, block table and causal context); the logits `[k, vocab]` (f32) of the
+    /// last position of each chunk that asks for them, in order (none asked: the K/V
+    /// is written, and no logits are computed).
+    pub fn prefill_batch(&self, pools: &KvPools, chunks: &[PrefillChunk<'_>]) -> Result<Tensor> {
+        self.prefill_chunks(pools, chunks, None)
+    }
+
+    fn prefill_chunks(&self, pools: &KvPools, chunks: &[PrefillChunk<'_>], taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+        if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             return Err(EngineError::Invalid("prefill of no tokens".into()));
         }
-        let total = start + t;
-        let slots = pools.slots(blocks, 0, total)?;
+        // Each chunk's rows, and the rows whose logits are wanted.
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut wanted = Vec::new();
+        let mut n = 0usize;
+        for c in chunks {
+            offsets.push(n);
+            n += c.tokens.len();
+            if c.logits {
+                wanted.push((n - 1) as u32);
+            }
+        }
+        // None asked: the pass still writes every row's K/V; one row goes through the
+        // final norm, and no logits are computed.
+        let none = wanted.is_empty();
+        if none {
+            wanted.push((n - 1) as u32);
+        }
         let x = if self.fused {
-            let rows = Rows {
-                tokens: tokens.to_vec(),
-                pos: (start as u32..total as u32).collect(),
-                slots: slots[start..].to_vec(),
-                seq: vec![0; t],
-                ctx: (start as u32 + 1..=total as u32).collect(),
-                tables: blocks.to_vec(),
-                sequences: 1,
-                queries_per_block: self.prefill_queries_per_block(),
-                key_splits: 1,
-            };
-            self.forward_fused(pools, &rows, Some(t - 1), taps)?
+            let mut rows = Rows::new(chunks.len(), self.prefill_queries_per_block());
+            let width = chunks.iter().map(|c| c.blocks.len()).max().unwrap_or(0);
+            for (i, c) in chunks.iter().enumerate() {
+                let to = c.start + c.tokens.len();
+                rows.push_tile_run(c.tokens, c.start, &pools.slots(c.blocks, c.start, to)?, i as u32);
+                rows.push_table(c.blocks, width);
+            }
+            self.forward_fused(pools, &rows, Some(&wanted), taps)?
         } else {
-            let x = self.prefill_reference(pools, tokens, start, &slots, taps)?;
-            self.rms(&x.i(t - 1..t)?, &self.norm)?
+            let x = self.prefill_reference(pools, chunks, &offsets, taps)?;
+            let rows = Tensor::new(wanted.as_slice(), &self.device)?;
+            self.rms(&x.index_select(&rows, 0)?, &self.norm)?
         };
-        Ok(self.logits(&x)?.squeeze(0)?)
+        if none {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        self.logits(&x)
     }
 
     /// Advances each sequence by one token; returns logits `[batch, vocab]` (f32).
@@ -215,24 +247,10 @@ impl Model {
         let x = if self.fused {
             let b = batch.len();
             let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
-            let mut rows = Rows {
-                tokens: Vec::with_capacity(b),
-                pos: Vec::with_capacity(b),
-                slots: Vec::with_capacity(b),
-                seq: (0..b as u32).collect(),
-                ctx: Vec::with_capacity(b),
-                tables: Vec::with_capacity(b * width),
-                sequences: b,
-                queries_per_block: 1,
-                key_splits: 1,
-            };
-            for s in batch {
-                rows.tokens.push(s.token);
-                rows.pos.push(s.pos as u32);
-                rows.slots.push(pools.slots(s.blocks, s.pos, s.pos + 1)?[0]);
-                rows.ctx.push(s.pos as u32 + 1);
-                rows.tables.extend_from_slice(s.blocks);
-                rows.tables.extend(std::iter::repeat_n(0, width - s.blocks.len()));
+            let mut rows = Rows::new(b, 1);
+            for (i, s) in batch.iter().enumerate() {
+                rows.push_tile_run(&[s.token], s.pos, &pools.slots(s.blocks, s.pos, s.pos + 1)?, i as u32);
+                rows.push_table(s.blocks, width);
             }
             let longest = batch.iter().map(|s| s.pos + 1).max().unwrap_or(1);
             rows.key_splits = decode_key_splits(b * self.cfg.num_kv_heads, longest);
@@ -254,40 +272,58 @@ impl Model {
         Ok(self.lm_head.forward(x)?.to_dtype(DType::F32)?)
     }
 
-    /// Prefill with candle's ops: the reference, and the path on the CPU.
+    /// Prefill with candle's ops: the reference, and the path on the CPU. The chunks'
+    /// rows go through the projections and the MLP together; each attends its own
+    /// context (its chunk, and the positions before it from the pools) under a causal
+    /// mask. Returns the residual stream of every row (`offsets`: each chunk's first).
     fn prefill_reference(
         &self,
         pools: &KvPools,
-        tokens: &[u32],
-        start: usize,
-        slots: &[u32],
+        chunks: &[PrefillChunk<'_>],
+        offsets: &[usize],
         mut taps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let t = tokens.len();
-        let total = start + t;
-        let new_slots = pools.write_index(&slots[start..], &self.device)?;
-        let all_slots = Tensor::new(slots, &self.device)?;
-        let pos = Tensor::arange(start as u32, total as u32, &self.device)?;
+        let (mut ids, mut pos, mut new_slots) = (Vec::new(), Vec::new(), Vec::new());
+        // Per chunk: its context's slots and its causal mask.
+        let mut contexts = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let (t, total) = (c.tokens.len(), c.start + c.tokens.len());
+            let slots = pools.slots(c.blocks, 0, total)?;
+            ids.extend_from_slice(c.tokens);
+            pos.extend(c.start as u32..total as u32);
+            new_slots.extend_from_slice(&slots[c.start..]);
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..total).map(move |j| if j > c.start + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            contexts.push((
+                Tensor::new(slots.as_slice(), &self.device)?,
+                Tensor::from_vec(mask, (1, 1, t, total), &self.device)?,
+            ));
+        }
+        let n = ids.len();
+        let new_slots = pools.write_index(&new_slots, &self.device)?;
+        let pos = Tensor::new(pos.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        // Causal mask over the whole context, offset by the cached prefix.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, t, total), &self.device)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // [t, hidden]
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms(&x, &layer.in_norm)?;
-            let (q, k, v) = self.qkv(layer, &h, 1, t, &cos, &sin)?; // [1, heads, t, d]
-            let (kk, vv) = pools.write(li, &new_slots, &k, &v)?;
-            let (k, v) = if start == 0 {
-                (kk, vv)
-            } else {
-                pools.gather(li, &all_slots, 1, total)?
-            };
-            let att = self.attend(&q, &k, &v, Some(&mask))?; // [1, t, heads*d]
-            x = (x + layer.o.forward(&att.reshape((t, ()))?)?)?;
+            let (q, k, v) = self.qkv(layer, &h, 1, n, &cos, &sin)?; // [1, heads, n, d]
+            pools.write(li, &new_slots, &k, &v)?;
+            let mut att = Vec::with_capacity(chunks.len());
+            for ((c, &at), (slots, mask)) in chunks.iter().zip(offsets).zip(&contexts) {
+                let t = c.tokens.len();
+                let rows = |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(2, at, t)?.contiguous()?) };
+                let (kc, vc) = if c.start == 0 {
+                    (rows(&k)?, rows(&v)?)
+                } else {
+                    pools.gather(li, slots, 1, c.start + t)?
+                };
+                att.push(self.attend(&rows(&q)?, &kc, &vc, Some(mask))?.reshape((t, ()))?); // [t, heads*d]
+            }
+            let att = if att.len() == 1 { att.remove(0) } else { Tensor::cat(&att, 0)? };
+            x = (x + layer.o.forward(&att)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
             if let Some(taps) = taps.as_deref_mut() {
                 taps.push(x.to_dtype(DType::F32)?);
@@ -338,22 +374,26 @@ impl Model {
     /// RMSNorm after it in one kernel. Returns the final-normed hidden states of every
     /// row, or of row `only` alone; `taps` as in [`Model::prefill_traced`].
     #[cfg(feature = "cuda")]
-    fn forward_fused(&self, pools: &KvPools, r: &Rows, only: Option<usize>, mut taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+    fn forward_fused(&self, pools: &KvPools, r: &Rows, only: Option<&[u32]>, mut taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         use crate::kernels::{self, PagedContext};
         let n = r.tokens.len();
+        let mut tiles = r.tiles.clone();
+        tiles.push(n as u32);
         // One host-to-device copy for all the per-row integers.
-        let mut meta = Vec::with_capacity(4 * n + r.tables.len());
-        for part in [&r.pos, &r.slots, &r.seq, &r.ctx, &r.tables] {
+        let mut meta = Vec::with_capacity(4 * n + tiles.len() + r.tables.len());
+        for part in [&r.pos, &r.slots, &r.seq, &r.ctx, &tiles, &r.tables] {
             meta.extend_from_slice(part);
         }
         let meta = Tensor::new(meta.as_slice(), &self.device)?;
         let part = |i: usize| meta.narrow(0, i * n, n);
         let (pos, slots, seq, ctx) = (part(0)?, part(1)?, part(2)?, part(3)?);
-        let tables = meta.narrow(0, 4 * n, r.tables.len())?.reshape((r.sequences, ()))?;
+        let tiles_t = meta.narrow(0, 4 * n, tiles.len())?;
+        let tables = meta.narrow(0, 4 * n + tiles.len(), r.tables.len())?.reshape((r.sequences, ()))?;
         let paged = PagedContext {
             tables: &tables,
             seq: &seq,
             ctx: &ctx,
+            tiles: &tiles_t,
             block_size: pools.layout().block_size,
             queries_per_block: r.queries_per_block,
             key_splits: r.key_splits,
@@ -392,28 +432,31 @@ impl Model {
             delta = Some(layer.down.forward(&kernels::silu_mul(&gu)?)?);
             x = x2;
         }
-        // The last layer's add and the final norm: for the one row asked, unless the
-        // taps want the whole stream.
+        // The last layer's add and the final norm: for the rows asked, unless the taps
+        // want the whole stream.
+        let pick = |t: Tensor, rows: &[u32]| -> Result<Tensor> {
+            Ok(match rows {
+                [i] => t.narrow(0, *i as usize, 1)?.contiguous()?,
+                _ => t.index_select(&Tensor::new(rows, &self.device)?, 0)?,
+            })
+        };
         let narrow = only.filter(|_| taps.is_none());
         let (x, d) = match narrow {
-            Some(i) => {
-                let row = |t: Tensor| -> Result<Tensor> { Ok(t.narrow(0, i, 1)?.contiguous()?) };
-                (row(x)?, delta.map(row).transpose()?)
-            }
+            Some(rows) => (pick(x, rows)?, delta.map(|d| pick(d, rows)).transpose()?),
             None => (x, delta),
         };
         let (x, h) = kernels::add_rms_norm(&x, d.as_ref(), &self.norm, eps)?;
         if let (Some(taps), Some(_)) = (taps, &d) {
             taps.push(x.to_dtype(DType::F32)?);
         }
-        Ok(match (only, narrow) {
-            (Some(i), None) => h.narrow(0, i, 1)?,
-            _ => h,
-        })
+        match (only, narrow) {
+            (Some(rows), None) => pick(h, rows),
+            _ => Ok(h),
+        }
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn forward_fused(&self, _: &KvPools, _: &Rows, _: Option<usize>, _: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+    fn forward_fused(&self, _: &KvPools, _: &Rows, _: Option<&[u32]>, _: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         unreachable!("the fused kernels are built with the `cuda` feature only")
     }
 
@@ -510,8 +553,59 @@ struct Rows {
     tables: Vec<u32>,
     sequences: usize,
     queries_per_block: usize,
+    /// Each attention tile's first row: at most `queries_per_block` rows of one sequence.
+    tiles: Vec<u32>,
     /// Attention blocks sharing each row's keys (see `decode_key_splits`).
     key_splits: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Rows {
+    fn new(sequences: usize, queries_per_block: usize) -> Rows {
+        Rows {
+            tokens: Vec::new(),
+            pos: Vec::new(),
+            slots: Vec::new(),
+            seq: Vec::new(),
+            ctx: Vec::new(),
+            tables: Vec::new(),
+            sequences,
+            queries_per_block,
+            tiles: Vec::new(),
+            key_splits: 1,
+        }
+    }
+
+    /// Rows for `tokens` of sequence `seq` at positions `start..` (K/V to `slots`),
+    /// each attending its causal context, in tiles of their own.
+    fn push_tile_run(&mut self, tokens: &[u32], start: usize, slots: &[u32], seq: u32) {
+        let first = self.tokens.len() as u32;
+        let t = tokens.len() as u32;
+        self.tiles.extend((0..t).step_by(self.queries_per_block.max(1)).map(|i| first + i));
+        self.tokens.extend_from_slice(tokens);
+        self.pos.extend(start as u32..start as u32 + t);
+        self.slots.extend_from_slice(slots);
+        self.seq.extend(std::iter::repeat_n(seq, t as usize));
+        self.ctx.extend(start as u32 + 1..=start as u32 + t);
+    }
+
+    /// The next sequence's block table, padded to `width`.
+    fn push_table(&mut self, blocks: &[u32], width: usize) {
+        self.tables.extend_from_slice(blocks);
+        self.tables.extend(std::iter::repeat_n(0, width - blocks.len()));
+    }
+}
+
+/// One sequence's part of a batched prefill: `tokens` at positions
+/// `start..start + tokens.len()` (a whole prompt, or a chunk of one whose earlier
+/// positions' K/V `blocks` already hold), written into `blocks`.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillChunk<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub blocks: &'a [u32],
+    /// Return the logits of the chunk's last position (its prompt's last).
+    pub logits: bool,
 }
 
 /// How many blocks share a decode query's keys: without a split a step runs one block
