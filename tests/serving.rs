@@ -219,3 +219,50 @@ async fn caching_off_sends_everything_and_local_prefills_use_the_cache() {
     assert_eq!(cached, [(0, 0), (96, 96)]);
     stop_cleanly(dep).await;
 }
+
+/// Prompts arriving together share forward passes, long ones cut into chunks: 12
+/// requests at once (prompts of 20 to 295 tokens) through passes of at most 256 tokens
+/// and chunks of 64 get the colocated run's tokens; the prefill-server's metrics show
+/// passes of several prompts, none over the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_are_prefilled_in_shared_chunked_passes() {
+    let metrics_port = pdserve::up::free_port_run(3).unwrap();
+    let (dep, _work) = deploy_args(pdserve::up::Args {
+        metrics_port: Some(metrics_port),
+        max_batch_tokens: 256,
+        chunk_tokens: 64,
+        ..args(BackendKind::Tcp, 1, 1, 16)
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let url = dep.router.clone();
+        tasks.push(tokio::spawn(async move {
+            let ids = prompt(i, 20 + 25 * i as usize);
+            let p = SamplingParams {
+                max_tokens: 6,
+                ignore_eos: true,
+                temperature: if i % 3 == 0 { 0.7 } else { 0.0 },
+                seed: i,
+                ..Default::default()
+            };
+            let mut c = client(&url).await;
+            let (_, r) = stream(&mut c, ask(&ids, &p, "")).await.unwrap();
+            assert_eq!(r.token_ids, reference(&ids, &p), "prompt {i} of {} tokens", ids.len());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let text = scrape(metrics_port + 2);
+    let passes = sample(&text, "pdserve_prefill_batch_prompts_count", &[]).unwrap();
+    let single = sample(&text, "pdserve_prefill_batch_prompts_bucket", &["le=\"1\""]).unwrap();
+    let within = sample(&text, "pdserve_prefill_batch_tokens_bucket", &["le=\"256\""]).unwrap();
+    let chunks = sample(&text, "pdserve_prefill_batch_prompts_sum", &[]).unwrap();
+    assert!(single < passes, "some pass computed several prompts ({single} of {passes} had one)");
+    assert_eq!(within, passes, "no pass over max_batch_tokens");
+    // 12 prompts of 1,890 tokens in all, in chunks of at most 64: at least 36 chunks.
+    assert!(chunks >= 36.0, "{chunks} chunks");
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}

@@ -32,6 +32,8 @@ pub const KV_WRITES_ABANDONED: &str = "pdserve_kv_writes_abandoned_total";
 pub const PREFIX_QUERIES: &str = "pdserve_prefix_cache_queries_total";
 pub const PREFIX_HITS: &str = "pdserve_prefix_cache_hits_total";
 pub const BLOCKS_CACHED: &str = "pdserve_kv_blocks_cached";
+pub const PREFILL_BATCH_TOKENS: &str = "pdserve_prefill_batch_tokens";
+pub const PREFILL_BATCH_PROMPTS: &str = "pdserve_prefill_batch_prompts";
 pub const PREEMPTIONS: &str = "pdserve_num_preemptions_total";
 pub const PREEMPTED: &str = "pdserve_sequences_preempted";
 pub const ROUTER_INDEX_BLOCKS: &str = "pdserve_router_kv_index_blocks";
@@ -42,6 +44,9 @@ const SECONDS: [f64; 20] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 ];
 const BANDWIDTH: [f64; 12] = [1e7, 1e8, 5e8, 1e9, 2.5e9, 5e9, 1e10, 2.5e10, 5e10, 1e11, 2.5e11, 1e12];
+const TOKENS: [f64; 12] = [
+    16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
+];
 const BATCH: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,8 @@ pub fn install(listen: &str, daemon: &str) -> Result<(), MetricsError> {
         .set_buckets(&SECONDS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(KV_BANDWIDTH.into()), &BANDWIDTH))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PREFILL_BATCH_PROMPTS.into()), &BATCH))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PREFILL_BATCH_TOKENS.into()), &TOKENS))
         .map_err(|e| serve_err(&e))?
         .install()
         .map_err(|e| serve_err(&e))?;
@@ -90,6 +97,8 @@ fn describe() {
     describe_counter!(PREFIX_QUERIES, "Prompt tokens looked up in the prefix cache");
     describe_counter!(PREFIX_HITS, "Prompt tokens found in the prefix cache (not computed)");
     describe_gauge!(BLOCKS_CACHED, "KV-cache blocks holding a cached prompt block (in use or idle)");
+    describe_histogram!(PREFILL_BATCH_TOKENS, "Prompt tokens per prefill forward pass");
+    describe_histogram!(PREFILL_BATCH_PROMPTS, "Prompts (chunks) per prefill forward pass");
     describe_counter!(PREEMPTIONS, "Sequences preempted: their KV blocks taken back when the pool ran out");
     describe_gauge!(PREEMPTED, "Preempted sequences waiting for blocks to resume");
     describe_gauge!(REGIONS, "Memory regions registered with the data plane (the KV pools only)");

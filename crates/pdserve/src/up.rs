@@ -75,6 +75,16 @@ pub struct Args {
     /// at admission).
     #[arg(long, default_value = "on_demand", value_parser = ["on_demand", "reserve"])]
     pub kv_allocation: String,
+    /// The prefill-servers' `max_batch_tokens`: most prompt tokens in one forward pass.
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch_tokens: usize,
+    /// The prefill-servers' `max_batch_prompts` (1 with a large `--chunk-tokens`: one
+    /// prompt at a time, whole, as before batched prefill).
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_prompts: usize,
+    /// The prefill-servers' `chunk_tokens`: longest piece of a prompt in one pass.
+    #[arg(long, default_value_t = 2048)]
+    pub chunk_tokens: usize,
     /// Most requests waiting for KV blocks on a decode-server; past it they are refused at once.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
@@ -336,8 +346,11 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("prefill-{i}"),
             "prefill-server",
             format!(
-                "listen = \"{addr}\"\n{}{internal}\n{prefill_section}{discovery_section}",
-                metrics(1 + a.decode + i)
+                "listen = \"{addr}\"\n{}{internal}max_batch_tokens = {}\nmax_batch_prompts = {}\nchunk_tokens = {}\n\n{prefill_section}{discovery_section}",
+                metrics(1 + a.decode + i),
+                a.max_batch_tokens,
+                a.max_batch_prompts,
+                a.chunk_tokens
             ),
         )?);
         prefill.push(format!("http://{addr}"));

@@ -8,6 +8,7 @@
 //! Prefill of the same request id, tokens and sampling then only adds the KV write.
 //! This takes the decode-server's hop off the first token's path. Anything that does
 //! not match exactly is ignored, and the Prefill computes afresh.
+mod batcher;
 mod early;
 mod sessions;
 
@@ -27,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
+use batcher::{Batcher, Budget, Work};
 use early::{EarlyStarts, NotStarted};
 use sessions::{Session, Sessions};
 
@@ -50,12 +52,21 @@ pub struct PrefillConfig {
     pub transfer: TransferConfig,
     /// Longest prompt accepted, in tokens (0: the model's maximum).
     pub max_prompt_tokens: usize,
-    /// How long a request may wait for the compute slot before it is refused.
+    /// How long a request may wait for its blocks and its first chunk's pass before it
+    /// is refused.
     pub queue_deadline_ms: u64,
-    /// Most prompts waiting for the compute slot; past it a prompt is refused at once
+    /// Most prompts waiting to be computed; past it a prompt is refused at once
     /// with RESOURCE_EXHAUSTED (to the client: HTTP 429 with a retry hint), instead of
     /// queueing until every waiter misses its first-token target.
     pub max_waiting: usize,
+    /// Most prompt tokens in one forward pass (prompts are batched up to it, first come
+    /// first served).
+    pub max_batch_tokens: usize,
+    /// Most prompts in one forward pass.
+    pub max_batch_prompts: usize,
+    /// Longest piece of one prompt computed in one pass (chunked prefill): a long
+    /// prompt takes several passes, and shorter prompts join them.
+    pub chunk_tokens: usize,
     /// How long a prompt started early (the router's EarlyPrefill) is held for its
     /// decode-server's Prefill once computed; unclaimed, its blocks are then released.
     pub early_hold_ms: u64,
@@ -77,6 +88,9 @@ impl Default for PrefillConfig {
             max_prompt_tokens: 0,
             queue_deadline_ms: 30_000,
             max_waiting: 64,
+            max_batch_tokens: 8192,
+            max_batch_prompts: 64,
+            chunk_tokens: 2048,
             early_hold_ms: 2_000,
             discovery: Default::default(),
         }
@@ -94,13 +108,16 @@ impl Validate for PrefillConfig {
         if self.transfer.deadline_ms == 0 || self.queue_deadline_ms == 0 || self.max_sessions == 0 || self.max_waiting == 0 {
             return Err("transfer.deadline_ms, queue_deadline_ms, max_sessions and max_waiting must be positive".into());
         }
+        if self.max_batch_tokens == 0 || self.max_batch_prompts == 0 || self.chunk_tokens == 0 {
+            return Err("max_batch_tokens, max_batch_prompts and chunk_tokens must be at least 1".into());
+        }
         daemon::auth::check_exposure(&self.listen, &self.internal_token, &self.tls, self.allow_insecure_internal)
     }
 }
 
 /// A prompt computed into local blocks, its first token sampled. Dropped, it releases
 /// the blocks.
-struct Computed {
+pub(crate) struct Computed {
     engine: Arc<Engine>,
     /// Woken when the blocks are released.
     freed: Arc<tokio::sync::Notify>,
@@ -127,9 +144,9 @@ pub struct PrefillService {
     agent: Agent,
     regions: Vec<Registration>,
     sessions: Sessions,
-    /// One prefill computes at a time; others queue here.
-    compute: tokio::sync::Semaphore,
-    /// Prompts waiting for `compute` now (bounded by `max_waiting`).
+    /// Computes the admitted prompts, batched and chunked.
+    batcher: Batcher,
+    /// Prompts waiting to be computed now (bounded by `max_waiting`).
     waiting: std::sync::atomic::AtomicUsize,
     early: EarlyStarts<Computed>,
     /// Notified whenever a prompt's local blocks are released.
@@ -145,11 +162,18 @@ impl PrefillService {
         let regions = daemon::register_pools(&engine, &agent)?;
         info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
         Ok(Arc::new(PrefillService {
-            engine,
+            engine: engine.clone(),
             agent,
             regions,
             sessions: Sessions::new(cfg.max_sessions),
-            compute: tokio::sync::Semaphore::new(1),
+            batcher: Batcher::start(
+                engine.clone(),
+                Budget {
+                    max_batch_tokens: cfg.max_batch_tokens,
+                    max_batch_prompts: cfg.max_batch_prompts,
+                    chunk_tokens: cfg.chunk_tokens,
+                },
+            ),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             early: EarlyStarts::new(Duration::from_millis(cfg.early_hold_ms)),
             freed: Default::default(),
@@ -163,15 +187,17 @@ impl PrefillService {
     }
 
     /// Computes `tokens` into local blocks (those of its longest cached prefix shared,
-    /// the rest fresh, see `prefix_caching`) and samples the first token, after
-    /// waiting (up to the queue deadline) for the compute slot. The slot is free again
-    /// on return: the KV write overlaps the next prompt's compute. Short of blocks, a
-    /// Prefill (`speculative` false) drops the computed early starts nobody has claimed,
-    /// then waits for writes in flight to release theirs; an early start just fails.
+    /// the rest fresh, see `prefix_caching`) and samples the first token: once its
+    /// blocks are admitted, the prompt joins the batcher's passes (see `batcher`);
+    /// its first chunk must start within the queue deadline. The KV write, after
+    /// return, overlaps the next passes. Short of blocks, a Prefill (`speculative`
+    /// false) drops the computed early starts nobody has claimed, then waits for writes
+    /// in flight to release theirs; an early start just fails.
     ///
     /// `caller`: the Prefill's response channel; once its decode-server has gone, the
-    /// waits end at once (nothing is computed for nobody). The compute itself is not
-    /// cut short: its blocks are written by a blocking thread until it returns.
+    /// waits end at once and the batcher drops the prompt before its next pass
+    /// (nothing more is computed for nobody). The blocks stay with the batcher while a
+    /// pass may write into them.
     async fn compute(
         &self,
         tokens: &[u32],
@@ -206,13 +232,6 @@ impl PrefillService {
                 ));
             }
         };
-        let _permit = tokio::select! {
-            biased;
-            _ = &mut gone => return Err(cancelled()),
-            p = tokio::time::timeout_at(deadline, self.compute.acquire()) => p
-                .map_err(|_| Status::resource_exhausted("prefill queue is full: waited past queue_deadline_ms"))?
-                .map_err(|_| Status::unavailable("shutting down"))?,
-        };
         let seq = self.engine.next_sequence_id();
         let hashes = self.engine.prompt_hashes(tokens, cache_salt);
         let admitted = loop {
@@ -234,18 +253,31 @@ impl PrefillService {
                 other => break other.map_err(|e| from_engine(&e))?,
             }
         };
-        let mut c = Computed {
+        let computed = Computed {
             engine: self.engine.clone(),
             freed: self.freed.clone(),
             seq,
             blocks: admitted.blocks,
             cached_tokens: admitted.cached_tokens,
             first_token: 0,
-            queue_ms: received.elapsed().as_secs_f64() * 1e3,
+            queue_ms: 0.0,
             prefill_ms: 0.0,
         };
         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
-        (c.first_token, c.prefill_ms) = daemon::prefill_first_token(&self.engine, tokens, c.cached_tokens, &c.blocks, params).await?;
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.batcher.submit(Work {
+            computed,
+            prompt: tokens.to_vec(),
+            params: params.clone(),
+            received,
+            start_by: deadline.into_std(),
+            reply,
+        });
+        let c = tokio::select! {
+            biased;
+            _ = &mut gone => return Err(cancelled()),
+            r = result => r.map_err(|_| Status::unavailable("prefill-server is shutting down"))??,
+        };
         // Only now do the blocks hold the prompt's K/V: from here on they may be found.
         self.engine.commit_prompt(seq, &hashes);
         // Counted per prompt computed (an early start and a Prefill that both compute
@@ -622,6 +654,7 @@ pub async fn serve(cfg: PrefillConfig, shutdown: impl std::future::Future<Output
         })
         .await?;
     daemon::drain_tasks("prefill-server").await;
+    svc.batcher.stop();
     svc.agent.shutdown();
     info!("prefill-server stopped");
     Ok(())
