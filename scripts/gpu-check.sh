@@ -29,6 +29,10 @@
 #   scripts/gpu-check.sh overload  # pdserve bench overload on the GPU (1B shape, nixl): 1x/2x/4x
 #                                  # of capacity, DURATION s each (env DURATION, BACKEND, SHED_TTFT_MS)
 #   scripts/gpu-check.sh twogpu-bench  # bench compare across the two GPUs (env PRESET=1b|8b, INPUTS, REQUESTS)
+#   scripts/gpu-check.sh prefill-batch # batched prefill (1-16 prompts of 512 tokens in one pass) against
+#                                  # transformers' batched forward, 1B shape
+#   scripts/gpu-check.sh core      # serving core A/B (bench compare --core before,current, nixl, 1B shape):
+#                                  # concurrency 1/8/32/64, Poisson rates, 8-turn chats (and without prefix caching)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
@@ -213,6 +217,49 @@ bench_remote() {
     --concurrency "${CONCURRENCY:-1,4}" --vocab 120000 --quiet $kv \
     --json $OUTDIR/compare.json --plot $OUTDIR/compare.svg | tee $OUTDIR/compare.md
   gzip -f $OUTDIR/compare.json
+}
+
+# Batched prefill on the 1B shape: B prompts of 512 tokens in one forward pass, ours
+# (prefill_batch_pick, varlen attention) against transformers' forward over a [B, 512] batch.
+prefill_batch_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b B=${BATCHES:-1,2,4,8,16}
+  gpu_env
+  $D/pdserve enginebench --model $M --device cuda:0 --prefill 512 --batch 1 --steps 8 --prefill-batch $B \
+    --prefill-batch-len 512 --kv-cache-mib 8192 --json $OUTDIR/prefill_batch.json > /dev/null
+  python3 scripts/hf_reference.py $M --prefill-batches $B --prefill-len 512 --json $OUTDIR/hf_prefill_batch.json > /dev/null
+  python3 - $OUTDIR <<'PY' | tee $OUTDIR/prefill_batch.md
+import json, sys
+d = sys.argv[1]
+ours = {r["what"]: r for r in json.load(open(f"{d}/prefill_batch.json"))}
+hf = json.load(open(f"{d}/hf_prefill_batch.json"))["prefill_batches"]
+print("| prompts x 512 tokens in one pass | pdserve tok/s (ms) | transformers tok/s | pdserve / transformers |")
+print("|---|---|---|---|")
+for k, v in hf.items():
+    b = int(k.split("_")[1][1:])
+    o = ours[f"prefill batch {b} x 512 tokens"]
+    print(f"| {b} | {o['tokens_per_s']:,.0f} ({o['ms']:.1f}) | {v:,.0f} | {o['tokens_per_s'] / v:.2f} |")
+PY
+}
+
+# The serving core before and after batched prefill, on-demand KV blocks and the decode
+# side's prefix cache, one deployment at a time (nixl, one prefill-server and one
+# decode-server on the one GPU, 1B shape): closed loops at 1/8/32/64, Poisson rates,
+# 8-turn chats; the chats again with prefix caching off everywhere.
+core_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
+  gpu_env
+  local common="--local nixl --device cuda:0 --model $M --kv-cache-mib ${KV_MIB:-8192} --vocab 120000 --quiet --no-kvbench"
+  $D/pdserve bench compare $common --core before,current --input-len ${INPUT:-512} --output-len ${OUTPUT_LEN:-128} \
+    --requests ${REQUESTS:-128} --concurrency ${CONCURRENCY:-1,8,32,64} --slo-ttft-ms 500 --slo-tpot-ms 50 \
+    --json $OUTDIR/core_closed.json | tee $OUTDIR/core_closed.md || true
+  $D/pdserve bench compare $common --core before,current --input-len ${INPUT:-512} --output-len ${OUTPUT_LEN:-128} \
+    --requests ${REQUESTS:-128} --rate ${RATES:-20,60} --slo-ttft-ms 500 --slo-tpot-ms 50 \
+    --json $OUTDIR/core_poisson.json | tee $OUTDIR/core_poisson.md || true
+  $D/pdserve bench compare $common --core before,current --multi-turn 8 --input-len 256 --output-len 64 \
+    --requests 64 --concurrency 8 --json $OUTDIR/core_chats.json | tee $OUTDIR/core_chats.md || true
+  $D/pdserve bench compare $common --core current --no-prefix-caching --multi-turn 8 --input-len 256 --output-len 64 \
+    --requests 64 --concurrency 8 --json $OUTDIR/core_chats_nocache.json | tee $OUTDIR/core_chats_nocache.md || true
+  gzip -f $OUTDIR/core_*.json
 }
 
 # 1,000 requests through one deployment on the GPU: VRAM per process, registered regions
@@ -466,6 +513,8 @@ case "${1:-}" in
       UP_ARGS="--device cuda:0 --kv-cache-mib 4096" scripts/overload-bench.sh --input-len 512 --output-len 32 \
       --vocab 120000 --requests 200 --capacity-concurrency 16 || true
     tail -8 ${OUT:-/tmp/gpu-out}/overload/overload.md ;;
+  prefill-batch) prefill_batch_remote ;;
+  core) core_remote ;;
   twogpu-bench)
     # PRESET=1b|8b: the synthetic Llama shape; colocated runs on GPU 1 alone.
     gpu_env; P=${PRESET:-1b}
@@ -473,5 +522,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload|prefill-batch|core" >&2; exit 2 ;;
 esac

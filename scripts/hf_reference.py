@@ -5,6 +5,7 @@ correctness reference for pdserve's engine on the GPU, and its speed for compari
   hf_reference.py MODEL_DIR --prompt-ids 1,2,3 --max-new-tokens 32 --json out.json
   hf_reference.py MODEL_DIR --prompts-file prompts.txt --max-new-tokens 32 --json out.json
   hf_reference.py MODEL_DIR --bench            # prefill tok/s at 512/2048, decode tok/s at batch 1/8/32
+  hf_reference.py MODEL_DIR --prefill-batches 1,2,4,8,16 --prefill-len 512   # batched prefill tok/s
 """
 import argparse, json, time
 
@@ -19,6 +20,8 @@ ap.add_argument("--max-new-tokens", type=int, default=32)
 ap.add_argument("--json")
 ap.add_argument("--bench", action="store_true")
 ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
+ap.add_argument("--prefill-batches", default="", help="batch sizes: one forward pass over that many prompts")
+ap.add_argument("--prefill-len", type=int, default=512)
 a = ap.parse_args()
 DTYPE = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
 m = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPE).cuda().eval()
@@ -59,6 +62,21 @@ if a.bench:
             dt = timed(lambda: m.generate(x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False), reps=1)
             b[f"decode_b{bs}_tok_s"] = bs * steps / dt
     res["bench"] = b
+if a.prefill_batches:
+    def timed_best(f, reps=3):
+        f(); torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter(); f(); torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+    pb = {}
+    with torch.no_grad():
+        for bs in (int(x) for x in a.prefill_batches.split(",")):
+            x = torch.randint(3, 1000, (bs, a.prefill_len), device="cuda")
+            # The forward pass alone (logits of every position, as a prefill computes them).
+            pb[f"prefill_b{bs}_tok_s"] = bs * a.prefill_len / timed_best(lambda: m(x))
+    res["prefill_batches"] = pb
 print(json.dumps(res))
 if a.json:
     json.dump(res, open(a.json, "w"))

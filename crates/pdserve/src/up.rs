@@ -31,6 +31,9 @@ pub struct Placement {
     /// measure what it saves.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Turn only the decode-servers' prefix caching off (every block travels).
+    #[arg(long)]
+    pub no_decode_prefix_caching: bool,
 }
 
 impl Placement {
@@ -42,6 +45,7 @@ impl Placement {
             kv_cache_mib,
             dtype: "auto".into(),
             no_prefix_caching: false,
+            no_decode_prefix_caching: false,
         }
     }
 }
@@ -270,14 +274,14 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         }
     };
     let model = model.canonicalize().with_context(|| format!("model {}", model.display()))?;
-    let engine = |device: &str| {
+    let engine = |device: &str, caching: bool| {
         format!(
             "[engine]\nmodel = {}\ndevice = {}\ndtype = {}\nkv_cache_mib = {}\nprefix_caching = {}\n\n[transfer]\nbackend = \"{}\"\ndeadline_ms = {}\n",
             toml_str(&model.display().to_string()),
             toml_str(device),
             toml_str(&p.dtype),
             p.kv_cache_mib,
-            !p.no_prefix_caching,
+            caching,
             a.backend,
             a.transfer_deadline_ms
         )
@@ -318,8 +322,8 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
         ),
         None => String::new(),
     };
-    let engine_section = engine(&p.device);
-    let prefill_section = engine(p.prefill_device.as_deref().unwrap_or(&p.device));
+    let engine_section = engine(&p.device, !p.no_prefix_caching && !p.no_decode_prefix_caching);
+    let prefill_section = engine(p.prefill_device.as_deref().unwrap_or(&p.device), !p.no_prefix_caching);
     let mut children = Vec::new();
     let spawn = |name: &str, bin: &str, cfg: String| -> anyhow::Result<(String, Child)> {
         let path = workdir.join(format!("{name}.toml"));

@@ -312,6 +312,8 @@ impl PrefillService {
                 // The router's start of the same GenerateRequest: a Prefill that claims
                 // it carries the same salt.
                 started.finish(svc.compute(&tokens, &salt, &params, received, true, None).await);
+                // A Prefill short of blocks may evict it now that it is computed.
+                svc.freed.notify_waiters();
                 tokio::time::sleep(svc.early.hold()).await;
                 if svc.early.expire(&id, generation) {
                     info!(hold_ms = svc.cfg.early_hold_ms, "early prefill not claimed: released");

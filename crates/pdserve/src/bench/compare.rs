@@ -28,6 +28,13 @@ pub struct Args {
     /// `tcp@kv_aware`, ...), and add a table of prefix hit rate and prompt tokens computed.
     #[arg(long, value_delimiter = ',', value_parser = ["round_robin", "least_outstanding", "kv_aware"])]
     pub routing: Vec<String>,
+    /// Run each `--local` deployment once per serving core (named `tcp#before`, ...):
+    /// `current` (the defaults: batched, chunked prefill, on-demand KV blocks with
+    /// preemption, prefix caches on both daemons) and `before` (one prompt at a time,
+    /// whole; blocks for prompt + max_tokens reserved at admission; no decode-side
+    /// prefix cache), and add a table comparing them.
+    #[arg(long, value_delimiter = ',', value_parser = ["before", "current"])]
+    pub core: Vec<String>,
     /// Model, devices and KV memory of the `--local` deployments.
     #[command(flatten)]
     pub placement: up::Placement,
@@ -81,6 +88,9 @@ pub struct Row {
 }
 
 fn method_name(name: &str) -> String {
+    if let Some((base, core)) = name.split_once('#') {
+        return format!("{}, {core} core", method_name(base));
+    }
     if let Some((base, policy)) = name.split_once('@') {
         return format!("{}, {policy}", method_name(base));
     }
@@ -193,6 +203,7 @@ pub fn table(rows: &[Row]) -> String {
 }
 
 fn local_args(a: &Args, name: &str, routing: Option<&str>, workdir: &std::path::Path) -> anyhow::Result<up::Args> {
+    let (name, core) = name.split_once('#').map_or((name, None), |(n, c)| (n, Some(c)));
     let (name, late) = split_late(name);
     let (backend, prefill) = match name {
         "colocated" => (BackendKind::Tcp, 0),
@@ -203,7 +214,7 @@ fn local_args(a: &Args, name: &str, routing: Option<&str>, workdir: &std::path::
             a.prefill.max(1),
         ),
     };
-    Ok(up::Args {
+    let mut args = up::Args {
         placement: a.placement.clone(),
         backend,
         prefill,
@@ -212,7 +223,18 @@ fn local_args(a: &Args, name: &str, routing: Option<&str>, workdir: &std::path::
         workdir: Some(workdir.to_path_buf()),
         ready_timeout: 300,
         ..Default::default()
-    })
+    };
+    if core == Some("before") {
+        // The serving core before batched prefill, on-demand blocks and the decode
+        // side's prefix cache.
+        const WHOLE: usize = 1 << 20;
+        args.max_batch_prompts = 1;
+        args.chunk_tokens = WHOLE;
+        args.max_batch_tokens = WHOLE;
+        args.kv_allocation = "reserve".into();
+        args.placement.no_decode_prefix_caching = true;
+    }
+    Ok(args)
 }
 
 pub async fn run(a: Args) -> anyhow::Result<i32> {
@@ -227,7 +249,8 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                 .with_context(|| format!("measuring {name}"))?,
         );
     }
-    // Each disaggregated deployment once per policy (colocated has no router choice).
+    // Each disaggregated deployment once per policy (colocated has no router choice),
+    // each of those once per serving core.
     let runs: Vec<(String, Option<&str>)> = a
         .local
         .iter()
@@ -235,11 +258,20 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             ("colocated", _) | (_, true) => vec![(name.clone(), None)],
             _ => a.routing.iter().map(|p| (format!("{name}@{p}"), Some(p.as_str()))).collect(),
         })
+        .flat_map(|(name, routing)| match a.core.is_empty() {
+            true => vec![(name, routing)],
+            false => a.core.iter().map(|c| (format!("{name}#{c}"), routing)).collect(),
+        })
         .collect();
     for (name, routing) in &runs {
-        let base = name.split_once('@').map_or(name.as_str(), |(b, _)| b);
+        let base = name.split(['@', '#']).next().unwrap_or(name);
+        let core = name.split_once('#').map(|(_, c)| c);
         let work = tempfile::Builder::new().prefix(&format!("pdserve-compare-{base}-")).tempdir()?;
-        let args = local_args(&a, base, *routing, work.path())?;
+        let named = match core {
+            Some(c) => format!("{base}#{c}"),
+            None => base.to_string(),
+        };
+        let args = local_args(&a, &named, *routing, work.path())?;
         eprintln!("bench compare: starting {name} (logs in {})", work.path().display());
         let dep = up::start(&args, work.path())
             .await
@@ -257,6 +289,9 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     println!("{}", table(&rows));
     if !a.routing.is_empty() {
         println!("{}", routing_table(&levels));
+    }
+    if !a.core.is_empty() {
+        println!("{}", core_table(&levels));
     }
     let by_load = a.load.levels()?.len() > 1;
     if by_load {
@@ -325,6 +360,46 @@ pub fn routing_table(levels: &[Level]) -> String {
             x.ttft_ms.p50,
             x.ttft_ms.p90,
             x.request_throughput,
+            x.failed
+        );
+    }
+    s
+}
+
+/// The serving cores side by side at every load level: throughput and goodput, first
+/// token and time per output token, prompt tokens computed, KV bytes moved a request,
+/// the decode side's prefix hits, preemptions and failures, and each figure of the
+/// current core against the `before` run of the same deployment, prompt length and load.
+pub fn core_table(levels: &[Level]) -> String {
+    let mut s = String::from(
+        "| Deployment | Input | Load | req/s | vs before | goodput req/s | TTFT p50 / p90 ms | TPOT p50 ms | prompt tokens computed | KV KiB / request | decode-side hits | preemptions | failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for l in levels {
+        let x = &l.summary;
+        let before = l.target.split_once('#').and_then(|(base, _)| {
+            levels
+                .iter()
+                .find(|o| o.target == format!("{base}#before") && o.input_len == l.input_len && o.load == l.load)
+        });
+        let vs = match before.map(|b| b.summary.request_throughput) {
+            Some(b) if b > 0.0 && !l.target.ends_with("#before") => format!("{:.2}x", x.request_throughput / b),
+            _ => "-".into(),
+        };
+        s += &format!(
+            "| {} | {} | {} | {:.2} | {vs} | {:.2} | {:.1} / {:.1} | {:.2} | {} | {:.1} | {:.1}% | {} | {} |\n",
+            method_name(&l.target),
+            l.input_len,
+            l.load,
+            x.request_throughput,
+            x.goodput,
+            x.ttft_ms.p50,
+            x.ttft_ms.p90,
+            x.tpot_ms.p50,
+            x.prefill_tokens_computed,
+            x.mean_kv_bytes / 1024.0,
+            x.decode_hit_rate * 100.0,
+            x.preemptions,
             x.failed
         );
     }

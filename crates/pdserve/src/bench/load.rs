@@ -231,6 +231,8 @@ async fn grpc(
                 rec.output_tokens = r.completion_tokens as usize;
                 rec.input_tokens = r.prompt_tokens as usize;
                 rec.cached_tokens = r.cached_tokens as usize;
+                rec.decode_cached_tokens = r.decode_cached_tokens as usize;
+                rec.preemptions = r.preemptions;
                 let t = r.timings.unwrap_or_default();
                 rec.queue_ms = t.queue_ms;
                 rec.prefill_ms = t.prefill_ms;

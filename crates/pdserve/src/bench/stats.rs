@@ -15,6 +15,12 @@ pub struct Record {
     pub output_tokens: usize,
     /// Leading prompt tokens the server took from its prefix cache.
     pub cached_tokens: usize,
+    /// Leading prompt tokens the decode-server held already (their KV did not travel).
+    #[serde(default)]
+    pub decode_cached_tokens: usize,
+    /// Times the sequence was preempted on the decode-server.
+    #[serde(default)]
+    pub preemptions: u32,
     /// `None` when the request succeeded; otherwise the gRPC code and message.
     pub error: Option<String>,
     /// Client clock: send to first token.
@@ -108,6 +114,12 @@ pub struct Summary {
     /// Prompt tokens the prefill computed (not found in the cache), all requests.
     #[serde(default)]
     pub prefill_tokens_computed: usize,
+    /// Share of the prompt tokens whose KV the decode-servers held already.
+    #[serde(default)]
+    pub decode_hit_rate: f64,
+    /// Preemptions of the requests' sequences, in all.
+    #[serde(default)]
+    pub preemptions: u64,
     pub slo: Slo,
     /// Share of all requests (failed ones included) that met the SLO.
     pub slo_attainment: f64,
@@ -149,6 +161,12 @@ impl Summary {
             },
             prefix_hit_rate: if inp == 0 { 0.0 } else { cached as f64 / inp as f64 },
             prefill_tokens_computed: inp - cached,
+            decode_hit_rate: if inp == 0 {
+                0.0
+            } else {
+                ok.iter().map(|r| r.decode_cached_tokens.min(r.input_tokens)).sum::<usize>() as f64 / inp as f64
+            },
+            preemptions: ok.iter().map(|r| u64::from(r.preemptions)).sum(),
             slo,
             slo_attainment: if records.is_empty() {
                 0.0
