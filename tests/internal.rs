@@ -317,6 +317,7 @@ fn prefill_request(h: &pb::HandshakeResponse, peer_name: &str) -> pb::PrefillReq
         sampling: None,
         write_by_ms: 0,
         cache_salt: String::new(),
+        dst_cached_blocks: 0,
     }
 }
 
@@ -562,6 +563,12 @@ async fn bad_requests_are_invalid_argument_at_every_entry_point() {
     let mut bad = prefill_request(&h, agent.name());
     bad.request_id = "\u{7f}".into();
     assert_eq!(prefill_outcome(&mut pc, bad).await, Code::InvalidArgument);
+    // Naming every block as held would leave the last one, and the notification, unwritten.
+    for held in [2, u32::MAX] {
+        let mut bad = prefill_request(&h, agent.name());
+        bad.dst_cached_blocks = held;
+        assert_eq!(prefill_outcome(&mut pc, bad).await, Code::InvalidArgument, "{held} blocks held");
+    }
     all_free(d).await;
     assert_eq!(generate(r).await.unwrap(), reference_tokens());
 }

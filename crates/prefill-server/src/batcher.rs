@@ -164,7 +164,7 @@ fn run(engine: &Engine, rx: Receiver<Work>, budget: Budget) {
             }
         }
         // Highest index first: removing one leaves the others' indices valid.
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, outcome) in finished {
             let a = queue.remove(i).expect("planned");
             let Work {
