@@ -146,6 +146,52 @@ fn bench_compare_routing_policies() {
     assert!(computed(&kv) < computed(&rr), "kv_aware {kv}\nround_robin {rr}");
 }
 
+/// `bench compare --core before,current` on shared prefixes (2 system prompts of 512
+/// tokens, each request 16 tokens more): under both cores the prefill-servers find over
+/// 80% of the prompt tokens cached and compute only the rest; under the current core
+/// the decode-server holds those blocks too, so they do not travel (KV bytes a request
+/// under a quarter of the before core's); nothing fails; the table names both.
+#[test]
+fn bench_compare_serving_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = pdserve();
+    cmd.args(["bench", "compare", "--local", "tcp", "--core", "before,current"])
+        .args(["--shared-prefix", "2:512", "--input-len", "16", "--output-len", "4"])
+        .args(["--requests", "32", "--concurrency", "4"])
+        .args(["--vocab", "500", "--no-kvbench", "--quiet", "--model"])
+        .arg(model());
+    let (stdout, doc) = run_json(cmd, &dir);
+    assert!(
+        stdout.contains("| Disaggregated + TCP, current core | 16 | concurrency 4 |"),
+        "{stdout}"
+    );
+    let summary = |target: &str| {
+        doc["levels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["target"] == target)
+            .unwrap_or_else(|| panic!("{target} missing"))["summary"]
+            .clone()
+    };
+    let (before, current) = (summary("tcp#before"), summary("tcp#current"));
+    let f = |s: &serde_json::Value, k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} in {s}"));
+    for s in [&before, &current] {
+        assert_eq!(s["failed"], 0, "{s}");
+        assert_eq!(s["preemptions"], 0, "{s}");
+        assert!(f(s, "prefix_hit_rate") > 0.8, "{s}");
+        // 32 prompts of 528 tokens: what was not found was computed.
+        let computed = f(s, "prefill_tokens_computed");
+        assert!((computed - 32.0 * 528.0 * (1.0 - f(s, "prefix_hit_rate"))).abs() < 1.0, "{s}");
+    }
+    assert_eq!(f(&before, "decode_hit_rate"), 0.0);
+    assert!(f(&current, "decode_hit_rate") > 0.8, "{current}");
+    assert!(
+        f(&current, "mean_kv_bytes") < 0.25 * f(&before, "mean_kv_bytes"),
+        "current {current}\nbefore {before}"
+    );
+}
+
 /// The load generator alone: an open loop against a running router; a bad argument is
 /// a clear error, not a run.
 #[test]

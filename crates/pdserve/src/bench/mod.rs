@@ -180,12 +180,17 @@ pub async fn measure(
     if w.multi_turn.is_some() && !l.rate.is_empty() {
         bail!("multi-turn conversations run in a closed loop (--concurrency), not at a --rate");
     }
+    // Each (prompt length, load level) run draws its own prompts.
+    let mut run = 0;
     for len in w.input_lens() {
-        let prompts = w.build(len)?;
-        warm_up(&shot, &w.warm_up_prompts(&prompts, l.warmup)?, l.warmup).await?;
         // A trace sets its own arrivals.
         let levels = if w.trace.is_some() { vec![Load::Trace] } else { l.levels()? };
-        for load in levels {
+        for (k, load) in levels.into_iter().enumerate() {
+            let prompts = w.for_level(run).build(len)?;
+            run += 1;
+            if k == 0 {
+                warm_up(&shot, &w.warm_up_prompts(&prompts, l.warmup, len)?, l.warmup).await?;
+            }
             let (records, secs) = load::run(&shot, &prompts, load, !l.quiet).await?;
             out.push(Level {
                 target: target.to_string(),

@@ -338,9 +338,19 @@ impl WorkloadArgs {
     /// The prompts to warm up with: the workload's own first ones, except where they
     /// share prefixes with what follows (a trace, shared prefixes, chats): then unrelated
     /// random prompts, so the warm-up fills no cache the measured requests hit.
-    pub fn warm_up_prompts(&self, prompts: &[Prompt], n: usize) -> anyhow::Result<Vec<Prompt>> {
-        if self.trace.is_none() && self.shared_prefix.is_none() && self.multi_turn.is_none() {
+    pub fn warm_up_prompts(&self, prompts: &[Prompt], n: usize, input_len: LenRange) -> anyhow::Result<Vec<Prompt>> {
+        if self.prompts.is_some() {
             return Ok(prompts.iter().take(n).cloned().collect());
+        }
+        if self.trace.is_none() && self.shared_prefix.is_none() && self.multi_turn.is_none() {
+            // Random prompts of the measured lengths, but none of the measured ones: the
+            // measured requests must not find theirs in the prefix caches.
+            return WorkloadArgs {
+                requests: n.max(1),
+                seed: self.seed ^ 0x7761_726d,
+                ..self.clone()
+            }
+            .build(input_len);
         }
         WorkloadArgs {
             requests: n.max(1),
@@ -353,6 +363,16 @@ impl WorkloadArgs {
             ..self.clone()
         }
         .build(LenRange { min: 16, max: 16 })
+    }
+
+    /// The workload of run `k` (a prompt length at a load level): drawn from its own
+    /// seed (the first run's is `--seed`), so that a run does not find the prompts of the
+    /// runs before it in the servers' prefix caches.
+    pub fn for_level(&self, k: usize) -> WorkloadArgs {
+        WorkloadArgs {
+            seed: self.seed.wrapping_add((k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            ..self.clone()
+        }
     }
 
     /// The prompt lengths to measure: one pass for a prompts file or a trace.
@@ -410,6 +430,22 @@ mod tests {
         assert!("0".parse::<LenRange>().is_err());
         assert!("9:2".parse::<LenRange>().is_err());
         assert!("x".parse::<LenRange>().is_err());
+    }
+
+    /// Neither the warm-up nor a later load level sends the prompts a level measures
+    /// (the servers' prefix caches would answer them).
+    #[test]
+    fn warm_up_and_levels_draw_prompts_of_their_own() {
+        let w = args();
+        let len = w.input_len[0];
+        let first = w.for_level(0).build(len).unwrap();
+        assert_eq!(format!("{first:?}"), format!("{:?}", w.build(len).unwrap()), "level 0 is --seed's");
+        let key = |p: &Prompt| format!("{:?}", p.input);
+        let measured: std::collections::HashSet<String> = first.iter().map(key).collect();
+        for other in [w.for_level(1).build(len).unwrap(), w.warm_up_prompts(&first, 4, len).unwrap()] {
+            assert!(other.iter().all(|p| !measured.contains(&key(p))));
+            assert!(other.iter().all(|p| (5..=9).contains(&p.input_tokens.unwrap())));
+        }
     }
 
     #[test]
@@ -548,6 +584,11 @@ mod tests {
             assert!(this.starts_with(&prev) && (5..=9).contains(&grown), "turn {i}");
         }
         assert!((5..=9).contains(&ids(&p[3]).len()), "a new conversation starts fresh");
-        assert!(w.warm_up_prompts(&p, 2).unwrap().iter().all(|q| q.follows.is_none()));
+        assert!(
+            w.warm_up_prompts(&p, 2, w.input_len[0])
+                .unwrap()
+                .iter()
+                .all(|q| q.follows.is_none())
+        );
     }
 }
