@@ -33,6 +33,7 @@
 #                                  # transformers' batched forward, 1B shape
 #   scripts/gpu-check.sh core      # serving core A/B (bench compare --core before,current, nixl, 1B shape):
 #                                  # concurrency 1/8/32/64, Poisson rates, 8-turn chats (and without prefix caching)
+#   scripts/gpu-check.sh core-budget # the current core at several max_batch_tokens:chunk_tokens (env BUDGETS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
@@ -260,6 +261,21 @@ core_remote() {
   $D/pdserve bench compare $common --core current --no-prefix-caching --multi-turn 8 --input-len 256 --output-len 64 \
     --requests 64 --concurrency 8 --json $OUTDIR/core_chats_nocache.json | tee $OUTDIR/core_chats_nocache.md || true
   gzip -f $OUTDIR/core_*.json
+}
+
+# The current core's prefill budget (max_batch_tokens:chunk_tokens pairs in BUDGETS) on
+# core's closed loops.
+core_budget_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} M=/tmp/m1b
+  gpu_env
+  for b in ${BUDGETS:-2048:512 1024:512 4096:1024}; do
+    $D/pdserve bench compare --local nixl --device cuda:0 --model $M --kv-cache-mib ${KV_MIB:-8192} --vocab 120000 \
+      --quiet --no-kvbench --core current --max-batch-tokens ${b%%:*} --chunk-tokens ${b##*:} --input-len ${INPUT:-512} \
+      --output-len ${OUTPUT_LEN:-64} --requests ${REQUESTS:-128} --concurrency ${CONCURRENCY:-8,32,64} \
+      --slo-ttft-ms 500 --slo-tpot-ms 50 --json $OUTDIR/budget_${b/:/_}.json | sed "s/current core/current core, budget $b/" \
+      | tee $OUTDIR/budget_${b/:/_}.md || true
+  done
+  gzip -f $OUTDIR/budget_*.json
 }
 
 # 1,000 requests through one deployment on the GPU: VRAM per process, registered regions
@@ -515,6 +531,7 @@ case "${1:-}" in
     tail -8 ${OUT:-/tmp/gpu-out}/overload/overload.md ;;
   prefill-batch) prefill_batch_remote ;;
   core) core_remote ;;
+  core-budget) core_budget_remote ;;
   twogpu-bench)
     # PRESET=1b|8b: the synthetic Llama shape; colocated runs on GPU 1 alone.
     gpu_env; P=${PRESET:-1b}
@@ -522,5 +539,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload|prefill-batch|core" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload|prefill-batch|core|core-budget" >&2; exit 2 ;;
 esac

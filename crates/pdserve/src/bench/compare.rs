@@ -35,6 +35,14 @@ pub struct Args {
     /// prefix cache), and add a table comparing them.
     #[arg(long, value_delimiter = ',', value_parser = ["before", "current"])]
     pub core: Vec<String>,
+    /// The prefill-servers' `max_batch_tokens` in the `--local` deployments (but the
+    /// `before` core's).
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// The prefill-servers' `chunk_tokens` in the `--local` deployments (but the
+    /// `before` core's).
+    #[arg(long)]
+    pub chunk_tokens: Option<usize>,
     /// Model, devices and KV memory of the `--local` deployments.
     #[command(flatten)]
     pub placement: up::Placement,
@@ -224,6 +232,12 @@ fn local_args(a: &Args, name: &str, routing: Option<&str>, workdir: &std::path::
         ready_timeout: 300,
         ..Default::default()
     };
+    if let Some(t) = a.max_batch_tokens {
+        args.max_batch_tokens = t;
+    }
+    if let Some(t) = a.chunk_tokens {
+        args.chunk_tokens = t;
+    }
     if core == Some("before") {
         // The serving core before batched prefill, on-demand blocks and the decode
         // side's prefix cache.
