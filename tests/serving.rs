@@ -60,6 +60,8 @@ async fn on_demand_blocks_preempt_instead_of_failing() {
         deploy_args(pdserve::up::Args {
             queue_deadline_ms: 200,
             kv_allocation: mode.into(),
+            // Resumed sequences' KV recomputed over several steps.
+            resume_chunk_tokens: 48,
             ..args(BackendKind::Tcp, 1, 1, 1)
         })
     };
@@ -98,20 +100,42 @@ async fn on_demand_blocks_preempt_instead_of_failing() {
     stop_cleanly(dep).await;
 }
 
-/// A client that goes away while its sequence is preempted frees everything.
+/// Clients that go away while their sequences are preempted (or running) free
+/// everything, at once: their streams end long before the 300 tokens they asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_clients_of_preempted_sequences_leave_nothing() {
-    let (dep, _work) = deploy_args(args(BackendKind::Tcp, 1, 1, 1)).await;
-    let url = dep.router.clone();
-    let load = tokio::spawn(async move { load(&url, 8).await });
+    let metrics_port = pdserve::up::free_port_run(3).unwrap();
+    let (dep, _work) = deploy_args(pdserve::up::Args {
+        metrics_port: Some(metrics_port),
+        ..args(BackendKind::Tcp, 1, 1, 1)
+    })
+    .await;
+    let mut streams = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let url = dep.router.clone();
+        streams.spawn(async move {
+            let p = SamplingParams {
+                max_tokens: 300,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            stream(&mut client(&url).await, ask(&prompt(i, 40), &p, "")).await
+        });
+    }
     let decode = dep.decode[0].clone();
     workload::until("a sequence is preempted", Duration::from_secs(60), || async {
         stats(&decode).await.preempted > 0
     })
     .await;
-    load.abort();
-    let _ = load.await;
+    streams.abort_all();
+    while let Some(r) = streams.join_next().await {
+        assert!(r.is_err_and(|e| e.is_cancelled()), "the stream was cut, not finished");
+    }
     assert_all_blocks_free(&dep.decode[0]).await;
+    let s = stats(&dep.decode[0]).await;
+    assert_eq!(s.preempted, 0);
+    let cancelled = sample(&scrape(metrics_port + 1), "pdserve_requests_cancelled_total", &[]).unwrap_or(0.0);
+    assert!(cancelled >= 8.0, "{cancelled} requests cancelled");
     // And it serves the next request exactly.
     let mut c = client(&dep.router).await;
     let p = workload::params(3);

@@ -95,7 +95,10 @@ fn describe() {
     describe_gauge!(BLOCKS_FREE, "KV-cache blocks a new request can take (empty, or cached and idle)");
     describe_gauge!(BLOCKS_TOTAL, "KV-cache blocks in the pools");
     describe_counter!(PREFIX_QUERIES, "Prompt tokens looked up in the prefix cache");
-    describe_counter!(PREFIX_HITS, "Prompt tokens found in the prefix cache (not computed)");
+    describe_counter!(
+        PREFIX_HITS,
+        "Prompt tokens found in the prefix cache (prefill-server: not computed; decode-server: not transferred)"
+    );
     describe_gauge!(BLOCKS_CACHED, "KV-cache blocks holding a cached prompt block (in use or idle)");
     describe_histogram!(PREFILL_BATCH_TOKENS, "Prompt tokens per prefill forward pass");
     describe_histogram!(PREFILL_BATCH_PROMPTS, "Prompts (chunks) per prefill forward pass");

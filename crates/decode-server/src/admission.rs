@@ -56,6 +56,19 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Releases the blocks now (no write into them can be pending); the lease is
+    /// disarmed and holds none.
+    pub(crate) fn give_back(&mut self) {
+        if self.armed {
+            release(&self.engine, &self.freed, self.seq);
+            self.armed = false;
+        }
+        self.blocks.clear();
+        self.cached_tokens = 0;
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.armed {

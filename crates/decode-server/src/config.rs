@@ -41,6 +41,8 @@ pub struct DecodeConfig {
     /// back, KV recomputed when they resume), as vLLM does. `reserve`: blocks for the
     /// prompt and all of `max_tokens` at admission (no preemption, fewer sequences).
     pub kv_allocation: String,
+    /// Most positions of a preempted sequence's KV recomputed between two decode steps.
+    pub resume_chunk_tokens: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: u32,
     /// Longest prompt, in tokens (0: the model's maximum).
@@ -78,6 +80,7 @@ impl Default for DecodeConfig {
             max_local_prefill_tokens: 1024,
             max_batch: 32,
             kv_allocation: "on_demand".into(),
+            resume_chunk_tokens: 512,
             max_tokens_limit: 4096,
             max_prompt_tokens: 0,
             queue_deadline_ms: 30_000,
@@ -129,8 +132,8 @@ impl Validate for DecodeConfig {
         if !matches!(self.kv_allocation.as_str(), "on_demand" | "reserve") {
             return Err(format!("kv_allocation {:?} is not on_demand or reserve", self.kv_allocation));
         }
-        if self.max_batch == 0 || self.max_tokens_limit == 0 || self.max_waiting == 0 {
-            return Err("max_batch, max_tokens_limit and max_waiting must be at least 1".into());
+        if self.max_batch == 0 || self.max_tokens_limit == 0 || self.max_waiting == 0 || self.resume_chunk_tokens == 0 {
+            return Err("max_batch, max_tokens_limit, max_waiting and resume_chunk_tokens must be at least 1".into());
         }
         if self.queue_deadline_ms == 0 || self.prefill_deadline_ms == 0 {
             return Err("queue_deadline_ms and prefill_deadline_ms must be positive".into());

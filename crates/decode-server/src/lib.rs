@@ -57,7 +57,7 @@ impl DecodeService {
         let region_ids = regions.iter().map(|r| r.id().0).collect();
         info!(backend = %agent.backend(), info = %agent.backend_info(), blocks = engine.total_blocks(), "data plane ready");
         let peers = cfg.static_prefill_servers().iter().map(|u| PrefillPeer::new(u, false)).collect();
-        let scheduler = Scheduler::start(engine.clone(), cfg.max_batch);
+        let scheduler = Scheduler::start(engine.clone(), cfg.max_batch, cfg.resume_chunk_tokens);
         Ok(Arc::new(DecodeService {
             engine,
             agent,

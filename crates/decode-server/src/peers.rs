@@ -50,6 +50,9 @@ pub(crate) struct Conn {
     pub(crate) key: Vec<u8>,
     /// The prefill-server's transfer deadline: how long one of its writes may last.
     pub(crate) write_deadline: Duration,
+    /// It writes only the blocks after those our prefix cache holds (older ones write
+    /// every block named).
+    pub(crate) skips_cached: bool,
 }
 
 /// Deadline of a DropEarly call (it only saves the prefill-server some memory).
@@ -153,6 +156,7 @@ impl DecodeService {
             // The peer's word, capped by our own patience: it sizes how long our blocks
             // are held after a failed prefill.
             write_deadline: Duration::from_millis(resp.write_deadline_ms).min(Duration::from_millis(self.cfg.prefill_deadline_ms)),
+            skips_cached: resp.skips_cached_blocks,
         });
         peer.healthy.store(true, Ordering::Relaxed);
         Ok(())

@@ -62,8 +62,10 @@ impl DecodeService {
     ) -> Result<pb::PrefillResponse, PrefillFailed> {
         // Here: no prefill-server, a short prompt, or the router's conditional
         // disaggregation found the prompt's uncached part short.
-        let asked = hint == Some(LOCAL) && prompt.len() <= self.cfg.max_local_prefill_tokens;
-        let local = self.prefills_alone() || prompt.len() < self.cfg.local_prefill_below || asked;
+        // What a prefill here would compute: the part our prefix cache lacks.
+        let uncached = prompt.len() - lease.cached_tokens;
+        let asked = hint == Some(LOCAL) && uncached <= self.cfg.max_local_prefill_tokens;
+        let local = self.prefills_alone() || uncached < self.cfg.local_prefill_below || asked;
         if !local {
             let mut last = PrefillFailed::from(Status::unavailable("no prefill-server is reachable"));
             let mut tried: Vec<String> = Vec::new();
@@ -107,6 +109,15 @@ impl DecodeService {
                     last = PrefillFailed::from(Status::unavailable(format!("prefill-server {} is not handshaken", peer.url)));
                     continue;
                 };
+                if lease.cached_tokens > 0 && !conn.skips_cached {
+                    // An older prefill-server would write every block named, our shared
+                    // cached ones included: fresh blocks for the whole prompt instead.
+                    lease.give_back();
+                    *lease = self
+                        .lease(prompt.len(), params.max_tokens, &[], cancel)
+                        .await
+                        .map_err(PrefillFailed::from)?;
+                }
                 let session = conn.session.clone();
                 let result = self
                     .remote_prefill(&peer, conn, id, (prompt, cache_salt), lease, params, &mut first, cancel)

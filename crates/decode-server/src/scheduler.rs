@@ -217,7 +217,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(engine: Arc<Engine>, max_batch: usize) -> Scheduler {
+    pub fn start(engine: Arc<Engine>, max_batch: usize, resume_chunk: usize) -> Scheduler {
         let (tx, rx) = mpsc::channel();
         let freed = Arc::new(tokio::sync::Notify::new());
         let preempted = Arc::new(AtomicUsize::new(0));
@@ -230,6 +230,7 @@ impl Scheduler {
             preempted: preempted.clone(),
             preemptions: preemptions.clone(),
             watermark,
+            resume_chunk: resume_chunk.max(1),
         };
         std::thread::Builder::new()
             .name("decode-batch".into())
@@ -281,6 +282,25 @@ pub(crate) fn release(engine: &Engine, freed: &tokio::sync::Notify, seq: u64) {
     freed.notify_waiters();
 }
 
+/// Preempted sequences: those waiting for room (oldest first), and the one whose K/V
+/// is being recomputed (`done` positions so far).
+#[derive(Default)]
+struct Preempted {
+    queue: VecDeque<Job>,
+    resuming: Option<Job>,
+    done: usize,
+}
+
+impl Preempted {
+    fn len(&self) -> usize {
+        self.queue.len() + usize::from(self.resuming.is_some())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The batch thread's view of the pool.
 struct Batch {
     engine: Arc<Engine>,
@@ -288,6 +308,9 @@ struct Batch {
     preempted: Arc<AtomicUsize>,
     preemptions: Arc<AtomicU64>,
     watermark: usize,
+    /// Most positions of a preempted sequence's K/V recomputed between two decode
+    /// steps: the running sequences wait for each chunk, and it bounds the pass's memory.
+    resume_chunk: usize,
 }
 
 impl Batch {
@@ -308,20 +331,23 @@ impl Batch {
             return Ok(());
         }
         job.blocks = self.engine.grow(job.seq, need)?;
+        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
         Ok(())
     }
 
-    /// Takes `job`'s blocks back and queues it to resume (oldest first).
-    fn preempt(&self, mut job: Job, queue: &mut VecDeque<Job>) {
-        release(&self.engine, &self.freed, job.seq);
-        job.blocks.clear();
+    /// Takes `job`'s blocks back and queues it to resume (oldest first). The count of
+    /// preempted rises before the blocks go back: no admission takes them meanwhile.
+    fn preempt(&self, mut job: Job, waiting: &mut Preempted) {
         job.preemptions += 1;
         self.preemptions.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(daemon::metrics::PREEMPTIONS).increment(1);
-        info!(request_id = %job.id, tokens = job.tokens.len(), free = self.engine.free_blocks(), "KV pool full: sequence preempted");
-        let at = queue.partition_point(|q| q.received <= job.received);
-        queue.insert(at, job);
-        self.set_preempted(queue.len());
+        let (seq, id, tokens) = (job.seq, job.id.clone(), job.tokens.len());
+        job.blocks.clear();
+        let at = waiting.queue.partition_point(|q| q.received <= job.received);
+        waiting.queue.insert(at, job);
+        self.set_preempted(waiting.len());
+        release(&self.engine, &self.freed, seq);
+        info!(request_id = %id, tokens, free = self.engine.free_blocks(), "KV pool full: sequence preempted");
     }
 
     fn set_preempted(&self, n: usize) {
@@ -333,58 +359,73 @@ impl Batch {
         }
     }
 
-    /// Resumes preempted sequences, oldest first, while the pool has room for each
-    /// (and a margin for the running ones to grow, unless none runs): their K/V is
-    /// recomputed from their tokens, the prompt's cached blocks shared.
-    fn resume(&self, queue: &mut VecDeque<Job>, running: &mut Vec<Job>) {
-        while let Some(job) = queue.front() {
-            let margin = if running.is_empty() { 0 } else { self.watermark };
-            if self.engine.free_blocks() < self.engine.blocks_for(job.tokens.len()) + margin {
-                break;
-            }
-            let mut job = queue.pop_front().expect("a front");
-            match self.recompute(&mut job) {
-                Ok(()) => running.push(job),
-                Err(EngineError::OutOfBlocks { .. }) => {
-                    queue.push_front(job);
-                    break;
+    /// One step of resuming: the oldest preempted sequence gets its blocks once the pool
+    /// has room for it and a block more for each running sequence (they grow too: a
+    /// smaller margin would preempt it again at once), and then its K/V is recomputed
+    /// from its tokens, at most `resume_chunk` positions a step, between decode steps
+    /// (the prompt's cached blocks are shared, not recomputed). Done, it runs again.
+    fn resume(&self, waiting: &mut Preempted, running: &mut Vec<Job>) {
+        if waiting.resuming.is_none()
+            && let Some(job) = waiting.queue.front()
+        {
+            let margin = self.watermark.max(running.len()).max(1);
+            if self.engine.free_blocks() >= self.engine.blocks_for(job.tokens.len()) + margin {
+                let mut job = waiting.queue.pop_front().expect("a front");
+                let len = job.tokens.len();
+                match self.engine.admit_sequence(job.seq, len - 1, len, &job.hashes) {
+                    Ok(a) => {
+                        job.blocks = a.blocks;
+                        waiting.done = a.cached_tokens;
+                        waiting.resuming = Some(job);
+                        metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
+                    }
+                    Err(EngineError::OutOfBlocks { .. }) => waiting.queue.push_front(job),
+                    Err(e) => self.fail(job, daemon::status::from_engine(&e)),
                 }
+            }
+        }
+        if let Some(job) = waiting.resuming.take() {
+            // Every position but the last token's (its next decode step writes that).
+            let (len, from) = (job.tokens.len(), waiting.done);
+            let to = (from + self.resume_chunk).min(len - 1);
+            let step = if from < to {
+                self.engine.prefill(&job.tokens[from..to], from, &job.blocks).map(|_| ())
+            } else {
+                Ok(())
+            };
+            match step {
                 Err(e) => {
                     warn!(request_id = %job.id, error = %e, "a preempted sequence could not resume");
                     self.fail(job, daemon::status::from_engine(&e));
                 }
+                Ok(()) if to == len - 1 => {
+                    info!(request_id = %job.id, tokens = len, "preempted sequence resumed");
+                    running.push(job);
+                }
+                Ok(()) => {
+                    waiting.done = to;
+                    waiting.resuming = Some(job);
+                }
             }
         }
-        self.set_preempted(queue.len());
-    }
-
-    /// A resumed sequence's K/V: every position but the last token's (written by its
-    /// next decode step), from the first not in the prefix cache.
-    fn recompute(&self, job: &mut Job) -> Result<(), EngineError> {
-        let len = job.tokens.len();
-        let admitted = self.engine.admit_sequence(job.seq, len - 1, len, &job.hashes)?;
-        job.blocks = admitted.blocks;
-        let from = admitted.cached_tokens;
-        if from < len - 1
-            && let Err(e) = self.engine.prefill(&job.tokens[from..len - 1], from, &job.blocks)
-        {
-            self.engine.release(job.seq);
-            return Err(e);
-        }
-        info!(request_id = %job.id, tokens = len, cached = from, "preempted sequence resumed");
-        Ok(())
+        self.set_preempted(waiting.len());
     }
 
     fn run(self, rx: Receiver<Job>, max_batch: usize) {
         let engine = self.engine.clone();
         let mut running: Vec<Job> = Vec::new();
-        let mut preempted: VecDeque<Job> = VecDeque::new();
+        let mut preempted = Preempted::default();
         let mut offset = 0usize;
         loop {
             // Join: new sequences whose first token (sampled at prefill) is not out yet send it.
             let first = if running.is_empty() {
-                // Preempted sequences resume once blocks come back: look again soon.
-                let wait = if preempted.is_empty() { 100 } else { 5 };
+                // Preempted sequences resume once blocks come back: look again soon (at
+                // once while one is being recomputed).
+                let wait = match (&preempted.resuming, preempted.is_empty()) {
+                    (Some(_), _) => 0,
+                    (None, true) => 100,
+                    (None, false) => 5,
+                };
                 match rx.recv_timeout(Duration::from_millis(wait)) {
                     Ok(j) => Some(j),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -411,8 +452,14 @@ impl Batch {
             // Leave: clients that went away.
             let (gone, keep): (Vec<Job>, Vec<Job>) = running.drain(..).partition(|j| j.tx.is_closed());
             running = keep;
-            let (gone_waiting, keep): (Vec<Job>, Vec<Job>) = preempted.drain(..).partition(|j| j.tx.is_closed());
-            preempted = keep.into();
+            let (mut gone_waiting, keep): (Vec<Job>, Vec<Job>) = preempted.queue.drain(..).partition(|j| j.tx.is_closed());
+            preempted.queue = keep.into();
+            if let Some(j) = preempted.resuming.take_if(|j| j.tx.is_closed()) {
+                gone_waiting.push(j);
+            }
+            if !gone_waiting.is_empty() {
+                self.set_preempted(preempted.len());
+            }
             for j in gone.into_iter().chain(gone_waiting) {
                 info!(request_id = %j.id, "client went away; sequence cancelled");
                 metrics::counter!(daemon::metrics::REQUESTS_CANCELLED).increment(1);
@@ -500,7 +547,8 @@ impl Batch {
                 }
             }
         }
-        for job in running.drain(..).chain(preempted.drain(..)) {
+        let resuming = preempted.resuming.take();
+        for job in running.drain(..).chain(preempted.queue.drain(..)).chain(resuming) {
             self.fail(job, Status::unavailable("decode-server is shutting down"));
         }
         self.set_preempted(0);

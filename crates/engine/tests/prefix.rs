@@ -78,3 +78,43 @@ fn with_caching_off_nothing_is_found() {
     }
     assert_eq!(e.cached_blocks(), 0);
 }
+
+/// A sequence shares cached blocks only below the block its own K/V writes start in:
+/// the block of its prompt's last token is never shared (it is computed, or written by
+/// a prefill-server, for this sequence alone), at block boundaries too.
+#[test]
+fn admitted_sequences_never_share_the_block_they_write() {
+    let e = common::engine(Arch::Llama, Preset::Tiny, 8);
+    let bs = e.layout().block_size;
+    let base = common::prompt(4 * bs + 1, 11, 512);
+    let hashes = e.prompt_hashes(&base, "");
+    assert_eq!(hashes.len(), 4);
+    let s = e.next_sequence_id();
+    let a = e.admit_sequence(s, base.len(), base.len(), &hashes).unwrap();
+    e.prefill(&base, 0, &a.blocks).unwrap();
+    e.commit_prompt(s, &hashes);
+    e.release(s);
+    assert_eq!(e.cached_blocks(), 4);
+    let cached_ids: Vec<u32> = a.blocks[..4].to_vec();
+    // (prompt tokens, shared tokens): the prompt's last token's block is fresh.
+    for (len, want) in [
+        (bs, 0),
+        (bs + 1, bs),
+        (2 * bs, bs),
+        (2 * bs + 1, 2 * bs),
+        (4 * bs, 3 * bs),
+        (4 * bs + 1, 4 * bs),
+    ] {
+        let seq = e.next_sequence_id();
+        let got = e.admit_sequence(seq, len, len + 8, &e.prompt_hashes(&base[..len], "")).unwrap();
+        assert_eq!(got.cached_tokens, want, "{len}-token prompt");
+        let last = got.blocks[(len - 1) / bs];
+        assert!(
+            !cached_ids.contains(&last),
+            "{len}-token prompt: its last token's block {last} is shared"
+        );
+        assert_eq!(got.blocks.len(), (len + 8).div_ceil(bs));
+        e.release(seq);
+    }
+    assert_eq!(e.free_blocks(), e.total_blocks());
+}

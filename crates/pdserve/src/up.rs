@@ -79,6 +79,10 @@ pub struct Args {
     /// at admission).
     #[arg(long, default_value = "on_demand", value_parser = ["on_demand", "reserve"])]
     pub kv_allocation: String,
+    /// The decode-servers' `resume_chunk_tokens`: most positions of a preempted
+    /// sequence's KV recomputed between two decode steps.
+    #[arg(long, default_value_t = 512)]
+    pub resume_chunk_tokens: usize,
     /// The prefill-servers' `max_batch_tokens`: most prompt tokens in one forward pass.
     #[arg(long, default_value_t = 8192)]
     pub max_batch_tokens: usize,
@@ -372,10 +376,11 @@ pub async fn start(a: &Args, workdir: &Path) -> anyhow::Result<Deployment> {
             &format!("decode-{i}"),
             "decode-server",
             format!(
-                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nkv_allocation = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}{discovery_section}",
+                "listen = \"{addr}\"\n{}{client}prefill_servers = [{peers}]\nlocal_prefill_below = {}\nkv_allocation = {}\nresume_chunk_tokens = {}\nqueue_deadline_ms = {}\nmax_waiting = {}\nprefill_deadline_ms = {}\n\n{engine_section}{discovery_section}",
                 metrics(1 + i),
                 a.local_prefill_below,
                 toml_str(&a.kv_allocation),
+                a.resume_chunk_tokens,
                 a.queue_deadline_ms,
                 a.max_waiting,
                 a.prefill_deadline_ms

@@ -555,6 +555,7 @@ impl PrefillService {
             session: session.to_vec(),
             boot_id: self.sessions.boot_id().to_vec(),
             write_deadline_ms: self.cfg.transfer.deadline_ms,
+            skips_cached_blocks: true,
         })
     }
 }
