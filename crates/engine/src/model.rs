@@ -332,25 +332,20 @@ impl Model {
         Ok(x)
     }
 
-    /// A decode step with candle's ops: the reference, and the path on the CPU.
+    /// A decode step with candle's ops: the reference, and the path on the CPU. The
+    /// projections and the MLP run over the batch's rows together; each sequence
+    /// attends its own context, read from the pools at its own length (no padding to
+    /// the longest, no mask).
     fn decode_reference(&self, pools: &KvPools, batch: &[DecodeInput<'_>]) -> Result<Tensor> {
         let b = batch.len();
-        let max_len = batch.iter().map(|s| s.pos + 1).max().unwrap_or(0);
         let mut new_slots = Vec::with_capacity(b);
-        // Each sequence's context, padded to the longest with slot 0 and masked out.
-        let mut gather = Vec::with_capacity(b * max_len);
-        let mut mask = Vec::with_capacity(b * max_len);
+        let mut contexts = Vec::with_capacity(b);
         for s in batch {
             let slots = pools.slots(s.blocks, 0, s.pos + 1)?;
             new_slots.push(slots[s.pos]);
-            gather.extend_from_slice(&slots);
-            gather.extend(std::iter::repeat_n(0, max_len - slots.len()));
-            mask.extend(std::iter::repeat_n(0f32, slots.len()));
-            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_len - slots.len()));
+            contexts.push((Tensor::new(slots.as_slice(), &self.device)?, slots.len()));
         }
         let new_slots = pools.write_index(&new_slots, &self.device)?;
-        let gather = Tensor::new(gather.as_slice(), &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, 1, 1, max_len), &self.device)?;
         let pos = Tensor::new(batch.iter().map(|s| s.pos as u32).collect::<Vec<_>>().as_slice(), &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?; // [b, 1, d/2]
         let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?;
@@ -360,8 +355,12 @@ impl Model {
             let h = self.rms(&x, &layer.in_norm)?;
             let (q, k, v) = self.qkv(layer, &h, b, 1, &cos, &sin)?; // [b, heads, 1, d]
             pools.write(li, &new_slots, &k, &v)?;
-            let (k, v) = pools.gather(li, &gather, b, max_len)?;
-            let att = self.attend(&q, &k, &v, Some(&mask))?; // [b, 1, heads*d]
+            let mut att = Vec::with_capacity(b);
+            for (i, (slots, len)) in contexts.iter().enumerate() {
+                let (k, v) = pools.gather(li, slots, 1, *len)?;
+                att.push(self.attend(&q.narrow(0, i, 1)?.contiguous()?, &k, &v, None)?); // [1, 1, heads*d]
+            }
+            let att = if att.len() == 1 { att.remove(0) } else { Tensor::cat(&att, 0)? };
             x = (x + layer.o.forward(&att.reshape((b, ()))?)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
         }
