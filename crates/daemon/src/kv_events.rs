@@ -61,7 +61,8 @@ impl KvEventsApi {
 fn load(e: &Engine) -> pb::KvLoad {
     let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
     pb::KvLoad {
-        free_blocks: n(e.free_blocks()),
+        // Blocks promised to preempted sequences are no room for a new request.
+        free_blocks: n(e.available_blocks()),
         total_blocks: n(e.total_blocks()),
         cached_blocks: n(e.cached_blocks()),
         sequences: n(e.sequences()),

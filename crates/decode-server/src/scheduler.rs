@@ -345,12 +345,18 @@ impl Batch {
         job.blocks.clear();
         let at = waiting.queue.partition_point(|q| q.received <= job.received);
         waiting.queue.insert(at, job);
-        self.set_preempted(waiting.len());
+        self.set_preempted(waiting);
         release(&self.engine, &self.freed, seq);
         info!(request_id = %id, tokens, free = self.engine.free_blocks(), "KV pool full: sequence preempted");
     }
 
-    fn set_preempted(&self, n: usize) {
+    /// Publishes the preempted sequences: how many wait (admissions wait behind them),
+    /// and the blocks the queued ones will take (no room for new requests, as the
+    /// router's view of the pool has it).
+    fn set_preempted(&self, waiting: &Preempted) {
+        let n = waiting.len();
+        self.engine
+            .hold_blocks(waiting.queue.iter().map(|j| self.engine.blocks_for(j.tokens.len())).sum());
         let was = self.preempted.swap(n, Ordering::Relaxed);
         metrics::gauge!(daemon::metrics::PREEMPTED).set(n as f64);
         if n == 0 && was > 0 {
@@ -408,7 +414,7 @@ impl Batch {
                 }
             }
         }
-        self.set_preempted(waiting.len());
+        self.set_preempted(waiting);
     }
 
     fn run(self, rx: Receiver<Job>, max_batch: usize) {
@@ -458,7 +464,7 @@ impl Batch {
                 gone_waiting.push(j);
             }
             if !gone_waiting.is_empty() {
-                self.set_preempted(preempted.len());
+                self.set_preempted(&preempted);
             }
             for j in gone.into_iter().chain(gone_waiting) {
                 info!(request_id = %j.id, "client went away; sequence cancelled");
@@ -551,6 +557,6 @@ impl Batch {
         for job in running.drain(..).chain(preempted.queue.drain(..)).chain(resuming) {
             self.fail(job, Status::unavailable("decode-server is shutting down"));
         }
-        self.set_preempted(0);
+        self.set_preempted(&Preempted::default());
     }
 }

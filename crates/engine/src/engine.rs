@@ -106,6 +106,8 @@ pub struct Engine {
     prefix_caching: bool,
     /// KV events of the prefix cache, for the workers' event streams.
     kv_events: tokio::sync::broadcast::Sender<KvEventBatch>,
+    /// Free blocks promised to sequences waiting to resume (see [`Engine::hold_blocks`]).
+    held: AtomicU64,
 }
 
 /// KV events made under one lock of the block manager, each with its number.
@@ -168,6 +170,7 @@ impl Engine {
             prompter,
             max_len,
             next_seq: AtomicU64::new(1),
+            held: AtomicU64::new(0),
             prefix_caching: cfg.prefix_caching,
         })
     }
@@ -314,6 +317,17 @@ impl Engine {
 
     pub fn free_blocks(&self) -> usize {
         self.blocks.lock().unwrap().free_blocks()
+    }
+
+    /// Marks `n` of the free blocks as promised (to preempted sequences waiting to
+    /// resume): [`Engine::available_blocks`] leaves them out.
+    pub fn hold_blocks(&self, n: usize) {
+        self.held.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Free blocks a new request could take: those not promised to waiting sequences.
+    pub fn available_blocks(&self) -> usize {
+        self.free_blocks().saturating_sub(self.held.load(Ordering::Relaxed) as usize)
     }
 
     /// Sequences holding blocks now.
