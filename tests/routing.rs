@@ -313,7 +313,7 @@ async fn stop_cleanly_except(dep: pdserve::up::Deployment, killed: &str) {
 /// reload), a short prompt is prefilled by the decode-server alone, a longer one by a
 /// prefill-server; tokens equal the colocated run either way. A client that asks a
 /// decode-server directly for a local prefill gets it only up to
-/// `max_local_prefill_tokens`.
+/// `max_local_prefill_tokens` tokens not in its prefix cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_prompts_stay_on_the_decode_server() {
     let (mut dep, work, _ports) = deploy_kv_aware(1, 1, 64).await;
@@ -336,10 +336,11 @@ async fn short_prompts_stay_on_the_decode_server() {
         let (_, r) = stream(&mut c, request(ids(&prompt), &params)).await.unwrap();
         assert_eq!((r.token_ids, r.prefill_server), (want, want_server), "a prompt of {len} tokens");
     }
-    // Straight to the decode-server with the hint: 1024 tokens local, 1025 not.
+    // Straight to the decode-server with the hint: 1024 uncached tokens local, 1025
+    // not; 1025 whose first 1008 the decode-server caches (the 1024 before) local.
     let mut d = client(&dep.decode[0]).await;
-    for (len, local) in [(1024u32, true), (1025, false)] {
-        let prompt: Vec<u32> = (0..len).map(|j| 3 + (j * 23) % 480).collect();
+    for (len, salt, local) in [(1024u32, 0u32, true), (1025, 1, false), (1025, 0, true)] {
+        let prompt: Vec<u32> = (0..len).map(|j| 3 + (j * 23 + salt * 7) % 480).collect();
         let mut req = tonic::Request::new(request(ids(&prompt), &params));
         req.metadata_mut().insert(daemon::PREFILL_HINT, "local".parse().unwrap());
         let mut s = d.generate(req).await.unwrap().into_inner();
@@ -349,7 +350,11 @@ async fn short_prompts_stay_on_the_decode_server() {
                 result = Some(r);
             }
         }
-        assert_eq!(result.unwrap().prefill_server == "local", local, "a hinted prompt of {len} tokens");
+        assert_eq!(
+            result.unwrap().prefill_server == "local",
+            local,
+            "a hinted prompt of {len} tokens ({salt})"
+        );
     }
     stop_cleanly(dep).await;
 }
