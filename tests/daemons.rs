@@ -505,8 +505,10 @@ async fn oversized_messages_are_refused() {
     stop_cleanly(dep).await;
 }
 
-/// Prompts under `local_prefill_below` are prefilled on the decode-server (no transfer),
-/// with the same tokens; longer ones still go to the prefill-server.
+/// Prompts with fewer than `local_prefill_below` tokens the decode-server does not
+/// cache are prefilled there (no transfer), with the same tokens; longer ones still go
+/// to the prefill-server. The last prompt extends the one before (whose 3 whole blocks
+/// the decode-server caches): 19 new tokens, so local.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_prompts_are_prefilled_locally() {
     let (dep, work) = deploy_full(BackendKind::Tcp, 1, 1, 64, 30_000, 20).await;
@@ -515,8 +517,8 @@ async fn short_prompts_are_prefilled_locally() {
         max_tokens: 8,
         ..Default::default()
     };
-    for (len, local) in [(5usize, true), (19, true), (20, false), (60, false)] {
-        let ids: Vec<u32> = (0..len as u32).map(|i| 3 + i * 13 % 400).collect();
+    for (len, salt, local) in [(5usize, 0u32, true), (19, 1, true), (20, 2, false), (60, 3, false), (67, 3, true)] {
+        let ids: Vec<u32> = (0..len as u32).map(|i| 3 + (i * 13 + salt * 101) % 400).collect();
         let want = engine::generate_local(reference_engine(), &ids, &p).unwrap().tokens;
         let (_, r) = stream(&mut c, request(Input::TokenIds(pb::TokenIds { ids }), &p)).await.unwrap();
         assert_eq!(r.token_ids, want, "prompt {len}");

@@ -100,6 +100,41 @@ async fn on_demand_blocks_preempt_instead_of_failing() {
     stop_cleanly(dep).await;
 }
 
+/// A sequence that fills the whole pool alone (40 + 2,000 tokens: all 128 blocks) runs
+/// beside two of 40 + 900 (59 blocks each) sent before it: the pool runs out at about
+/// 680 tokens each; it is the newest, so it is the one preempted, and it resumes (its
+/// KV recomputed in chunks) once they are done, with nothing running beside it; every
+/// one streams the colocated run's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_as_large_as_the_pool_is_preempted_and_resumes() {
+    let (dep, _work) = deploy_args(args(BackendKind::Tcp, 1, 1, 1)).await;
+    let mut tasks = Vec::new();
+    for (i, max_tokens) in [(1u64, 900u32), (2, 900), (3, 2000)] {
+        let url = dep.router.clone();
+        tasks.push(tokio::spawn(async move {
+            let ids = prompt(i, 40);
+            let p = SamplingParams {
+                max_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let r = stream(&mut client(&url).await, ask(&ids, &p, "")).await;
+            (ids, p, r)
+        }));
+        // The big one last: the newest.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for t in tasks {
+        let (ids, p, r) = t.await.unwrap();
+        let (_, r) = r.unwrap_or_else(|s| panic!("{} tokens out: {s:?}", p.max_tokens));
+        assert_eq!(r.token_ids, reference(&ids, &p), "{} tokens out", p.max_tokens);
+    }
+    let s = stats(&dep.decode[0]).await;
+    assert!(s.preemptions > 0, "the pool cannot hold them all: {s:?}");
+    assert_all_blocks_free(&dep.decode[0]).await;
+    stop_cleanly(dep).await;
+}
+
 /// Clients that go away while their sequences are preempted (or running) free
 /// everything, at once: their streams end long before the 300 tokens they asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

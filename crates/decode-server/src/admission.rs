@@ -126,7 +126,7 @@ impl DecodeService {
             // On demand, running sequences grow into the pool: a new one leaves them a
             // margin, and waits while any preempted sequence waits to resume.
             if !self.cfg.reserves() {
-                let (free, total) = (self.engine.free_blocks(), self.engine.total_blocks());
+                let (free, total) = (self.engine.available_blocks(), self.engine.total_blocks());
                 let need = self.engine.blocks_for(tokens) + self.scheduler.watermark;
                 if self.scheduler.preempted() > 0 || (free < need && self.engine.sequences() > 0) {
                     return Err(EngineError::OutOfBlocks { needed: need, free, total });

@@ -374,15 +374,23 @@ impl Batch {
         if waiting.resuming.is_none()
             && let Some(job) = waiting.queue.front()
         {
-            let margin = self.watermark.max(running.len()).max(1);
-            if self.engine.free_blocks() >= self.engine.blocks_for(job.tokens.len()) + margin {
+            // Room for the running sequences' growth over the steps its recompute takes
+            // (at least the watermark); with none running, only for itself (a sequence
+            // the pool can hold alone always resumes).
+            let len = job.tokens.len();
+            let steps = (len - 1).div_ceil(self.resume_chunk);
+            let growth = running.len() * (steps.div_ceil(self.engine.layout().block_size) + 1);
+            let margin = if running.is_empty() { 0 } else { self.watermark.max(growth) };
+            let need = (self.engine.blocks_for(len) + margin).min(self.engine.total_blocks());
+            if self.engine.free_blocks() >= need {
                 let mut job = waiting.queue.pop_front().expect("a front");
-                let len = job.tokens.len();
                 match self.engine.admit_sequence(job.seq, len - 1, len, &job.hashes) {
                     Ok(a) => {
                         job.blocks = a.blocks;
                         waiting.done = a.cached_tokens;
                         waiting.resuming = Some(job);
+                        // Its blocks are taken: no longer promised.
+                        self.set_preempted(waiting);
                         metrics::gauge!(daemon::metrics::BLOCKS_FREE).set(self.engine.free_blocks() as f64);
                     }
                     Err(EngineError::OutOfBlocks { .. }) => waiting.queue.push_front(job),
@@ -394,8 +402,16 @@ impl Batch {
             // Every position but the last token's (its next decode step writes that).
             let (len, from) = (job.tokens.len(), waiting.done);
             let to = (from + self.resume_chunk).min(len - 1);
+            // A chunk of the "prompt" `tokens[..len - 1]`: no logits but for its last.
+            let part = engine::PrefillPart {
+                prompt: &job.tokens[..len - 1],
+                from,
+                to,
+                blocks: &job.blocks,
+                params: &job.params,
+            };
             let step = if from < to {
-                self.engine.prefill(&job.tokens[from..to], from, &job.blocks).map(|_| ())
+                self.engine.prefill_batch_pick(&[part]).map(|_| ())
             } else {
                 Ok(())
             };
