@@ -9,6 +9,17 @@ fn pdserve() -> Command {
 }
 
 /// Runs `cmd` with `--json FILE`: it must succeed; its stdout and the JSON it wrote.
+/// The summary of `target`'s (first) level in a `bench compare --json` document.
+fn level_summary(doc: &serde_json::Value, target: &str) -> serde_json::Value {
+    doc["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["target"] == target)
+        .unwrap_or_else(|| panic!("{target} missing"))["summary"]
+        .clone()
+}
+
 fn run_json(mut cmd: Command, dir: &tempfile::TempDir) -> (String, serde_json::Value) {
     let json = dir.path().join("out.json");
     let out = cmd.arg("--json").arg(&json).output().unwrap();
@@ -116,15 +127,7 @@ fn bench_compare_routing_policies() {
     .arg(model());
     let (stdout, doc) = run_json(cmd, &dir);
     assert!(stdout.contains("| Disaggregated + TCP, kv_aware | 40 |"), "{stdout}");
-    let summary = |target: &str| {
-        doc["levels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["target"] == target)
-            .unwrap_or_else(|| panic!("{target} missing"))["summary"]
-            .clone()
-    };
+    let summary = |target: &str| level_summary(&doc, target);
     let (kv, rr) = (summary("tcp@kv_aware"), summary("tcp@round_robin"));
     for s in [&kv, &rr] {
         assert_eq!(s["failed"], 0, "{s}");
@@ -165,15 +168,7 @@ fn bench_compare_serving_cores() {
         stdout.contains("| Disaggregated + TCP, current core | 16 | concurrency 4 |"),
         "{stdout}"
     );
-    let summary = |target: &str| {
-        doc["levels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["target"] == target)
-            .unwrap_or_else(|| panic!("{target} missing"))["summary"]
-            .clone()
-    };
+    let summary = |target: &str| level_summary(&doc, target);
     let (before, current) = (summary("tcp#before"), summary("tcp#current"));
     let f = |s: &serde_json::Value, k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} in {s}"));
     for s in [&before, &current] {
