@@ -371,6 +371,7 @@ impl Batch {
     /// from its tokens, at most `resume_chunk` positions a step, between decode steps
     /// (the prompt's cached blocks are shared, not recomputed). Done, it runs again.
     fn resume(&self, waiting: &mut Preempted, running: &mut Vec<Job>) {
+        let waited = waiting.len();
         if waiting.resuming.is_none()
             && let Some(job) = waiting.queue.front()
         {
@@ -430,7 +431,10 @@ impl Batch {
                 }
             }
         }
-        self.set_preempted(waiting);
+        // Published when one left (resumed or failed); not at every decode step.
+        if waiting.len() != waited {
+            self.set_preempted(waiting);
+        }
     }
 
     fn run(self, rx: Receiver<Job>, max_batch: usize) {
