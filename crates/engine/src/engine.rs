@@ -42,6 +42,11 @@ pub struct EngineConfig {
     /// start the same way (see `kv_cache`'s module comment); used where prompts are
     /// admitted with [`Engine::admit_prompt`] (the prefill-server).
     pub prefix_caching: bool,
+    /// Decode batches of up to this many sequences run as CUDA graphs captured per
+    /// batch-size bucket (1, 2, 4, 8, 16, 24, 32, 48, ... 256) and block-table width:
+    /// one launch a step instead of some 150 (fused kernels with precision `f32`; the
+    /// first step of each shape runs eagerly and is captured). 0: no graphs.
+    pub cuda_graph_max_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +61,7 @@ impl Default for EngineConfig {
             kernels: "auto".into(),
             precision: "f32".into(),
             prefix_caching: true,
+            cuda_graph_max_batch: 128,
         }
     }
 }
@@ -69,7 +75,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 .or(if s == "cuda" { Some("0") } else { None })
                 .and_then(|n| n.parse::<usize>().ok())
                 .ok_or_else(|| EngineError::Invalid(format!("device {s:?} is not `cpu` or `cuda:N`")))?;
-            Ok(Device::new_cuda(n)?)
+            let device = Device::new_cuda(n)?;
+            #[cfg(feature = "cuda")]
+            crate::graphs::single_stream(&device);
+            Ok(device)
         }
     }
 }
@@ -129,7 +138,7 @@ impl Engine {
             other => return Err(EngineError::Invalid(format!("dtype {other:?} is not auto, f32, bf16 or f16"))),
         };
         let prompter = prompt::Prompter::load(&dir.root)?;
-        let model = Model::load(&dir, dtype, &device, &cfg.kernels, &cfg.precision)?;
+        let model = Model::load(&dir, dtype, &device, &cfg.kernels, &cfg.precision, cfg.cuda_graph_max_batch)?;
         let c = &model.cfg;
         let block_size = cfg.block_size.max(1);
         let per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.size_in_bytes()) as u64;
@@ -345,7 +354,7 @@ impl Engine {
 
     /// Prefill of `tokens` at positions `start..`; the last position's logits.
     pub fn prefill(&self, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Vec<f32>> {
-        Ok(self.model.prefill(&self.pools, tokens, start, blocks)?.to_vec1()?)
+        self.model.prefill(&self.pools, tokens, start, blocks)
     }
 
     /// A prompt's prefill from position 0 in blocks of its own, kept apart from any
@@ -414,7 +423,6 @@ impl Engine {
                 logits: p.to == p.prompt.len(),
             })
             .collect();
-        let logits = self.model.prefill_batch(&self.pools, &chunks)?;
         let picks: Vec<Pick<'_>> = parts
             .iter()
             .filter(|p| p.to == p.prompt.len())
@@ -424,7 +432,10 @@ impl Engine {
                 step: 0,
             })
             .collect();
-        let mut firsts = self.pick_rows(logits, &picks)?.into_iter();
+        let firsts = self
+            .model
+            .prefill_batch(&self.pools, &chunks, |logits| self.pick_rows(logits, &picks))?;
+        let mut firsts = firsts.into_iter();
         Ok(parts
             .iter()
             .map(|p| if p.to == p.prompt.len() { firsts.next() } else { None })
@@ -450,8 +461,7 @@ impl Engine {
         if batch.is_empty() {
             return Ok(vec![]);
         }
-        let logits = self.model.decode(&self.pools, batch)?;
-        self.pick_rows(logits, picks)
+        self.model.decode(&self.pools, batch, |logits| self.pick_rows(logits, picks))
     }
 
     /// Each row's pick from logits `[rows, vocab]`: greedy ones without a repetition
@@ -491,6 +501,6 @@ impl Engine {
         if batch.is_empty() {
             return Ok(vec![]);
         }
-        Ok(self.model.decode(&self.pools, batch)?.to_vec2()?)
+        self.model.decode(&self.pools, batch, |logits| Ok(logits.to_vec2()?))
     }
 }

@@ -234,74 +234,92 @@ pub(crate) fn add_rms_norm(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32)
 /// returned in f32 `[n, m]`: the logits, not rounded to bf16 (whose steps of 1/8 at a
 /// logit of 20 tie tokens that f32 tells apart).
 pub(crate) fn linear_f32(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, _) = x.dims2()?;
+    let (m, _) = w.dims2()?;
+    match x.dtype() {
+        DType::F32 => Ok(x.matmul(&w.t()?)?),
+        _ if n == 0 || m == 0 => Ok(Tensor::zeros((n, m), DType::F32, x.device())?),
+        _ => {
+            let dev = device(x)?;
+            // SAFETY: cuBLAS writes every element of the [n, m] output (beta = 0).
+            let out = wrap(unsafe { dev.alloc::<f32>(n * m)? }, dev, (n, m));
+            linear_f32_into(x, w, &out)?;
+            Ok(out)
+        }
+    }
+}
+
+/// [`linear_f32`] into the first rows of `out` (f32 `[rows >= n, m]`, contiguous): a
+/// CUDA graph's static logits.
+pub(crate) fn linear_f32_into(x: &Tensor, w: &Tensor, out: &Tensor) -> Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (n, k) = x.dims2()?;
     let (m, k2) = w.dims2()?;
-    if k != k2 || x.dtype() != w.dtype() {
+    let (rows, m2) = out.dims2()?;
+    if k != k2 || x.dtype() != w.dtype() || m2 != m || rows < n || out.dtype() != DType::F32 || !out.is_contiguous() {
         return Err(invalid("linear_f32: shapes"));
     }
     let ty = match x.dtype() {
         DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
         DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
-        DType::F32 => return Ok(x.matmul(&w.t()?)?),
         d => return Err(invalid(&format!("linear_f32: dtype {d:?}"))),
     };
     if n == 0 || m == 0 {
-        return Ok(Tensor::zeros((n, m), DType::F32, x.device())?);
+        return Ok(());
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let dev = device(&x)?;
     let stream = dev.cuda_stream();
     let blas = dev.cublas_handle();
-    // SAFETY: cuBLAS writes every element of the [n, m] output (beta = 0).
-    let mut out = unsafe { dev.alloc::<f32>(n * m)? };
-    {
-        let (s0, l0) = x.storage_and_layout();
-        let (s1, l1) = w.storage_and_layout();
-        macro_rules! ptrs {
-            ($t:ty) => {{
-                let (xv, wv) = (view::<$t>(&s0, l0)?, view::<$t>(&s1, l1)?);
-                let (xp, _gx) = xv.device_ptr(&stream);
-                let (wp, _gw) = wv.device_ptr(&stream);
-                let (op, _go) = out.device_ptr_mut(&stream);
-                let (alpha, beta) = (1.0f32, 0.0f32);
-                // Row-major out [n, m] is column-major out^T [m, n] = w [m, k] . x^T [k, n].
-                // SAFETY: the pointers cover the contiguous [n, k], [m, k] and [n, m]
-                // buffers on candle's stream, which the cuBLAS handle is bound to; alpha
-                // and beta are f32 as CUBLAS_COMPUTE_32F requires.
-                unsafe {
-                    gemm_ex(
-                        *blas.handle(),
-                        sys::cublasOperation_t::CUBLAS_OP_T,
-                        sys::cublasOperation_t::CUBLAS_OP_N,
-                        m as i32,
-                        n as i32,
-                        k as i32,
-                        (&alpha) as *const f32 as *const _,
-                        wp as *const _,
-                        ty,
-                        k as i32,
-                        xp as *const _,
-                        ty,
-                        k as i32,
-                        (&beta) as *const f32 as *const _,
-                        op as *mut _,
-                        sys::cudaDataType_t::CUDA_R_32F,
-                        m as i32,
-                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-                    )
-                }
-                .map_err(|e| invalid(&format!("linear_f32: cuBLAS {e:?}")))?;
-            }};
-        }
-        match x.dtype() {
-            DType::BF16 => ptrs!(half::bf16),
-            _ => ptrs!(half::f16),
-        }
+    let (s0, l0) = x.storage_and_layout();
+    let (s1, l1) = w.storage_and_layout();
+    let (s2, l2) = out.storage_and_layout();
+    let ov = view::<f32>(&s2, l2)?;
+    let (op, _go) = ov.device_ptr(&stream);
+    macro_rules! ptrs {
+        ($t:ty) => {{
+            let (xv, wv) = (view::<$t>(&s0, l0)?, view::<$t>(&s1, l1)?);
+            let (xp, _gx) = xv.device_ptr(&stream);
+            let (wp, _gw) = wv.device_ptr(&stream);
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // Row-major out [n, m] is column-major out^T [m, n] = w [m, k] . x^T [k, n].
+            // SAFETY: the pointers cover the contiguous [n, k], [m, k] and at least [n, m]
+            // buffers on candle's stream, which the cuBLAS handle is bound to; alpha and
+            // beta are f32 as CUBLAS_COMPUTE_32F requires. `out` is written through a
+            // shared view: it is a buffer of our own (fresh, or a graph's static logits)
+            // that nothing reads while this product runs.
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    (&alpha) as *const f32 as *const _,
+                    wp as *const _,
+                    ty,
+                    k as i32,
+                    xp as *const _,
+                    ty,
+                    k as i32,
+                    (&beta) as *const f32 as *const _,
+                    op as *mut _,
+                    sys::cudaDataType_t::CUDA_R_32F,
+                    m as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .map_err(|e| invalid(&format!("linear_f32: cuBLAS {e:?}")))?;
+        }};
     }
-    Ok(wrap(out, dev, (n, m)))
+    match x.dtype() {
+        DType::BF16 => ptrs!(half::bf16),
+        _ => ptrs!(half::f16),
+    }
+    Ok(())
 }
 
 /// What the attention kernel needs to find each query's keys.
@@ -399,33 +417,111 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
     by_dtype!(q.dtype(), go(q, k_pool, v_pool, c, h))
 }
 
+/// Head dims the tensor-core prefill kernel is built for (bf16 and f16).
+pub(crate) const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Queries per block of the tensor-core prefill kernel (its FA_ROWS).
+pub(crate) const FLASH_ROWS: usize = 64;
+
+/// Prefill attention of q `[n, heads.q, dim]` over the paged pools on tensor cores
+/// (bf16/f16, head dim 64 or 128): the tiles of `c` hold at most [`FLASH_ROWS`] rows
+/// of one sequence each; `[n, heads.q, dim]`.
+pub(crate) fn flash_prefill(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &PagedContext<'_>, h: Heads) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &PagedContext<'_>, h: Heads) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        if !FLASH_HEAD_DIMS.contains(&h.dim) || c.queries_per_block > FLASH_ROWS || q.dims() != [n, h.q, h.dim] || !h.q.is_multiple_of(h.kv)
+        {
+            return Err(invalid("flash_prefill: shapes"));
+        }
+        let (_, max_blocks) = c.tables.dims2()?;
+        let tiles = c.tiles.dim(0)?.saturating_sub(1);
+        if tiles == 0 {
+            return Err(invalid("flash_prefill: no tiles"));
+        }
+        let dev = device(q)?;
+        let (s0, l0) = q.storage_and_layout();
+        let (s1, l1) = k_pool.storage_and_layout();
+        let (s2, l2) = v_pool.storage_and_layout();
+        let (s3, l3) = c.tables.storage_and_layout();
+        let (s4, l4) = c.seq.storage_and_layout();
+        let (s5, l5) = c.ctx.storage_and_layout();
+        let (s6, l6) = c.tiles.storage_and_layout();
+        let (qv, kp, vp) = (view::<T>(&s0, l0)?, view::<T>(&s1, l1)?, view::<T>(&s2, l2)?);
+        let (tb, sq, cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
+        let tl = view::<u32>(&s6, l6)?;
+        let name = format!("flash_prefill_{}_{}", suffix(q.dtype())?, h.dim);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // SAFETY: the kernel writes every row of `out` its tiles cover, and the tiles
+        // cover rows 0..n (the model builds them so).
+        let out = unsafe { dev.alloc::<T>(n * h.q * h.dim)? };
+        let mut b = func.builder();
+        b.arg(&qv).arg(&kp).arg(&vp).arg(&tb).arg(&sq).arg(&cx).arg(&tl).arg(&out);
+        let dims = [n as u32, h.q as u32, h.kv as u32, c.block_size as u32, max_blocks as u32];
+        for d in &dims {
+            b.arg(d);
+        }
+        // Scores in log2 units: the kernel takes exp2.
+        let scale_log2 = std::f32::consts::LOG2_E / (h.dim as f32).sqrt();
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, h.q as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel's signature; the block tables and contexts
+        // were checked against the pools by the model (KvPools::slots), the tiles are
+        // increasing with at most FLASH_ROWS rows of one sequence each (`Rows`), and the
+        // pools' rows are 16-byte aligned (head dims of 64 or 128 in 2-byte types).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(wrap(out, dev, (n, h.q, h.dim)))
+    }
+    match q.dtype() {
+        DType::BF16 => go::<half::bf16>(q, k_pool, v_pool, c, h),
+        DType::F16 => go::<half::f16>(q, k_pool, v_pool, c, h),
+        d => Err(invalid(&format!("flash_prefill: dtype {d:?}"))),
+    }
+}
+
+/// Whether the tensor-core prefill kernel serves a model of these heads and dtype.
+pub(crate) fn flash_supported(dtype: DType, h: Heads) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && FLASH_HEAD_DIMS.contains(&h.dim) && h.kv > 0 && h.q.is_multiple_of(h.kv)
+}
+
 /// Whether the fused path serves a model of these heads on this device.
 pub(crate) fn supported(device: &candle_core::Device, h: Heads) -> bool {
     device.is_cuda() && h.kv > 0 && h.q.is_multiple_of(h.kv) && HEAD_DIMS.contains(&h.dim) && h.q / h.kv <= MAX_WARPS
 }
 
 /// The index of each row's largest value in `logits` `[rows, cols]` (f32), ties to the
-/// lowest index as [`crate::model::argmax`]; only `rows` integers come to the host.
+/// lowest index as [`crate::model::argmax`] (NaN never picked); only `rows` integers
+/// come to the host.
 pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     let (rows, cols) = logits.dims2()?;
     if logits.dtype() != DType::F32 {
         return Err(invalid("argmax_rows: logits must be f32"));
     }
+    if rows == 0 {
+        return Ok(vec![]);
+    }
     let dev = device(logits)?;
     let (s0, l0) = logits.storage_and_layout();
     let x = view::<f32>(&s0, l0)?;
     let func = dev.get_or_load_custom_func("argmax_rows", MODULE, PTX)?;
-    // SAFETY: the kernel writes one index per row.
-    let out = unsafe { dev.alloc::<u32>(rows)? };
+    // Each row's best key, merged by atomicMax from 0.
+    let out = dev.alloc_zeros::<u64>(rows)?;
     let mut b = func.builder();
-    let cols = cols as u32;
-    b.arg(&x).arg(&out).arg(&cols);
+    let cols_arg = cols as u32;
+    b.arg(&x).arg(&out).arg(&cols_arg);
+    // About 2,048 entries a block: a 128k vocabulary takes 63 blocks a row.
+    let shares = cols.div_ceil(2048).clamp(1, 128) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (1024, 1, 1),
+        grid_dim: (shares, rows as u32, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: arguments match the kernel's signature; one block per row.
+    // SAFETY: arguments match the kernel's signature; grid y covers the rows, x the
+    // shares of each row's columns.
     unsafe { b.launch(cfg) }.w()?;
-    Ok(dev.clone_dtoh(&out)?)
+    let keys = dev.clone_dtoh(&out)?;
+    // The key's low half is 0xffffffff - index; 0: a row of only NaN, index 0.
+    Ok(keys.iter().map(|&k| if k == 0 { 0 } else { u32::MAX - k as u32 }).collect())
 }

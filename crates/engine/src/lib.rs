@@ -12,6 +12,8 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 #[cfg(feature = "cuda")]
+mod graphs;
+#[cfg(feature = "cuda")]
 mod kernels;
 pub mod kv_cache;
 mod loader;

@@ -37,6 +37,11 @@ pub struct Model {
     /// `f32`), not in the model's dtype.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     f32_stream: bool,
+    /// Decode steps as CUDA graphs (`graphs.rs`); its lock is held by every fused
+    /// forward pass while it enqueues work. None: off (CPU, candle's ops, precision
+    /// `model`, or `cuda_graph_max_batch = 0`).
+    #[cfg(feature = "cuda")]
+    graphs: Option<std::sync::Mutex<crate::graphs::DecodeGraphs>>,
 }
 
 /// One sequence's part of a decode step.
@@ -54,7 +59,9 @@ impl Model {
     /// `kernels`: `auto` uses the fused CUDA kernels where they serve the model,
     /// `reference` the plain candle ops everywhere. `precision`: `f32` keeps the fused
     /// path's residual stream and logits in f32, `model` in `dtype` (candle's ops always do).
-    pub fn load(dir: &ModelDir, dtype: DType, device: &Device, kernels: &str, precision: &str) -> Result<Model> {
+    /// `graph_max_batch`: decode batches up to this size run as CUDA graphs (fused
+    /// kernels with precision `f32` only); 0: never.
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device, kernels: &str, precision: &str, graph_max_batch: usize) -> Result<Model> {
         let c = &dir.config;
         let (h, kv, d) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.head_dim);
         let mut expected: Vec<(String, Vec<usize>)> = vec![
@@ -142,6 +149,8 @@ impl Model {
             "reference" => false,
             other => return Err(EngineError::Invalid(format!("kernels {other:?} is not auto or reference"))),
         };
+        #[cfg(not(feature = "cuda"))]
+        let _ = graph_max_batch;
         let f32_stream = match precision {
             "f32" => fused,
             "model" => false,
@@ -161,6 +170,8 @@ impl Model {
             sin: freqs.sin()?.to_dtype(if fused { DType::F32 } else { dtype })?,
             fused,
             f32_stream,
+            #[cfg(feature = "cuda")]
+            graphs: (f32_stream && graph_max_batch > 0).then(|| std::sync::Mutex::new(crate::graphs::DecodeGraphs::new(graph_max_batch))),
         })
     }
 
@@ -170,12 +181,19 @@ impl Model {
 
     /// Runs the prompt `tokens` at positions `start..start+len`, writing their K/V into
     /// `blocks` (which must cover `0..start+len`); returns the last position's logits (f32).
-    pub fn prefill(&self, pools: &KvPools, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Tensor> {
-        self.prefill_traced(pools, tokens, start, blocks, None)
+    pub fn prefill(&self, pools: &KvPools, tokens: &[u32], start: usize, blocks: &[u32]) -> Result<Vec<f32>> {
+        let chunk = PrefillChunk {
+            tokens,
+            start,
+            blocks,
+            logits: true,
+        };
+        self.prefill_chunks(pools, &[chunk], None, |l| Ok(l.squeeze(0)?.to_vec1()?))
     }
 
     /// [`Model::prefill`], keeping in `taps` the residual stream after each layer (f32
-    /// `[len, hidden]`): for comparing numerics with a reference layer by layer.
+    /// `[len, hidden]`): for comparing numerics with a reference layer by layer (in a
+    /// process of its own: the taps are read after the pass, outside its lock).
     pub fn prefill_traced(
         &self,
         pools: &KvPools,
@@ -190,21 +208,29 @@ impl Model {
             blocks,
             logits: true,
         };
-        Ok(self.prefill_chunks(pools, &[chunk], taps)?.squeeze(0)?)
+        self.prefill_chunks(pools, &[chunk], taps, |l| Ok(l.squeeze(0)?))
     }
 
     /// One forward pass over several sequences' chunks (a varlen batch: each its own
     /// positions, block table and causal context); the logits `[k, vocab]` (f32) of the
     /// last position of each chunk that asks for them, in order (none asked: the K/V
-    /// is written, and no logits are computed).
-    pub fn prefill_batch(&self, pools: &KvPools, chunks: &[PrefillChunk<'_>]) -> Result<Tensor> {
-        self.prefill_chunks(pools, chunks, None)
+    /// is written, and no logits are computed), handed to `read` as in [`Model::decode`].
+    pub fn prefill_batch<R>(&self, pools: &KvPools, chunks: &[PrefillChunk<'_>], read: impl FnOnce(Tensor) -> Result<R>) -> Result<R> {
+        self.prefill_chunks(pools, chunks, None, read)
     }
 
-    fn prefill_chunks(&self, pools: &KvPools, chunks: &[PrefillChunk<'_>], taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+    fn prefill_chunks<R>(
+        &self,
+        pools: &KvPools,
+        chunks: &[PrefillChunk<'_>],
+        taps: Option<&mut Vec<Tensor>>,
+        read: impl FnOnce(Tensor) -> Result<R>,
+    ) -> Result<R> {
         if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             return Err(EngineError::Invalid("prefill of no tokens".into()));
         }
+        #[cfg(feature = "cuda")]
+        let _stream = self.stream_lock();
         // Each chunk's rows, and the rows whose logits are wanted.
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut wanted = Vec::new();
@@ -224,6 +250,7 @@ impl Model {
         }
         let x = if self.fused {
             let mut rows = Rows::new(chunks.len(), self.prefill_queries_per_block());
+            rows.flash = self.flash_prefill();
             let width = chunks.iter().map(|c| c.blocks.len()).max().unwrap_or(0);
             for (i, c) in chunks.iter().enumerate() {
                 let to = c.start + c.tokens.len();
@@ -237,13 +264,39 @@ impl Model {
             self.rms(&x.index_select(&rows, 0)?, &self.norm)?
         };
         if none {
-            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+            return read(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
         }
-        self.logits(&x)
+        read(self.logits(&x)?)
     }
 
-    /// Advances each sequence by one token; returns logits `[batch, vocab]` (f32).
-    pub fn decode(&self, pools: &KvPools, batch: &[DecodeInput<'_>]) -> Result<Tensor> {
+    /// Advances each sequence by one token and hands its logits `[batch, vocab]` (f32)
+    /// to `read`, whose result is returned. The logits may live in a buffer the next
+    /// step overwrites (a CUDA graph's), so `read` runs while no other step can.
+    pub fn decode<R>(&self, pools: &KvPools, batch: &[DecodeInput<'_>], read: impl FnOnce(Tensor) -> Result<R>) -> Result<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(mut g) = self.stream_lock() {
+            if g.enabled {
+                let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+                if let Some(shape) = crate::graphs::Shape::of(batch.len(), width, g.max_batch) {
+                    let logits = self.decode_graphed(&mut g, pools, batch, shape)?;
+                    return read(logits);
+                }
+            }
+            // Held for the eager step too: no capture may take its kernels.
+            return read(self.decode_eager(pools, batch)?);
+        }
+        read(self.decode_eager(pools, batch)?)
+    }
+
+    /// With CUDA graphs: the lock every pass holds while it puts work on the device's
+    /// stream, so that no other thread's work lands in a graph being captured (a
+    /// capture takes whatever enters its stream).
+    #[cfg(feature = "cuda")]
+    fn stream_lock(&self) -> Option<std::sync::MutexGuard<'_, crate::graphs::DecodeGraphs>> {
+        self.graphs.as_ref().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn decode_eager(&self, pools: &KvPools, batch: &[DecodeInput<'_>]) -> Result<Tensor> {
         let x = if self.fused {
             let b = batch.len();
             let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
@@ -259,6 +312,85 @@ impl Model {
             self.rms(&self.decode_reference(pools, batch)?, &self.norm)?
         };
         self.logits(&x)
+    }
+
+    /// A decode step through the CUDA graph of `shape` (captured on the shape's first
+    /// step, which runs eagerly on the graph's buffers); the batch's rows of the
+    /// bucket's static logits.
+    #[cfg(feature = "cuda")]
+    fn decode_graphed(
+        &self,
+        g: &mut crate::graphs::DecodeGraphs,
+        pools: &KvPools,
+        batch: &[DecodeInput<'_>],
+        shape: crate::graphs::Shape,
+    ) -> Result<Tensor> {
+        use crate::graphs;
+        let b = batch.len();
+        let mut rows = Rows::new(shape.batch, 1);
+        for (i, s) in batch.iter().enumerate() {
+            rows.push_tile_run(&[s.token], s.pos, &pools.slots(s.blocks, s.pos, s.pos + 1)?, i as u32);
+            rows.push_table(s.blocks, shape.width);
+        }
+        for i in b..shape.batch {
+            rows.push_padding(i as u32, shape.width);
+        }
+        // Fixed per shape (a graph's launch grid is), from the longest context its
+        // tables can hold.
+        rows.key_splits = decode_key_splits(shape.batch * self.cfg.num_kv_heads, shape.width * pools.layout().block_size);
+        let meta = rows.meta();
+        let (entry, logits) = g.entry(shape, meta.len(), self.cfg.vocab_size, &self.device)?;
+        graphs::upload(&entry.meta, &meta)?;
+        if let Some(graph) = &entry.graph {
+            graphs::launch(graph)?;
+            return Ok(logits.narrow(0, 0, b)?);
+        }
+        let inputs = rows.inputs(&entry.meta)?;
+        let step = || -> Result<()> {
+            let h = self.forward_fused_on(pools, &rows, &inputs, None, None)?;
+            crate::kernels::linear_f32_into(&h, self.lm_head.weight(), &logits)
+        };
+        let Device::Cuda(dev) = &self.device else {
+            return Err(EngineError::Invalid("CUDA graphs on a device that is not CUDA".into()));
+        };
+        // Some of candle's kernels upload their parameters (index_select: the ids'
+        // shape) from host vectors; a capture would replay copies from freed host
+        // memory. With candle's cache on, the eager step leaves them on the device and
+        // the capture finds them there (or fails, and graphs go off).
+        let _params = dev.enable_cuda_graph_htod_cache();
+        step()?;
+        let eager = logits.narrow(0, 0, b)?.to_vec2::<f32>()?;
+        graphs::begin_capture(&self.device)?;
+        let captured = step();
+        let graph = match (captured, graphs::end_capture(&self.device)) {
+            (Ok(()), Ok(graph)) => Ok(graph),
+            (r, e) => Err(r.err().or(e.err()).map(|e| e.to_string()).unwrap_or_default()),
+        };
+        // The graph must reproduce the step it was captured from (it rewrites the same
+        // K/V into the same slots) before it replaces eager steps.
+        let graph = graph.and_then(|graph| {
+            graphs::launch(&graph).map_err(|e| e.to_string())?;
+            let replay = logits.narrow(0, 0, b).and_then(|l| l.to_vec2::<f32>()).map_err(|e| e.to_string())?;
+            let worst = eager
+                .iter()
+                .zip(&replay)
+                .flat_map(|(a, r)| a.iter().zip(r))
+                .fold(0f32, |m, (a, r)| m.max((a - r).abs() / a.abs().max(1.0)));
+            if worst > 1e-3 || worst.is_nan() {
+                return Err(format!("the replay's logits differ from the eager step's by {worst:e}"));
+            }
+            Ok(graph)
+        });
+        match graph {
+            Ok(graph) => entry.graph = Some(graph),
+            Err(why) => {
+                tracing::warn!(error = %why, batch = shape.batch, width = shape.width, "capturing a decode step as a CUDA graph failed; decode steps run without graphs from now on");
+                g.enabled = false;
+                // The logits again, from an eager step: a replay may have left others.
+                step()?;
+            }
+        }
+        Ok(logits.narrow(0, 0, b)?)
     }
 
     /// The final-normed hidden states' logits, f32 `[rows, vocab]`: accumulated and kept
@@ -373,33 +505,44 @@ impl Model {
     /// RMSNorm after it in one kernel. Returns the final-normed hidden states of every
     /// row, or of row `only` alone; `taps` as in [`Model::prefill_traced`].
     #[cfg(feature = "cuda")]
-    fn forward_fused(&self, pools: &KvPools, r: &Rows, only: Option<&[u32]>, mut taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+    fn forward_fused(&self, pools: &KvPools, r: &Rows, only: Option<&[u32]>, taps: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+        let meta = Tensor::new(r.meta().as_slice(), &self.device)?;
+        let inputs = r.inputs(&meta)?;
+        self.forward_fused_on(pools, r, &inputs, only, taps)
+    }
+
+    /// [`Model::forward_fused`] on the rows' integers already on the device.
+    #[cfg(feature = "cuda")]
+    fn forward_fused_on(
+        &self,
+        pools: &KvPools,
+        r: &Rows,
+        inputs: &Inputs,
+        only: Option<&[u32]>,
+        mut taps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         use crate::kernels::{self, PagedContext};
         let n = r.tokens.len();
-        let mut tiles = r.tiles.clone();
-        tiles.push(n as u32);
-        // One host-to-device copy for all the per-row integers.
-        let mut meta = Vec::with_capacity(4 * n + tiles.len() + r.tables.len());
-        for part in [&r.pos, &r.slots, &r.seq, &r.ctx, &tiles, &r.tables] {
-            meta.extend_from_slice(part);
-        }
-        let meta = Tensor::new(meta.as_slice(), &self.device)?;
-        let part = |i: usize| meta.narrow(0, i * n, n);
-        let (pos, slots, seq, ctx) = (part(0)?, part(1)?, part(2)?, part(3)?);
-        let tiles_t = meta.narrow(0, 4 * n, tiles.len())?;
-        let tables = meta.narrow(0, 4 * n + tiles.len(), r.tables.len())?.reshape((r.sequences, ()))?;
+        let Inputs {
+            ids,
+            pos,
+            slots,
+            seq,
+            ctx,
+            tiles: tiles_t,
+            tables,
+        } = inputs;
         let paged = PagedContext {
-            tables: &tables,
-            seq: &seq,
-            ctx: &ctx,
-            tiles: &tiles_t,
+            tables,
+            seq,
+            ctx,
+            tiles: tiles_t,
             block_size: pools.layout().block_size,
             queries_per_block: r.queries_per_block,
             key_splits: r.key_splits,
         };
         let heads = self.heads();
-        let ids = Tensor::new(r.tokens.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // [n, hidden]: the residual stream
+        let mut x = self.embed.index_select(ids, 0)?; // [n, hidden]: the residual stream
         if self.f32_stream {
             x = x.to_dtype(DType::F32)?;
         }
@@ -415,8 +558,8 @@ impl Model {
             let qkv = layer.qkv.forward(&h)?;
             let q = kernels::rope_kv(kernels::RopeKv {
                 qkv: &qkv,
-                pos: &pos,
-                slots: &slots,
+                pos,
+                slots,
                 cos: &self.cos,
                 sin: &self.sin,
                 k_pool: kp,
@@ -424,7 +567,11 @@ impl Model {
                 heads,
                 in_dtype: !self.f32_stream,
             })?;
-            let att = kernels::paged_attention(&q, kp, vp, &paged, heads)?;
+            let att = if r.flash {
+                kernels::flash_prefill(&q, kp, vp, &paged, heads)?
+            } else {
+                kernels::paged_attention(&q, kp, vp, &paged, heads)?
+            };
             let o = layer.o.forward(&att.reshape((n, ()))?)?;
             let (x2, h) = kernels::add_rms_norm(&x1, Some(&o), &layer.post_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
@@ -477,9 +624,24 @@ impl Model {
         }
     }
 
-    /// Prefill queries per attention block: as many as fill its warps, one per q head.
+    /// Prefill queries per attention block: the tensor-core kernel's 64, or as many as
+    /// fill the other kernel's warps, one per q head.
     fn prefill_queries_per_block(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if self.flash_prefill() {
+            return crate::kernels::FLASH_ROWS;
+        }
         (MAX_ATTENTION_WARPS / (self.cfg.num_heads / self.cfg.num_kv_heads).max(1)).max(1)
+    }
+
+    /// Whether prefill attention runs on tensor cores (fused path, bf16/f16, head dim
+    /// 64 or 128).
+    fn flash_prefill(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        let on = self.fused && crate::kernels::flash_supported(self.dtype, self.heads());
+        #[cfg(not(feature = "cuda"))]
+        let on = false;
+        on
     }
 
     /// q, k, v for `b` sequences of `t` tokens each: `[b, heads, t, d]`, RoPE applied.
@@ -556,6 +718,8 @@ struct Rows {
     tiles: Vec<u32>,
     /// Attention blocks sharing each row's keys (see `decode_key_splits`).
     key_splits: usize,
+    /// Attention on tensor cores (`kernels::flash_prefill`; prefill passes).
+    flash: bool,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -572,6 +736,7 @@ impl Rows {
             queries_per_block,
             tiles: Vec::new(),
             key_splits: 1,
+            flash: false,
         }
     }
 
@@ -593,6 +758,63 @@ impl Rows {
         self.tables.extend_from_slice(blocks);
         self.tables.extend(std::iter::repeat_n(0, width - blocks.len()));
     }
+
+    /// A padding row (sequence `seq`, an empty table): it writes no K/V and attends
+    /// no key; its logits are not read.
+    fn push_padding(&mut self, seq: u32, width: usize) {
+        self.tiles.push(self.tokens.len() as u32);
+        self.tokens.push(0);
+        self.pos.push(0);
+        self.slots.push(NO_SLOT);
+        self.seq.push(seq);
+        self.ctx.push(0);
+        self.push_table(&[], width);
+    }
+
+    /// Every integer of the pass, for one host-to-device copy: tokens, positions,
+    /// slots, table rows, contexts, the tiles' first rows and the row count, tables.
+    fn meta(&self) -> Vec<u32> {
+        let n = self.tokens.len();
+        let mut meta = Vec::with_capacity(5 * n + self.tiles.len() + 1 + self.tables.len());
+        for part in [&self.tokens, &self.pos, &self.slots, &self.seq, &self.ctx, &self.tiles] {
+            meta.extend_from_slice(part);
+        }
+        meta.push(n as u32);
+        meta.extend_from_slice(&self.tables);
+        meta
+    }
+
+    /// The views of [`Rows::meta`] on the device (`meta` holds it).
+    fn inputs(&self, meta: &Tensor) -> Result<Inputs> {
+        let n = self.tokens.len();
+        let part = |i: usize| meta.narrow(0, i * n, n);
+        let tiles = self.tiles.len() + 1;
+        Ok(Inputs {
+            ids: part(0)?,
+            pos: part(1)?,
+            slots: part(2)?,
+            seq: part(3)?,
+            ctx: part(4)?,
+            tiles: meta.narrow(0, 5 * n, tiles)?,
+            tables: meta.narrow(0, 5 * n + tiles, self.tables.len())?.reshape((self.sequences, ()))?,
+        })
+    }
+}
+
+/// A slot no row writes: the padding rows of a captured decode batch (NO_SLOT in
+/// kernels/fused.cu).
+const NO_SLOT: u32 = u32::MAX;
+
+/// [`Rows`]' integers on the device.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Inputs {
+    ids: Tensor,
+    pos: Tensor,
+    slots: Tensor,
+    seq: Tensor,
+    ctx: Tensor,
+    tiles: Tensor,
+    tables: Tensor,
 }
 
 /// One sequence's part of a batched prefill: `tokens` at positions
@@ -608,18 +830,15 @@ pub struct PrefillChunk<'a> {
 }
 
 /// How many blocks share a decode query's keys: without a split a step runs one block
-/// per (sequence, KV head), too few to fill a GPU at batch 1-16 when contexts are long
-/// (each block then walks thousands of keys alone). Aim at about 256 blocks, with at
-/// least 128 keys per share and at most 32 shares.
+/// per (sequence, KV head), too few to fill a GPU at batch 1-16 (each block then walks
+/// its keys alone, one 32-key tile after another, bound by memory latency). Aim at
+/// about 256 blocks, with at least one tile (32 keys) per share and at most 32 shares.
 fn decode_key_splits(blocks: usize, longest_context: usize) -> usize {
     const TARGET_BLOCKS: usize = 256;
     if blocks >= TARGET_BLOCKS {
         return 1;
     }
-    longest_context
-        .div_ceil(128)
-        .min(TARGET_BLOCKS.div_ceil(blocks.max(1)))
-        .clamp(1, 32)
+    longest_context.div_ceil(32).min(TARGET_BLOCKS.div_ceil(blocks.max(1))).clamp(1, 32)
 }
 
 /// Warps of one attention block (MAX_WARPS in kernels/fused.cu).
@@ -654,4 +873,46 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The integers a pass uploads, and the views the kernels read them through: a
+    /// captured decode batch of 2 sequences padded to 4 rows.
+    #[test]
+    fn rows_upload_as_one_buffer_and_padding_rows_write_nothing() {
+        let mut r = Rows::new(4, 1);
+        r.push_tile_run(&[7], 20, &[333], 0);
+        r.push_table(&[20, 21], 4);
+        r.push_tile_run(&[9], 3, &[51], 1);
+        r.push_table(&[3], 4);
+        r.push_padding(2, 4);
+        r.push_padding(3, 4);
+        let meta = Tensor::new(r.meta().as_slice(), &Device::Cpu).unwrap();
+        let i = r.inputs(&meta).unwrap();
+        let v = |t: &Tensor| t.to_vec1::<u32>().unwrap();
+        assert_eq!(v(&i.ids), [7, 9, 0, 0]);
+        assert_eq!(v(&i.pos), [20, 3, 0, 0]);
+        assert_eq!(v(&i.slots), [333, 51, NO_SLOT, NO_SLOT]);
+        assert_eq!(v(&i.seq), [0, 1, 2, 3]);
+        assert_eq!(v(&i.ctx), [21, 4, 0, 0], "padding rows attend nothing");
+        assert_eq!(v(&i.tiles), [0, 1, 2, 3, 4], "one tile a row, then the row count");
+        assert_eq!(
+            i.tables.to_vec2::<u32>().unwrap(),
+            [[20, 21, 0, 0], [3, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+        );
+    }
+
+    #[test]
+    fn decode_keys_split_to_fill_the_gpu_one_tile_a_share_at_least() {
+        // Batch 1 of the 1B shape (8 KV heads): 160 keys make 5 shares of a tile each.
+        assert_eq!(decode_key_splits(8, 160), 5);
+        assert_eq!(decode_key_splits(8, 20), 1);
+        // Long contexts: at most 32 shares; about 256 blocks in all.
+        assert_eq!(decode_key_splits(8, 8192), 32);
+        assert_eq!(decode_key_splits(64, 8192), 4);
+        assert_eq!(decode_key_splits(256, 8192), 1);
+    }
 }
