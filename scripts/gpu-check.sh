@@ -34,6 +34,8 @@
 #   scripts/gpu-check.sh core      # serving core A/B (bench compare --core before,current, nixl, 1B shape):
 #                                  # concurrency 1/8/32/64, Poisson rates, 8-turn chats (and without prefix caching)
 #   scripts/gpu-check.sh core-budget # the current core at several max_batch_tokens:chunk_tokens (env BUDGETS)
+#   scripts/gpu-check.sh roofline  # the engine against the roofline and transformers, with and without CUDA
+#                                  # graphs (env PRESETS="1b 8b", PREFILL, BATCHES, HF=0 to skip transformers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1MiB,16MiB,64MiB,256MiB,1GiB}
@@ -192,10 +194,11 @@ speed_remote() {
   done
   python3 - $OUTDIR <<'PY' | tee $OUTDIR/speed.md
 import json, sys
+eb_rows = lambda p: (lambda j: j["rows"] if isinstance(j, dict) else j)(json.load(open(p)))  # enginebench JSON, old and new
 d = sys.argv[1]
 hf = json.load(open(f"{d}/hf_bench.json"))["bench"]
-ref = {r["what"]: r for r in json.load(open(f"{d}/enginebench_reference.json"))}
-fused = {r["what"]: r for r in json.load(open(f"{d}/enginebench_auto.json"))}
+ref = {r["what"]: r for r in eb_rows(f"{d}/enginebench_reference.json")}
+fused = {r["what"]: r for r in eb_rows(f"{d}/enginebench_auto.json")}
 keys = {"prefill 512 tokens": "prefill_512", "prefill 2048 tokens": "prefill_2048",
         "decode batch 1": "decode_b1", "decode batch 8": "decode_b8", "decode batch 32": "decode_b32"}
 print("| measurement | candle ops tok/s | fused kernels tok/s (ms) | transformers tok/s | fused / transformers |")
@@ -230,8 +233,9 @@ prefill_batch_remote() {
   python3 scripts/hf_reference.py $M --prefill-batches $B --prefill-len 512 --json $OUTDIR/hf_prefill_batch.json > /dev/null
   python3 - $OUTDIR <<'PY' | tee $OUTDIR/prefill_batch.md
 import json, sys
+eb_rows = lambda p: (lambda j: j["rows"] if isinstance(j, dict) else j)(json.load(open(p)))  # enginebench JSON, old and new
 d = sys.argv[1]
-ours = {r["what"]: r for r in json.load(open(f"{d}/prefill_batch.json"))}
+ours = {r["what"]: r for r in eb_rows(f"{d}/prefill_batch.json")}
 hf = json.load(open(f"{d}/hf_prefill_batch.json"))["prefill_batches"]
 print("| prompts x 512 tokens in one pass | pdserve tok/s (ms) | transformers tok/s | pdserve / transformers |")
 print("|---|---|---|---|")
@@ -276,6 +280,60 @@ core_budget_remote() {
       | tee $OUTDIR/budget_${b/:/_}.md || true
   done
   gzip -f $OUTDIR/budget_*.json
+}
+
+# The engine against the hardware's limits and transformers, same weights, one call: for
+# each preset in PRESETS (1b, 8b), the fused path's check against candle's ops (1b),
+# enginebench with CUDA graphs (the default) and without, and transformers' bench; the
+# table gives tokens/s, the share of the roofline (decode: HBM bandwidth, prefill:
+# tensor-core peak) and the ratio to transformers.
+roofline_remote() {
+  local D=/tmp/pdserve-gpu OUTDIR=${OUT:-/tmp/gpu-out} rc=0 P M
+  local prefill=${PREFILL:-512,2048,8192} batches=${BATCHES:-1,8,32,64}
+  gpu_env
+  for P in ${PRESETS:-1b}; do
+    M=/tmp/m$P
+    [ -e $M/config.json ] || $D/pdserve model synth --preset $P --seed 0 --out $M > /dev/null
+    if [ $P = 1b ]; then
+      $D/pdserve enginebench --model $M --device cuda:0 --check --kv-cache-mib 4096 > $OUTDIR/check_$P.md || rc=1
+      tail -1 $OUTDIR/check_$P.md
+    fi
+    for g in 128 0; do
+      $D/pdserve enginebench --model $M --device cuda:0 --prefill $prefill --batch $batches --cuda-graph-max-batch $g \
+        --kv-cache-mib 8192 --json $OUTDIR/roofline_${P}_g$g.json > $OUTDIR/roofline_${P}_g$g.md || rc=1
+    done
+    if [ "${HF:-1}" = 1 ]; then
+      python3 scripts/hf_reference.py $M --bench --bench-prefill $prefill --bench-batches $batches \
+        --json $OUTDIR/hf_$P.json > /dev/null || rc=1
+    fi
+  done
+  python3 - $OUTDIR ${PRESETS:-1b} <<'PY' | tee $OUTDIR/roofline.md
+import json, os, sys
+d, presets = sys.argv[1], sys.argv[2:]
+for p in presets:
+    def load(name):
+        f = f"{d}/{name}.json"
+        return json.load(open(f)) if os.path.exists(f) else None
+    g, e, hf = load(f"roofline_{p}_g128"), load(f"roofline_{p}_g0"), load(f"hf_{p}")
+    if not g:
+        print(f"{p}: no enginebench result"); continue
+    lim = g["limits"] or {}
+    print(f"\n{p} shape, bf16, {lim.get('gpu', '?')} ({lim.get('hbm_gbps', '?')} GB/s, {lim.get('peak_tflops', '?')} TFLOP/s)")
+    print("| measurement | pdserve tok/s (ms) | of roofline | without CUDA graphs tok/s (ms) | transformers tok/s | pdserve / transformers |")
+    print("|---|---|---|---|---|---|")
+    eager = {r["what"]: r for r in (e or {"rows": []})["rows"]}
+    hb = (hf or {}).get("bench", {})
+    for r in g["rows"]:
+        w = r["what"].split()
+        key = f"prefill_{w[1]}_tok_s" if w[0] == "prefill" else f"decode_b{w[2]}_tok_s"
+        h = hb.get(key)
+        x = eager.get(r["what"])
+        roof = f"{100 * r['roofline']:.1f}%" if r.get("roofline") is not None else "n/a"
+        print(f"| {r['what']} | {r['tokens_per_s']:,.0f} ({r['ms']:.2f}) | {roof} | "
+              + (f"{x['tokens_per_s']:,.0f} ({x['ms']:.2f})" if x else "n/a") + " | "
+              + (f"{h:,.0f} | {r['tokens_per_s'] / h:.2f}x" if h else "n/a | n/a") + " |")
+PY
+  return $rc
 }
 
 # 1,000 requests through one deployment on the GPU: VRAM per process, registered regions
@@ -456,8 +514,9 @@ numerics_remote() {
   done
   python3 - $OUTDIR "${runs[@]%%|*}" <<'PY' | tee $OUTDIR/enginebench.md
 import json, sys
+eb_rows = lambda p: (lambda j: j["rows"] if isinstance(j, dict) else j)(json.load(open(p)))  # enginebench JSON, old and new
 d, names = sys.argv[1], sys.argv[2:]
-runs = {n: {r["what"]: r for r in json.load(open(f"{d}/enginebench_{n}.json"))} for n in names}
+runs = {n: {r["what"]: r for r in eb_rows(f"{d}/enginebench_{n}.json")} for n in names}
 print("\n1B shape, bf16, tokens/s (ms): " + ", ".join(names))
 print("| measurement | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
 for what in runs[names[0]]:
@@ -532,6 +591,7 @@ case "${1:-}" in
   prefill-batch) prefill_batch_remote ;;
   core) core_remote ;;
   core-budget) core_budget_remote ;;
+  roofline) roofline_remote ;;
   twogpu-bench)
     # PRESET=1b|8b: the synthetic Llama shape; colocated runs on GPU 1 alone.
     gpu_env; P=${PRESET:-1b}
@@ -539,5 +599,5 @@ case "${1:-}" in
     /tmp/pdserve-gpu/pdserve bench compare --local colocated,nixl,ucx,tcp --device cuda:1 --prefill-device cuda:0 \
       --model /tmp/m$P --kv-cache-mib 8192 --input-len "${INPUTS:-512,2048,8192}" --output-len 64 --requests "${REQUESTS:-6}" \
       --concurrency 1 --vocab 120000 --quiet --no-kvbench --json ${OUT:-/tmp/gpu-out}/twogpu_$P.json | tee ${OUT:-/tmp/gpu-out}/twogpu_compare_$P.md ;;
-  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload|prefill-batch|core|core-budget" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|prepare-model|stage|smollm|numerics|prefix|routing|remote|engine|warm|speed|bench|leak|doctor|twogpu|twogpu-bench|overload|prefill-batch|core|core-budget|roofline" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ correctness reference for pdserve's engine on the GPU, and its speed for compari
   hf_reference.py MODEL_DIR --prompt-ids 1,2,3 --max-new-tokens 32 --json out.json
   hf_reference.py MODEL_DIR --prompts-file prompts.txt --max-new-tokens 32 --json out.json
   hf_reference.py MODEL_DIR --bench            # prefill tok/s at 512/2048, decode tok/s at batch 1/8/32
+                                               # (--bench-prefill, --bench-batches: other sizes)
   hf_reference.py MODEL_DIR --prefill-batches 1,2,4,8,16 --prefill-len 512   # batched prefill tok/s
 """
 import argparse, json, time
@@ -22,6 +23,8 @@ ap.add_argument("--bench", action="store_true")
 ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
 ap.add_argument("--prefill-batches", default="", help="batch sizes: one forward pass over that many prompts")
 ap.add_argument("--prefill-len", type=int, default=512)
+ap.add_argument("--bench-prefill", default="512,2048", help="--bench: prompt lengths")
+ap.add_argument("--bench-batches", default="1,8,32", help="--bench: decode batch sizes")
 a = ap.parse_args()
 DTYPE = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
 m = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPE).cuda().eval()
@@ -53,10 +56,11 @@ if a.bench:
         return (time.perf_counter() - t) / reps
     b = {}
     with torch.no_grad():
-        for n in (512, 2048):
+        for n in (int(v) for v in a.bench_prefill.split(",")):
             x = torch.randint(3, 1000, (1, n), device="cuda")
-            b[f"prefill_{n}_tok_s"] = n / timed(lambda: m(x))
-        for bs in (1, 8, 32):
+            # The last position's logits only, as a prefill needs (and as ours computes).
+            b[f"prefill_{n}_tok_s"] = n / timed(lambda: m(x, logits_to_keep=1))
+        for bs in (int(v) for v in a.bench_batches.split(",")):
             x = torch.randint(3, 1000, (bs, 128), device="cuda")
             steps = 64
             dt = timed(lambda: m.generate(x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False), reps=1)

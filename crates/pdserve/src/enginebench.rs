@@ -9,6 +9,7 @@ use engine::model::argmax;
 use engine::{DecodeInput, Engine, EngineConfig, Pick, SamplingParams};
 use serde::Serialize;
 
+use crate::roofline::{Limits, decode_bytes, prefill_flops};
 use crate::units::parse_sizes;
 
 /// The engine as the in-process commands (`enginebench`, `numerics`) load it.
@@ -27,6 +28,9 @@ pub struct EngineArgs {
     /// `f32` (the fused path's residual stream and logits in f32) or `model`.
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// Decode batches up to this size run as CUDA graphs; 0: none.
+    #[arg(long, default_value_t = EngineConfig::default().cuda_graph_max_batch)]
+    pub cuda_graph_max_batch: usize,
 }
 
 impl EngineArgs {
@@ -39,6 +43,7 @@ impl EngineArgs {
             kernels: kernels.into(),
             precision: self.precision.clone(),
             kv_cache_mib,
+            cuda_graph_max_batch: self.cuda_graph_max_batch,
             ..Default::default()
         }
     }
@@ -78,6 +83,13 @@ pub struct Args {
     pub tolerance: f32,
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The GPU's memory bandwidth in GB/s for the roofline column (0: from the table of
+    /// known GPUs, by the name nvidia-smi reports).
+    #[arg(long, default_value_t = 0.0)]
+    pub hbm_gbps: f64,
+    /// The GPU's dense bf16 tensor-core peak in TFLOP/s (0: from the table).
+    #[arg(long, default_value_t = 0.0)]
+    pub peak_tflops: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -85,6 +97,18 @@ pub struct Row {
     pub what: String,
     pub tokens_per_s: f64,
     pub ms: f64,
+    /// Bytes a decode step must read and write at least, or FLOPs of a prefill.
+    pub work: f64,
+    /// Share of the roofline reached: decode work / time / memory bandwidth, prefill
+    /// FLOPs / time / tensor-core peak (None: the GPU's figures are unknown).
+    pub roofline: Option<f64>,
+}
+
+/// The report `enginebench --json` writes.
+#[derive(Serialize, Debug)]
+struct Report<'a> {
+    limits: Option<&'a Limits>,
+    rows: &'a [Row],
 }
 
 fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
@@ -103,6 +127,23 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
     }
     let e = load(&a, &a.engine.kernels)?;
     let vocab = e.config().vocab_size;
+    let cfg = e.config().clone();
+    let dtype_bytes = e.layout().dtype_size();
+    let limits = if a.engine.device.starts_with("cuda") {
+        Limits::of(&Limits::gpu_name().unwrap_or_default(), a.hbm_gbps, a.peak_tflops)
+    } else {
+        None
+    };
+    let prefill_row = |what: String, prompts: usize, tokens: usize, seconds: f64| {
+        let work = prefill_flops(&cfg, tokens, prompts);
+        Row {
+            what,
+            tokens_per_s: tokens as f64 / seconds,
+            ms: seconds * 1e3,
+            work,
+            roofline: limits.as_ref().map(|l| l.prefill_fraction(work, seconds)),
+        }
+    };
     let mut rows = Vec::new();
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
         for (i, n) in parse_sizes(&a.prefill).map_err(anyhow::Error::msg)?.into_iter().enumerate() {
@@ -120,11 +161,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                     best = best.min(dt);
                 }
             }
-            rows.push(Row {
-                what: format!("prefill {n} tokens"),
-                tokens_per_s: n as f64 / best,
-                ms: best * 1e3,
-            });
+            rows.push(prefill_row(format!("prefill {n} tokens"), 1, n, best));
         }
         let batches = if a.prefill_batch.is_empty() {
             Vec::new()
@@ -160,11 +197,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
                     best = best.min(dt);
                 }
             }
-            rows.push(Row {
-                what: format!("prefill batch {b} x {n} tokens"),
-                tokens_per_s: (b * n) as f64 / best,
-                ms: best * 1e3,
-            });
+            rows.push(prefill_row(format!("prefill batch {b} x {n} tokens"), b, b * n, best));
         }
         for b in parse_sizes(&a.batch).map_err(anyhow::Error::msg)? {
             let b = b as usize;
@@ -211,20 +244,41 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             for (seq, ..) in &seqs {
                 e.release(*seq);
             }
+            // The step in the middle of the timed ones: its contexts are the average.
+            let contexts = vec![a.context + a.steps / 2; b];
+            let work = decode_bytes(&cfg, dtype_bytes, &contexts);
+            let step_s = dt / a.steps as f64;
             rows.push(Row {
                 what: format!("decode batch {b}"),
                 tokens_per_s: (b * a.steps) as f64 / dt,
-                ms: dt * 1e3 / a.steps as f64,
+                ms: step_s * 1e3,
+                work,
+                roofline: limits.as_ref().map(|l| l.decode_fraction(work, step_s)),
             });
         }
         Ok(())
     })?;
-    println!("| measurement | tokens/s | ms (per prefill / per step) |\n|---|---|---|");
+    match &limits {
+        Some(l) => println!(
+            "roofline: {} at {} GB/s and {} TFLOP/s (decode: bytes a step must move / step time / bandwidth; prefill: FLOPs / time / peak)\n",
+            l.gpu, l.hbm_gbps, l.peak_tflops
+        ),
+        None if a.engine.device.starts_with("cuda") => {
+            println!("roofline: GPU not in the table; give --hbm-gbps and --peak-tflops\n")
+        }
+        None => {}
+    }
+    println!("| measurement | tokens/s | ms (per prefill / per step) | of roofline |\n|---|---|---|---|");
     for r in &rows {
-        println!("| {} | {:.0} | {:.2} |", r.what, r.tokens_per_s, r.ms);
+        let roof = r.roofline.map(|f| format!("{:.1}%", f * 100.0)).unwrap_or_else(|| "n/a".into());
+        println!("| {} | {:.0} | {:.2} | {roof} |", r.what, r.tokens_per_s, r.ms);
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
+        let report = Report {
+            limits: limits.as_ref(),
+            rows: &rows,
+        };
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(0)
 }
@@ -269,6 +323,38 @@ fn check(a: &Args) -> anyhow::Result<i32> {
                 test.release(s2);
             }
             seqs.push((ts, tb, rs, rb, argmax(&rl), n));
+        }
+        // The same prompts in one batched prefill pass (a varlen batch: each its own
+        // tiles, table and causal context): each prompt's first greedy token as its
+        // own pass on the reference gave it.
+        let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| tokens(n, i, vocab)).collect();
+        let greedy = SamplingParams::default();
+        let seqs_b: Vec<u64> = prompts.iter().map(|_| test.next_sequence_id()).collect();
+        let tables = seqs_b
+            .iter()
+            .zip(&prompts)
+            .map(|(&s, p)| test.admit(s, p.len()))
+            .collect::<engine::Result<Vec<_>>>()?;
+        let parts: Vec<engine::PrefillPart> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, bl)| engine::PrefillPart {
+                prompt: p,
+                from: 0,
+                to: p.len(),
+                blocks: bl,
+                params: &greedy,
+            })
+            .collect();
+        let picked = test.prefill_batch_pick(&parts)?;
+        let expected: Vec<Option<u32>> = seqs.iter().map(|s| Some(s.4)).collect();
+        rows.push((
+            format!("prefill batch of {} prompts: first tokens", prompts.len()),
+            0.0,
+            picked == expected,
+        ));
+        for s in seqs_b {
+            test.release(s);
         }
         // A continuous batch of all the lengths, decoded greedily in both.
         for step in 0..8 {

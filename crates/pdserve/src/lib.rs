@@ -8,6 +8,7 @@ pub mod generate;
 pub mod kvbench;
 pub mod model;
 pub mod numerics;
+pub mod roofline;
 pub mod units;
 pub mod up;
 
