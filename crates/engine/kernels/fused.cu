@@ -208,16 +208,14 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
     constexpr int VEC = 16 / sizeof(T), PER_KEY = D / VEC;
     for (uint32_t e = threadIdx.x; e < WARP * PER_KEY; e += blockDim.x) {
       const uint32_t j = e / PER_KEY, i = (e % PER_KEY) * VEC, kp = k0 + j;
-      T kx[VEC], vx[VEC];
+      uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in every T
       if (kp < tile_ctx) {
         const uint64_t s = (uint64_t)table[kp / block_size] * block_size + kp % block_size;
         const uint64_t off = (s * KV + kvh) * D + i;
-        *reinterpret_cast<uint4 *>(kx) = *reinterpret_cast<const uint4 *>(k_pool + off);
-        *reinterpret_cast<uint4 *>(vx) = *reinterpret_cast<const uint4 *>(v_pool + off);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) kx[v] = vx[v] = from_f<T>(0.0f);
+        kr = *reinterpret_cast<const uint4 *>(k_pool + off);
+        vr = *reinterpret_cast<const uint4 *>(v_pool + off);
       }
+      const T *kx = reinterpret_cast<const T *>(&kr), *vx = reinterpret_cast<const T *>(&vr);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         ks[j][i + v] = to_f(kx[v]);
