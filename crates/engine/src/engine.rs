@@ -42,10 +42,11 @@ pub struct EngineConfig {
     /// start the same way (see `kv_cache`'s module comment); used where prompts are
     /// admitted with [`Engine::admit_prompt`] (the prefill-server).
     pub prefix_caching: bool,
-    /// Decode batches of up to this many sequences run as CUDA graphs captured per
-    /// batch-size bucket (1, 2, 4, 8, 16, 24, 32, 48, ... 256) and block-table width:
-    /// one launch a step instead of some 150 (fused kernels with precision `f32`; the
-    /// first step of each shape runs eagerly and is captured). 0: no graphs.
+    /// Decode batches run as CUDA graphs, captured per batch-size bucket (1, 2, 4, 8,
+    /// 16, 24, 32, 48, ... 256; the largest bucket not above this value is the last)
+    /// and block-table width: one launch a step instead of some 150 (fused kernels, a
+    /// bf16/f16 dtype, precision `f32`; a shape's first step runs eagerly and is
+    /// captured). 0: no graphs.
     pub cuda_graph_max_batch: usize,
 }
 

@@ -146,20 +146,38 @@ pub(crate) fn upload(dst: &Tensor, data: &[u32]) -> Result<()> {
     unsafe { result::memcpy_htod_async(ptr, data, s.cu_stream()) }.map_err(|e| invalid(&format!("upload: {e}")))
 }
 
-/// Starts capturing the device's stream (this thread's work only).
-pub(crate) fn begin_capture(device: &Device) -> Result<()> {
+/// Captures what `f` puts on this thread's stream as a graph. The capture ends however
+/// `f` leaves (an error, a panic), so the stream never stays in capture mode.
+pub(crate) fn capture(device: &Device, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
+    struct Capturing<'a>(&'a Device, bool);
+    impl Drop for Capturing<'_> {
+        fn drop(&mut self) {
+            if self.1
+                && let Ok(s) = stream(self.0)
+            {
+                let _ = s.end_capture(sys::CUgraphInstantiate_flags(0));
+            }
+        }
+    }
     stream(device)?
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .map_err(|e| invalid(&format!("begin capture: {e}")))
+        .map_err(|e| invalid(&format!("begin capture: {e}")))?;
+    let mut guard = Capturing(device, true);
+    let r = f();
+    guard.1 = false;
+    let graph = stream(device)?
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(|e| invalid(&format!("end capture: {e}")));
+    r?;
+    graph?.map(Graph).ok_or_else(|| invalid("the capture recorded nothing"))
 }
 
-/// Ends the capture begun by [`begin_capture`]; the instantiated graph.
-pub(crate) fn end_capture(device: &Device) -> Result<Graph> {
-    stream(device)?
-        .end_capture(sys::CUgraphInstantiate_flags(0))
-        .map_err(|e| invalid(&format!("end capture: {e}")))?
-        .map(Graph)
-        .ok_or_else(|| invalid("the capture recorded nothing"))
+/// Drops the errors cudarc kept from a failed capture (frees of captured memory made
+/// after the capture broke), which it would otherwise hand to the next call.
+pub(crate) fn clear_errors(device: &Device) {
+    if let Ok(s) = stream(device) {
+        let _ = s.context().check_err();
+    }
 }
 
 /// Launches a captured step.
@@ -167,16 +185,15 @@ pub(crate) fn launch(graph: &Graph) -> Result<()> {
     graph.0.launch().map_err(|e| invalid(&format!("launch: {e}")))
 }
 
-/// One stream per device, used by this process's engine alone: cudarc's event tracking
-/// (two CUDA events created with every allocation, recorded and waited on at every
-/// use, for ordering between streams) buys nothing and costs host time on every op,
-/// and its event records would land in captured graphs.
+/// cudarc's event tracking creates two CUDA events with every allocation, for ordering
+/// work between streams it created; the engine's device creates none (candle puts each
+/// thread's work on that thread's default stream, which cudarc does not track), so
+/// the events are never used and only cost host time on every op.
 pub(crate) fn single_stream(device: &Device) {
     if let Device::Cuda(d) = device {
-        // SAFETY: called right after the device is created, before any allocation; the
-        // engine enqueues all its work on this device's one stream (the data plane
-        // copies with its own synchronous calls), so no ordering between streams is
-        // lost.
+        // SAFETY: called right after the device is created; the engine makes no cudarc
+        // stream of its own on it, so tracking would never order anything (cudarc only
+        // records and waits on the events once a context has several streams).
         unsafe { d.disable_event_tracking() };
     }
 }

@@ -481,9 +481,14 @@ pub(crate) fn flash_prefill(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &Pa
     }
 }
 
-/// Whether the tensor-core prefill kernel serves a model of these heads and dtype.
-pub(crate) fn flash_supported(dtype: DType, h: Heads) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && FLASH_HEAD_DIMS.contains(&h.dim) && h.kv > 0 && h.q.is_multiple_of(h.kv)
+/// Whether the tensor-core prefill kernel serves a model of these heads and dtype on
+/// this device (its mma needs compute capability 8.0).
+pub(crate) fn flash_supported(device: &candle_core::Device, dtype: DType, h: Heads) -> bool {
+    let Ok(dev) = device.as_cuda_device() else {
+        return false;
+    };
+    let major = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
+    major >= 8 && matches!(dtype, DType::BF16 | DType::F16) && FLASH_HEAD_DIMS.contains(&h.dim) && h.kv > 0 && h.q.is_multiple_of(h.kv)
 }
 
 /// Whether the fused path serves a model of these heads on this device.

@@ -37,9 +37,11 @@ pub struct Model {
     /// `f32`), not in the model's dtype.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     f32_stream: bool,
-    /// Decode steps as CUDA graphs (`graphs.rs`); its lock is held by every fused
-    /// forward pass while it enqueues work. None: off (CPU, candle's ops, precision
-    /// `model`, or `cuda_graph_max_batch = 0`).
+    /// Prefill attention on tensor cores (`kernels::flash_prefill`).
+    flash: bool,
+    /// Decode steps as CUDA graphs (`graphs.rs`), behind the lock a decode step holds.
+    /// None: off (CPU, candle's ops, precision `model`, an f32 model, or
+    /// `cuda_graph_max_batch = 0`).
     #[cfg(feature = "cuda")]
     graphs: Option<std::sync::Mutex<crate::graphs::DecodeGraphs>>,
 }
@@ -170,8 +172,11 @@ impl Model {
             sin: freqs.sin()?.to_dtype(if fused { DType::F32 } else { dtype })?,
             fused,
             f32_stream,
+            flash: fused && flash_supported(device, dtype, c),
             #[cfg(feature = "cuda")]
-            graphs: (f32_stream && graph_max_batch > 0).then(|| std::sync::Mutex::new(crate::graphs::DecodeGraphs::new(graph_max_batch))),
+            // The graph's logits GEMM reads bf16/f16 (an f32 model's decode runs eagerly).
+            graphs: (f32_stream && dtype != DType::F32 && graph_max_batch > 0)
+                .then(|| std::sync::Mutex::new(crate::graphs::DecodeGraphs::new(graph_max_batch))),
         })
     }
 
@@ -229,8 +234,7 @@ impl Model {
         if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             return Err(EngineError::Invalid("prefill of no tokens".into()));
         }
-        #[cfg(feature = "cuda")]
-        let _stream = self.stream_lock();
+
         // Each chunk's rows, and the rows whose logits are wanted.
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut wanted = Vec::new();
@@ -272,25 +276,25 @@ impl Model {
     /// Advances each sequence by one token and hands its logits `[batch, vocab]` (f32)
     /// to `read`, whose result is returned. The logits may live in a buffer the next
     /// step overwrites (a CUDA graph's), so `read` runs while no other step can.
-    pub fn decode<R>(&self, pools: &KvPools, batch: &[DecodeInput<'_>], read: impl FnOnce(Tensor) -> Result<R>) -> Result<R> {
+    pub(crate) fn decode<R>(&self, pools: &KvPools, batch: &[DecodeInput<'_>], read: impl FnOnce(Tensor) -> Result<R>) -> Result<R> {
         #[cfg(feature = "cuda")]
-        if let Some(mut g) = self.stream_lock() {
-            if g.enabled {
-                let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
-                if let Some(shape) = crate::graphs::Shape::of(batch.len(), width, g.max_batch) {
-                    let logits = self.decode_graphed(&mut g, pools, batch, shape)?;
-                    return read(logits);
-                }
+        if let Some(mut g) = self.stream_lock()
+            && g.enabled
+        {
+            let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+            if let Some(shape) = crate::graphs::Shape::of(batch.len(), width, g.max_batch)
+                && let Some(logits) = self.decode_graphed(&mut g, pools, batch, shape)?
+            {
+                return read(logits);
             }
-            // Held for the eager step too: no capture may take its kernels.
-            return read(self.decode_eager(pools, batch)?);
         }
         read(self.decode_eager(pools, batch)?)
     }
 
-    /// With CUDA graphs: the lock every pass holds while it puts work on the device's
-    /// stream, so that no other thread's work lands in a graph being captured (a
-    /// capture takes whatever enters its stream).
+    /// With CUDA graphs: their state, held by a decode step from its first upload to
+    /// the end of `read` (the static logits are the next step's). Other threads'
+    /// passes need not wait: candle puts each thread's work on that thread's own
+    /// default stream, and a capture takes only its own stream's work.
     #[cfg(feature = "cuda")]
     fn stream_lock(&self) -> Option<std::sync::MutexGuard<'_, crate::graphs::DecodeGraphs>> {
         self.graphs.as_ref().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()))
@@ -316,7 +320,8 @@ impl Model {
 
     /// A decode step through the CUDA graph of `shape` (captured on the shape's first
     /// step, which runs eagerly on the graph's buffers); the batch's rows of the
-    /// bucket's static logits.
+    /// bucket's static logits. None: capturing failed, graphs are off from now on, and
+    /// the step is left to the eager path (it wrote nothing the eager step would not).
     #[cfg(feature = "cuda")]
     fn decode_graphed(
         &self,
@@ -324,7 +329,7 @@ impl Model {
         pools: &KvPools,
         batch: &[DecodeInput<'_>],
         shape: crate::graphs::Shape,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         use crate::graphs;
         let b = batch.len();
         let mut rows = Rows::new(shape.batch, 1);
@@ -343,7 +348,7 @@ impl Model {
         graphs::upload(&entry.meta, &meta)?;
         if let Some(graph) = &entry.graph {
             graphs::launch(graph)?;
-            return Ok(logits.narrow(0, 0, b)?);
+            return Ok(Some(logits.narrow(0, 0, b)?));
         }
         let inputs = rows.inputs(&entry.meta)?;
         let step = || -> Result<()> {
@@ -358,39 +363,35 @@ impl Model {
         // memory. With candle's cache on, the eager step leaves them on the device and
         // the capture finds them there (or fails, and graphs go off).
         let _params = dev.enable_cuda_graph_htod_cache();
-        step()?;
-        let eager = logits.narrow(0, 0, b)?.to_vec2::<f32>()?;
-        graphs::begin_capture(&self.device)?;
-        let captured = step();
-        let graph = match (captured, graphs::end_capture(&self.device)) {
-            (Ok(()), Ok(graph)) => Ok(graph),
-            (r, e) => Err(r.err().or(e.err()).map(|e| e.to_string()).unwrap_or_default()),
-        };
-        // The graph must reproduce the step it was captured from (it rewrites the same
-        // K/V into the same slots) before it replaces eager steps.
-        let graph = graph.and_then(|graph| {
-            graphs::launch(&graph).map_err(|e| e.to_string())?;
-            let replay = logits.narrow(0, 0, b).and_then(|l| l.to_vec2::<f32>()).map_err(|e| e.to_string())?;
-            let worst = eager
+        let captured = step().and_then(|()| {
+            let eager = logits.narrow(0, 0, b)?.to_vec2::<f32>()?;
+            let graph = graphs::capture(&self.device, step)?;
+            // The graph must reproduce the step it was captured from (it rewrites the
+            // same K/V into the same slots) before it replaces eager steps.
+            graphs::launch(&graph)?;
+            let replay = logits.narrow(0, 0, b)?.to_vec2::<f32>()?;
+            let same = eager
                 .iter()
                 .zip(&replay)
                 .flat_map(|(a, r)| a.iter().zip(r))
-                .fold(0f32, |m, (a, r)| m.max((a - r).abs() / a.abs().max(1.0)));
-            if worst > 1e-3 || worst.is_nan() {
-                return Err(format!("the replay's logits differ from the eager step's by {worst:e}"));
+                .all(|(a, r)| (a - r).abs() <= 1e-3 * a.abs().max(1.0));
+            if !same {
+                return Err(EngineError::Invalid("the replay's logits differ from the eager step's".into()));
             }
             Ok(graph)
         });
-        match graph {
-            Ok(graph) => entry.graph = Some(graph),
-            Err(why) => {
-                tracing::warn!(error = %why, batch = shape.batch, width = shape.width, "capturing a decode step as a CUDA graph failed; decode steps run without graphs from now on");
+        match captured {
+            Ok(graph) => {
+                entry.graph = Some(graph);
+                Ok(Some(logits.narrow(0, 0, b)?))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, batch = shape.batch, width = shape.width, "capturing a decode step as a CUDA graph failed; decode steps run without graphs from now on");
                 g.enabled = false;
-                // The logits again, from an eager step: a replay may have left others.
-                step()?;
+                graphs::clear_errors(&self.device);
+                Ok(None)
             }
         }
-        Ok(logits.narrow(0, 0, b)?)
     }
 
     /// The final-normed hidden states' logits, f32 `[rows, vocab]`: accumulated and kept
@@ -637,11 +638,7 @@ impl Model {
     /// Whether prefill attention runs on tensor cores (fused path, bf16/f16, head dim
     /// 64 or 128).
     fn flash_prefill(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        let on = self.fused && crate::kernels::flash_supported(self.dtype, self.heads());
-        #[cfg(not(feature = "cuda"))]
-        let on = false;
-        on
+        self.flash
     }
 
     /// q, k, v for `b` sequences of `t` tokens each: `[b, heads, t, d]`, RoPE applied.
@@ -858,6 +855,24 @@ fn fused_supported(device: &Device, c: &ModelConfig) -> bool {
 
 #[cfg(not(feature = "cuda"))]
 fn fused_supported(_: &Device, _: &ModelConfig) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn flash_supported(device: &Device, dtype: DType, c: &ModelConfig) -> bool {
+    crate::kernels::flash_supported(
+        device,
+        dtype,
+        crate::kernels::Heads {
+            q: c.num_heads,
+            kv: c.num_kv_heads,
+            dim: c.head_dim,
+        },
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn flash_supported(_: &Device, _: DType, _: &ModelConfig) -> bool {
     false
 }
 

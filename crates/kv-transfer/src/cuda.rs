@@ -127,21 +127,34 @@ impl crate::bench::ReadBack for CudaBuffer {
     }
 }
 
-/// Page-locked host memory: the TCP backend stages GPU bytes through it.
+/// Page-locked host memory: the TCP backend stages GPU bytes through it. Its copies go
+/// through a non-blocking stream of its own: a copy on the legacy default stream
+/// would wait for (and, while the engine captures a decode step as a CUDA graph on
+/// its thread's stream, break) every other blocking stream of the context.
 pub(crate) struct Pinned {
     ptr: *mut c_void,
     len: usize,
+    stream: sys::CUstream,
 }
 
-// SAFETY: plain host memory owned by this value.
+// SAFETY: plain host memory and a stream handle owned by this value; a stream may be
+// used from any thread that binds its context (load and store do first).
 unsafe impl Send for Pinned {}
 
 impl Pinned {
     pub(crate) fn new(device: u32, len: usize) -> Result<Pinned> {
         bind_thread(device)?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("cuStreamCreate", e))?;
         // SAFETY: a portable pinned allocation, freed in Drop.
-        let ptr = unsafe { result::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(|e| cuda_err("cuMemHostAlloc", e))?;
-        Ok(Pinned { ptr, len })
+        let ptr = match unsafe { result::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) } {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: created above, used by nothing yet.
+                let _ = unsafe { result::stream::destroy(stream) };
+                return Err(cuda_err("cuMemHostAlloc", e));
+            }
+        };
+        Ok(Pinned { ptr, len, stream })
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -152,24 +165,38 @@ impl Pinned {
     /// Copies `len` bytes of device memory at `src` into the start of the buffer.
     pub(crate) fn load(&mut self, device: u32, src: u64, len: usize) -> Result<&[u8]> {
         bind_thread(device)?;
+        let stream = self.stream;
         let dst = &mut self.as_mut_slice()[..len];
-        // SAFETY: `src..src+len` lies in a registered GPU region (checked by the caller).
-        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| cuda_err("cuMemcpyDtoH", e))?;
+        // SAFETY: `src..src+len` lies in a registered GPU region (checked by the caller);
+        // `dst` is pinned memory of ours, and the stream is synchronized before it is read.
+        unsafe {
+            result::memcpy_dtoh_async(dst, src, stream).map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
+            result::stream::synchronize(stream).map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+        }
         Ok(&self.as_mut_slice()[..len])
     }
 
     /// Copies the first `len` bytes of the buffer to device memory at `dst`.
     pub(crate) fn store(&mut self, device: u32, dst: u64, len: usize) -> Result<()> {
         bind_thread(device)?;
+        let stream = self.stream;
         let src = &self.as_mut_slice()[..len];
-        // SAFETY: `dst..dst+len` lies in a registered GPU region (checked by the caller).
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| cuda_err("cuMemcpyHtoD", e))
+        // SAFETY: `dst..dst+len` lies in a registered GPU region (checked by the caller);
+        // the copy has finished reading the pinned buffer when the stream synchronizes.
+        unsafe {
+            result::memcpy_htod_async(dst, src, stream).map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
+            result::stream::synchronize(stream).map_err(|e| cuda_err("cuStreamSynchronize", e))
+        }
     }
 }
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // SAFETY: allocated by cuMemHostAlloc in `new`, freed once.
-        let _ = unsafe { result::free_host(self.ptr) };
+        // SAFETY: allocated by cuMemHostAlloc in `new`, freed once, after its stream's
+        // copies finished (each is synchronized); the stream is ours, destroyed once.
+        unsafe {
+            let _ = result::free_host(self.ptr);
+            let _ = result::stream::destroy(self.stream);
+        }
     }
 }

@@ -17,7 +17,7 @@ pub struct Limits {
 }
 
 /// Datasheet figures by a substring of the name the driver reports, most specific first.
-const GPUS: [(&str, f64, f64); 11] = [
+const GPUS: [(&str, f64, f64); 12] = [
     ("H200", 4800.0, 989.0),
     ("H100 NVL", 3900.0, 835.0),
     ("H100 PCIe", 2000.0, 756.0),
@@ -28,6 +28,7 @@ const GPUS: [(&str, f64, f64); 11] = [
     ("A100 80GB PCIe", 1935.0, 312.0),
     ("A100", 1555.0, 312.0),
     ("L40S", 864.0, 362.0),
+    ("L40", 864.0, 181.0),
     ("L4", 300.0, 121.0),
 ];
 
@@ -50,10 +51,11 @@ impl Limits {
         })
     }
 
-    /// The first GPU's name, from `nvidia-smi`.
-    pub fn gpu_name() -> Option<String> {
+    /// The name of GPU `index` (as CUDA numbers it, with CUDA_VISIBLE_DEVICES unset),
+    /// from `nvidia-smi`.
+    pub fn gpu_name(index: u32) -> Option<String> {
         let out = std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=name", "--format=csv,noheader"])
+            .args(["--query-gpu=name", "--format=csv,noheader", &format!("--id={index}")])
             .output()
             .ok()?;
         let name = String::from_utf8_lossy(&out.stdout).lines().next()?.trim().to_string();
@@ -140,6 +142,8 @@ mod tests {
         assert_eq!(Limits::of("NVIDIA H100 80GB HBM3", 0.0, 0.0).unwrap().hbm_gbps, 3350.0);
         assert_eq!(Limits::of("NVIDIA H100 PCIe", 0.0, 0.0).unwrap().peak_tflops, 756.0);
         assert_eq!(Limits::of("NVIDIA A100-SXM4-80GB", 0.0, 0.0).unwrap().hbm_gbps, 2039.0);
+        assert_eq!(Limits::of("NVIDIA L40", 0.0, 0.0).unwrap().peak_tflops, 181.0);
+        assert_eq!(Limits::of("NVIDIA L40S", 0.0, 0.0).unwrap().peak_tflops, 362.0);
         assert!(Limits::of("Some GPU", 0.0, 0.0).is_none());
         assert!(Limits::of("Some GPU", 1000.0, 0.0).is_none());
         let given = Limits::of("Some GPU", 1000.0, 200.0).unwrap();
