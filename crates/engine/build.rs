@@ -14,6 +14,8 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("fused.ptx");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    // The kernels see it: PTX built below 8.0 has no tensor-core prefill, whatever the GPU.
+    println!("cargo::rustc-env=PDSERVE_PTX_COMPUTE_CAP={cap}");
     let root = std::env::var("CUDA_ROOT").ok();
     let nvcc = std::env::var("NVCC")
         .ok()

@@ -70,9 +70,8 @@ pub(crate) struct Captured {
     last_used: u64,
 }
 
-/// The graphs of one model, and the static logits of each bucket. Every forward pass
-/// of the model holds its lock while it enqueues work, so no other thread's kernels
-/// land in a graph being captured.
+/// The graphs of one model, and the static logits of each bucket, behind the lock a
+/// decode step (and a prefill pass: they share cuBLAS's workspace) holds.
 pub(crate) struct DecodeGraphs {
     pub max_batch: usize,
     /// Off after a failed capture.
@@ -164,8 +163,9 @@ pub(crate) fn capture(device: &Device, f: impl FnOnce() -> Result<()>) -> Result
         .map_err(|e| invalid(&format!("begin capture: {e}")))?;
     let mut guard = Capturing(device, true);
     let r = f();
+    let s = stream(device)?;
     guard.1 = false;
-    let graph = stream(device)?
+    let graph = s
         .end_capture(sys::CUgraphInstantiate_flags(0))
         .map_err(|e| invalid(&format!("end capture: {e}")));
     r?;

@@ -340,6 +340,24 @@ pub(crate) struct PagedContext<'a> {
     pub key_splits: usize,
 }
 
+/// Binds the device views the attention kernels read (q, the pools, and the paged
+/// context's tables, rows, contexts and tiles) to the given names, their storage
+/// guards held to the end of the enclosing block.
+macro_rules! paged_views {
+    ($t:ty, $q:expr, $k:expr, $v:expr, $c:expr => $qv:ident, $kp:ident, $vp:ident, $tb:ident, $sq:ident, $cx:ident, $tl:ident) => {
+        let (s0, l0) = $q.storage_and_layout();
+        let (s1, l1) = $k.storage_and_layout();
+        let (s2, l2) = $v.storage_and_layout();
+        let (s3, l3) = $c.tables.storage_and_layout();
+        let (s4, l4) = $c.seq.storage_and_layout();
+        let (s5, l5) = $c.ctx.storage_and_layout();
+        let (s6, l6) = $c.tiles.storage_and_layout();
+        let ($qv, $kp, $vp) = (view::<$t>(&s0, l0)?, view::<$t>(&s1, l1)?, view::<$t>(&s2, l2)?);
+        let ($tb, $sq, $cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
+        let $tl = view::<u32>(&s6, l6)?;
+    };
+}
+
 /// Attention of q `[n, heads.q, dim]` over the paged pools; `[n, heads.q, dim]`.
 pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &PagedContext<'_>, h: Heads) -> Result<Tensor> {
     fn go<T: CudaDType + DeviceRepr>(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &PagedContext<'_>, h: Heads) -> Result<Tensor> {
@@ -351,16 +369,7 @@ pub(crate) fn paged_attention(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &
         }
         let (_, max_blocks) = c.tables.dims2()?;
         let dev = device(q)?;
-        let (s0, l0) = q.storage_and_layout();
-        let (s1, l1) = k_pool.storage_and_layout();
-        let (s2, l2) = v_pool.storage_and_layout();
-        let (s3, l3) = c.tables.storage_and_layout();
-        let (s4, l4) = c.seq.storage_and_layout();
-        let (s5, l5) = c.ctx.storage_and_layout();
-        let (s6, l6) = c.tiles.storage_and_layout();
-        let (qv, kp, vp) = (view::<T>(&s0, l0)?, view::<T>(&s1, l1)?, view::<T>(&s2, l2)?);
-        let (tb, sq, cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
-        let tl = view::<u32>(&s6, l6)?;
+        paged_views!(T, q, k_pool, v_pool, c => qv, kp, vp, tb, sq, cx, tl);
         let tiles = c.tiles.dim(0)?.saturating_sub(1);
         if tiles == 0 {
             return Err(invalid("paged_attention: no tiles"));
@@ -438,16 +447,7 @@ pub(crate) fn flash_prefill(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &Pa
             return Err(invalid("flash_prefill: no tiles"));
         }
         let dev = device(q)?;
-        let (s0, l0) = q.storage_and_layout();
-        let (s1, l1) = k_pool.storage_and_layout();
-        let (s2, l2) = v_pool.storage_and_layout();
-        let (s3, l3) = c.tables.storage_and_layout();
-        let (s4, l4) = c.seq.storage_and_layout();
-        let (s5, l5) = c.ctx.storage_and_layout();
-        let (s6, l6) = c.tiles.storage_and_layout();
-        let (qv, kp, vp) = (view::<T>(&s0, l0)?, view::<T>(&s1, l1)?, view::<T>(&s2, l2)?);
-        let (tb, sq, cx) = (view::<u32>(&s3, l3)?, view::<u32>(&s4, l4)?, view::<u32>(&s5, l5)?);
-        let tl = view::<u32>(&s6, l6)?;
+        paged_views!(T, q, k_pool, v_pool, c => qv, kp, vp, tb, sq, cx, tl);
         let name = format!("flash_prefill_{}_{}", suffix(q.dtype())?, h.dim);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         // SAFETY: the kernel writes every row of `out` its tiles cover, and the tiles
@@ -482,13 +482,26 @@ pub(crate) fn flash_prefill(q: &Tensor, k_pool: &Tensor, v_pool: &Tensor, c: &Pa
 }
 
 /// Whether the tensor-core prefill kernel serves a model of these heads and dtype on
-/// this device (its mma needs compute capability 8.0).
+/// this device (its mma needs compute capability 8.0, in the GPU and in the PTX, which
+/// is built for `CUDA_COMPUTE_CAP`).
 pub(crate) fn flash_supported(device: &candle_core::Device, dtype: DType, h: Heads) -> bool {
     let Ok(dev) = device.as_cuda_device() else {
         return false;
     };
-    let major = dev.cuda_stream().context().compute_capability().map(|c| c.0).unwrap_or(0);
-    major >= 8 && matches!(dtype, DType::BF16 | DType::F16) && FLASH_HEAD_DIMS.contains(&h.dim) && h.kv > 0 && h.q.is_multiple_of(h.kv)
+    let built: u32 = env!("PDSERVE_PTX_COMPUTE_CAP").parse().unwrap_or(0);
+    let major = match dev.cuda_stream().context().compute_capability() {
+        Ok(c) => c.0,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the GPU's compute capability; prefill attention without tensor cores");
+            0
+        }
+    };
+    built >= 80
+        && major >= 8
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && FLASH_HEAD_DIMS.contains(&h.dim)
+        && h.kv > 0
+        && h.q.is_multiple_of(h.kv)
 }
 
 /// Whether the fused path serves a model of these heads on this device.

@@ -234,6 +234,11 @@ impl Model {
         if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             return Err(EngineError::Invalid("prefill of no tokens".into()));
         }
+        // candle's one cuBLAS handle (and its workspace) serves every thread, and a
+        // captured graph replays its GEMMs with the workspace it was captured with: no
+        // prefill's GEMMs may run beside a decode step's capture or replay.
+        #[cfg(feature = "cuda")]
+        let _graphs = self.stream_lock();
 
         // Each chunk's rows, and the rows whose logits are wanted.
         let mut offsets = Vec::with_capacity(chunks.len());
@@ -292,9 +297,9 @@ impl Model {
     }
 
     /// With CUDA graphs: their state, held by a decode step from its first upload to
-    /// the end of `read` (the static logits are the next step's). Other threads'
-    /// passes need not wait: candle puts each thread's work on that thread's own
-    /// default stream, and a capture takes only its own stream's work.
+    /// the end of `read` (the static logits are the next step's), and by a prefill
+    /// pass (they share cuBLAS's workspace). A capture takes only its own thread's
+    /// stream's work: candle puts each thread's work on that thread's default stream.
     #[cfg(feature = "cuda")]
     fn stream_lock(&self) -> Option<std::sync::MutexGuard<'_, crate::graphs::DecodeGraphs>> {
         self.graphs.as_ref().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()))

@@ -134,6 +134,8 @@ impl crate::bench::ReadBack for CudaBuffer {
 pub(crate) struct Pinned {
     ptr: *mut c_void,
     len: usize,
+    /// The device whose context the stream belongs to.
+    device: u32,
     stream: sys::CUstream,
 }
 
@@ -154,7 +156,11 @@ impl Pinned {
                 return Err(cuda_err("cuMemHostAlloc", e));
             }
         };
-        Ok(Pinned { ptr, len, stream })
+        Ok(Pinned { ptr, len, device, stream })
+    }
+
+    pub(crate) fn device(&self) -> u32 {
+        self.device
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -162,9 +168,10 @@ impl Pinned {
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len) }
     }
 
-    /// Copies `len` bytes of device memory at `src` into the start of the buffer.
-    pub(crate) fn load(&mut self, device: u32, src: u64, len: usize) -> Result<&[u8]> {
-        bind_thread(device)?;
+    /// Copies `len` bytes of device memory at `src` (on the buffer's device) into the
+    /// start of the buffer.
+    pub(crate) fn load(&mut self, src: u64, len: usize) -> Result<&[u8]> {
+        bind_thread(self.device)?;
         let stream = self.stream;
         let dst = &mut self.as_mut_slice()[..len];
         // SAFETY: `src..src+len` lies in a registered GPU region (checked by the caller);
@@ -176,9 +183,10 @@ impl Pinned {
         Ok(&self.as_mut_slice()[..len])
     }
 
-    /// Copies the first `len` bytes of the buffer to device memory at `dst`.
-    pub(crate) fn store(&mut self, device: u32, dst: u64, len: usize) -> Result<()> {
-        bind_thread(device)?;
+    /// Copies the first `len` bytes of the buffer to device memory at `dst` (on the
+    /// buffer's device).
+    pub(crate) fn store(&mut self, dst: u64, len: usize) -> Result<()> {
+        bind_thread(self.device)?;
         let stream = self.stream;
         let src = &self.as_mut_slice()[..len];
         // SAFETY: `dst..dst+len` lies in a registered GPU region (checked by the caller);
@@ -192,6 +200,8 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        // The stream belongs to the device's context: make it current on this thread.
+        let _ = bind_thread(self.device);
         // SAFETY: allocated by cuMemHostAlloc in `new`, freed once, after its stream's
         // copies finished (each is synchronized); the stream is ours, destroyed once.
         unsafe {

@@ -315,14 +315,15 @@ impl Tcp {
                 }
                 #[cfg(feature = "cuda")]
                 MemKind::Vram { device } => {
-                    if conn.stage.is_none() {
+                    // A staging buffer (and its stream) per device: a stream serves its context only.
+                    if conn.stage.as_ref().is_none_or(|p| p.device() != device) {
                         conn.stage = Some(crate::cuda::Pinned::new(device, STAGE)?);
                     }
                     let stage = conn.stage.as_mut().expect("staging buffer");
                     let mut done = 0u64;
                     while done < s.len {
                         let n = (s.len - done).min(STAGE as u64) as usize;
-                        let bytes = stage.load(device, s.local_addr + done, n)?;
+                        let bytes = stage.load(s.local_addr + done, n)?;
                         conn.stream.write_all(bytes).await.map_err(|e| lost(addr, e))?;
                         done += n as u64;
                     }
@@ -556,7 +557,7 @@ async fn serve_frame(stream: &mut TcpStream, t: &Target, sender: &str, header: &
             }
             #[cfg(feature = "cuda")]
             MemKind::Vram { device } => {
-                if bufs.stage.is_none() {
+                if bufs.stage.as_ref().is_none_or(|p| p.device() != device) {
                     bufs.stage = Some(crate::cuda::Pinned::new(device, STAGE).map_err(std::io::Error::other)?);
                 }
                 let buf = bufs.stage.as_mut().expect("staging buffer");
@@ -564,8 +565,7 @@ async fn serve_frame(stream: &mut TcpStream, t: &Target, sender: &str, header: &
                 while done < len {
                     let n = (len - done).min(STAGE);
                     stream.read_exact(&mut buf.as_mut_slice()[..n]).await?;
-                    buf.store(device, (mem.addr() + offset + done) as u64, n)
-                        .map_err(std::io::Error::other)?;
+                    buf.store((mem.addr() + offset + done) as u64, n).map_err(std::io::Error::other)?;
                     done += n;
                 }
             }

@@ -119,6 +119,21 @@ fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| 3 + ((i * 7919 + salt * 104_729) % (vocab - 3)) as u32).collect()
 }
 
+/// Each prompt whole, in its blocks, for one batched prefill pass.
+fn whole_prompts<'a>(prompts: &'a [Vec<u32>], tables: &'a [Vec<u32>], params: &'a SamplingParams) -> Vec<engine::PrefillPart<'a>> {
+    prompts
+        .iter()
+        .zip(tables)
+        .map(|(p, bl)| engine::PrefillPart {
+            prompt: p,
+            from: 0,
+            to: p.len(),
+            blocks: bl,
+            params,
+        })
+        .collect()
+}
+
 fn load(a: &Args, kernels: &str) -> anyhow::Result<Engine> {
     Ok(tokio::task::block_in_place(|| {
         Engine::load(&a.engine.config(kernels, a.kv_cache_mib))
@@ -183,17 +198,7 @@ pub async fn run(a: Args) -> anyhow::Result<i32> {
             for rep in 0..4 {
                 let seqs: Vec<u64> = (0..b).map(|_| e.next_sequence_id()).collect();
                 let tables = seqs.iter().map(|&s| e.admit(s, n)).collect::<engine::Result<Vec<_>>>()?;
-                let parts: Vec<engine::PrefillPart> = prompts
-                    .iter()
-                    .zip(&tables)
-                    .map(|(p, bl)| engine::PrefillPart {
-                        prompt: p,
-                        from: 0,
-                        to: n,
-                        blocks: bl,
-                        params: &greedy,
-                    })
-                    .collect();
+                let parts = whole_prompts(&prompts, &tables, &greedy);
                 let t = Instant::now();
                 e.prefill_batch_pick(&parts)?;
                 let dt = t.elapsed().as_secs_f64();
@@ -351,17 +356,7 @@ fn check(a: &Args) -> anyhow::Result<i32> {
             .zip(&prompts)
             .map(|(&s, p)| test.admit(s, p.len()))
             .collect::<engine::Result<Vec<_>>>()?;
-        let parts: Vec<engine::PrefillPart> = prompts
-            .iter()
-            .zip(&tables)
-            .map(|(p, bl)| engine::PrefillPart {
-                prompt: p,
-                from: 0,
-                to: p.len(),
-                blocks: bl,
-                params: &greedy,
-            })
-            .collect();
+        let parts = whole_prompts(&prompts, &tables, &greedy);
         let picked = test.prefill_batch_pick(&parts)?;
         let expected: Vec<Option<u32>> = seqs.iter().map(|s| Some(s.4)).collect();
         rows.push((
