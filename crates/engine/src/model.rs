@@ -62,7 +62,7 @@ impl Model {
     /// `reference` the plain candle ops everywhere. `precision`: `f32` keeps the fused
     /// path's residual stream and logits in f32, `model` in `dtype` (candle's ops always do).
     /// `graph_max_batch`: decode batches up to this size run as CUDA graphs (fused
-    /// kernels with precision `f32` only); 0: never.
+    /// kernels, a bf16/f16 dtype, precision `f32`); 0: never.
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device, kernels: &str, precision: &str, graph_max_batch: usize) -> Result<Model> {
         let c = &dir.config;
         let (h, kv, d) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.head_dim);
@@ -259,7 +259,7 @@ impl Model {
         }
         let x = if self.fused {
             let mut rows = Rows::new(chunks.len(), self.prefill_queries_per_block());
-            rows.flash = self.flash_prefill();
+            rows.flash = self.flash;
             let width = chunks.iter().map(|c| c.blocks.len()).max().unwrap_or(0);
             for (i, c) in chunks.iter().enumerate() {
                 let to = c.start + c.tokens.len();
@@ -309,11 +309,7 @@ impl Model {
         let x = if self.fused {
             let b = batch.len();
             let width = batch.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
-            let mut rows = Rows::new(b, 1);
-            for (i, s) in batch.iter().enumerate() {
-                rows.push_tile_run(&[s.token], s.pos, &pools.slots(s.blocks, s.pos, s.pos + 1)?, i as u32);
-                rows.push_table(s.blocks, width);
-            }
+            let mut rows = Rows::decode(pools, batch, b, width)?;
             let longest = batch.iter().map(|s| s.pos + 1).max().unwrap_or(1);
             rows.key_splits = decode_key_splits(b * self.cfg.num_kv_heads, longest);
             self.forward_fused(pools, &rows, None, None)?
@@ -337,11 +333,7 @@ impl Model {
     ) -> Result<Option<Tensor>> {
         use crate::graphs;
         let b = batch.len();
-        let mut rows = Rows::new(shape.batch, 1);
-        for (i, s) in batch.iter().enumerate() {
-            rows.push_tile_run(&[s.token], s.pos, &pools.slots(s.blocks, s.pos, s.pos + 1)?, i as u32);
-            rows.push_table(s.blocks, shape.width);
-        }
+        let mut rows = Rows::decode(pools, batch, shape.batch, shape.width)?;
         for i in b..shape.batch {
             rows.push_padding(i as u32, shape.width);
         }
@@ -634,16 +626,10 @@ impl Model {
     /// fill the other kernel's warps, one per q head.
     fn prefill_queries_per_block(&self) -> usize {
         #[cfg(feature = "cuda")]
-        if self.flash_prefill() {
+        if self.flash {
             return crate::kernels::FLASH_ROWS;
         }
         (MAX_ATTENTION_WARPS / (self.cfg.num_heads / self.cfg.num_kv_heads).max(1)).max(1)
-    }
-
-    /// Whether prefill attention runs on tensor cores (fused path, bf16/f16, head dim
-    /// 64 or 128).
-    fn flash_prefill(&self) -> bool {
-        self.flash
     }
 
     /// q, k, v for `b` sequences of `t` tokens each: `[b, heads, t, d]`, RoPE applied.
@@ -759,6 +745,17 @@ impl Rows {
     fn push_table(&mut self, blocks: &[u32], width: usize) {
         self.tables.extend_from_slice(blocks);
         self.tables.extend(std::iter::repeat_n(0, width - blocks.len()));
+    }
+
+    /// A decode step's rows (one a sequence, each its own tile; room for `sequences`
+    /// tables, `width` wide).
+    fn decode(pools: &KvPools, batch: &[DecodeInput<'_>], sequences: usize, width: usize) -> Result<Rows> {
+        let mut rows = Rows::new(sequences, 1);
+        for (i, s) in batch.iter().enumerate() {
+            rows.push_tile_run(&[s.token], s.pos, &pools.slots(s.blocks, s.pos, s.pos + 1)?, i as u32);
+            rows.push_table(s.blocks, width);
+        }
+        Ok(rows)
     }
 
     /// A padding row (sequence `seq`, an empty table): it writes no K/V and attends
